@@ -1,0 +1,3 @@
+from batchkin.cli import main
+
+raise SystemExit(main())

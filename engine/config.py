@@ -1,0 +1,227 @@
+"""The run configuration: TOML files, ``--set key=value`` overrides and the engine's schema.
+
+A config is one TOML document. Top-level keys are the run's own (``seed``,
+``epochs``, ``methods``, ``device``); tables configure the engine (``[data]``,
+``[model]``, ``[optim]``, ``[schedule]``, ``[train]``, ``[metrics]``) and each
+method has its own table named after it (``[bbn]``, ``[drloc]``, ...), checked
+by that method's own schema. ``[model]`` holds ``name`` plus the options of the
+chosen model, checked by the model's schema.
+
+Decisions written down here:
+
+* A table for a method that is registered but not enabled in ``methods`` is kept
+  and ignored (so ``--set methods=[...]`` can toggle methods without editing the
+  file); a table whose name is neither an engine table nor a registered method is
+  an error, with a close-match suggestion.
+* Evaluation during training uses a validation split held out of the training
+  data; the test split is only evaluated once, at the end, and never selects
+  a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+from .schema import parse, suggest
+
+
+@dataclass
+class DataConfig:
+    name: str = field(default="digits", metadata={"help": "registered dataset name (`batchkin plugins` lists them)"})
+    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder)"})
+    val_fraction: float = field(
+        default=0.1, metadata={"ge": 0.0, "lt": 1.0, "help": "fraction of the training split held out for evaluation during training (stratified)"}
+    )
+    test_fraction: float = field(
+        default=0.2, metadata={"gt": 0.0, "lt": 1.0, "help": "test fraction for datasets without an official test split"}
+    )
+    split_seed: int = field(default=0, metadata={"help": "seed of the fixed train/val/test split and of the subsets"})
+    imbalance_factor: float = field(
+        default=1.0, metadata={"ge": 1.0, "help": "n_max / n_min of a long-tailed training subset (1 = keep all)"}
+    )
+    few_shot: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images per class (0 = all)"})
+    train_size: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images, stratified (0 = all)"})
+    batch_size: int = field(default=64, metadata={"ge": 1, "help": "training batch size (per process)"})
+    eval_batch_size: int = field(default=256, metadata={"ge": 1, "help": "evaluation batch size"})
+    drop_last: bool = field(default=True, metadata={"help": "drop the last incomplete training batch of an epoch"})
+    augment: bool = field(default=True, metadata={"help": "random crop with padding (+ flip) during training"})
+    crop_padding: int = field(default=2, metadata={"ge": 0, "help": "zero padding of the random crop, in pixels"})
+    hflip: bool | None = field(default=None, metadata={"help": "random horizontal flip (default: the dataset's own choice)"})
+    image_size: list[int] = field(default_factory=list, metadata={"help": "[H, W] to resize image folders to (empty: keep)"})
+    synthetic_classes: int = field(default=4, metadata={"ge": 1, "help": "synthetic set: number of classes"})
+    synthetic_per_class: int = field(default=48, metadata={"ge": 1, "help": "synthetic set: images per class"})
+    synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8], metadata={"help": "synthetic set: [C, H, W]"})
+
+    def validate(self):
+        if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
+            raise ConfigError(f"data.image_size must be [H, W] with positive sizes; got {self.image_size}")
+        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
+            raise ConfigError(f"data.synthetic_shape must be [C, H, W] with positive sizes; got {self.synthetic_shape}")
+        if self.few_shot and self.imbalance_factor > 1:
+            raise ConfigError("data.few_shot and data.imbalance_factor cannot both be set: choose one subset")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "optimizer"})
+    lr: float = field(default=0.1, metadata={"gt": 0.0, "help": "base learning rate"})
+    momentum: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0, "help": "SGD momentum"})
+    nesterov: bool = field(default=False, metadata={"help": "SGD Nesterov momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"ge": 0.0, "help": "weight decay"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"ge": 0.0, "lt": 1.0, "help": "AdamW betas"})
+    eps: float = field(default=1e-8, metadata={"gt": 0.0, "help": "AdamW epsilon"})
+    no_decay_norm_bias: bool = field(default=False, metadata={"help": "no weight decay on norm weights and biases"})
+
+    def validate(self):
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values; got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "step", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up"})
+    warmup_epochs: float = field(default=0.0, metadata={"ge": 0.0, "help": "linear warm-up length in epochs"})
+    warmup_start: float = field(default=0.1, metadata={"ge": 0.0, "le": 1.0, "help": "warm-up starts at this fraction of lr"})
+    milestones: list[int] = field(default_factory=list, metadata={"ge": 1, "help": "step schedule: epochs at which lr is multiplied by gamma"})
+    gamma: float = field(default=0.1, metadata={"gt": 0.0, "help": "step schedule factor"})
+    min_lr: float = field(default=0.0, metadata={"ge": 0.0, "help": "cosine schedule floor, as a fraction of lr"})
+
+
+@dataclass
+class TrainConfig:
+    amp: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "mixed precision: auto = bf16 on GPUs that support it, else fp16 on CUDA, off on CPU"}
+    )
+    grad_clip: float = field(default=0.0, metadata={"ge": 0.0, "help": "clip the global gradient norm (0 = off)"})
+    eval_every: int = field(default=1, metadata={"ge": 1, "help": "evaluate on the validation split every N epochs"})
+    checkpoint_every: int = field(default=1, metadata={"ge": 1, "help": "write a checkpoint every N epochs (and at the end)"})
+    log_every: int = field(default=20, metadata={"ge": 1, "help": "steps between plain progress lines when not on a terminal"})
+    on_nonfinite: Literal["stop", "skip"] = field(
+        default="stop", metadata={"help": "a non-finite loss or gradient: stop the run, or skip the step"}
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    deterministic: bool = field(default=True, metadata={"help": "torch.use_deterministic_algorithms(warn_only) during the run"})
+
+
+@dataclass
+class MetricsConfig:
+    many_threshold: int = field(default=100, metadata={"ge": 1, "help": "classes with more training images than this are 'many'"})
+    few_threshold: int = field(default=20, metadata={"ge": 0, "help": "classes with fewer training images than this are 'few'"})
+    shot_split: Literal["auto", "absolute", "relative"] = field(
+        default="auto",
+        metadata={"help": "many/medium/few groups: absolute thresholds, relative terciles of the class sizes, or auto"},
+    )
+
+    def validate(self):
+        if self.few_threshold > self.many_threshold:
+            raise ConfigError("metrics.few_threshold must not exceed metrics.many_threshold")
+
+
+ENGINE_TABLES = ("data", "model", "optim", "schedule", "train", "metrics")
+
+
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata={"help": "seed of every random stream of the run"})
+    epochs: int = field(default=10, metadata={"ge": 1, "help": "number of training epochs"})
+    methods: list[str] = field(default_factory=lambda: ["ce"], metadata={"help": "enabled methods, in hook-call order"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # validated against the model's / each method's own schema by the plugin manager
+    model: dict = field(default_factory=lambda: {"name": "resnet8"})
+    method_options: dict = field(default_factory=dict, init=False)
+
+    def validate(self):
+        if not self.methods:
+            raise ConfigError("methods must name at least one method")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods lists a method twice: {self.methods}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        for m in self.schedule.milestones:
+            if m > self.epochs:
+                raise ConfigError(f"schedule.milestones has epoch {m} beyond epochs = {self.epochs}")
+        if self.schedule.warmup_epochs > self.epochs:
+            raise ConfigError(f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds epochs ({self.epochs})")
+
+
+def parse_value(text: str):
+    """A ``--set`` value: TOML syntax (numbers, booleans, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides to a raw config dict (a copy is returned)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        parts = key.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a table")
+            node = child
+        node[parts[-1]] = parse_value(text.strip())
+    return raw
+
+
+def load_raw(path: str | Path | None) -> dict:
+    """Read a TOML config file (an empty config when ``path`` is None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+
+
+def build_config(raw: dict, known_methods) -> Config:
+    """Check a raw config against the engine schema; method tables go to ``method_options``.
+
+    ``known_methods`` are the registered method names (their tables are checked later
+    by each method's schema).
+    """
+    raw = dict(raw)
+    method_options = {}
+    for key in list(raw):
+        if isinstance(raw[key], dict) and key not in ENGINE_TABLES:
+            if key in known_methods:
+                method_options[key] = raw.pop(key)
+            else:
+                names = list(ENGINE_TABLES) + list(known_methods)
+                raise ConfigError(f"unknown config table [{key}]{suggest(key, names)}")
+    model = raw.pop("model", {"name": "resnet8"})
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a table, got {type(model).__name__}")
+    cfg = parse(Config, raw)
+    cfg.model = {"name": "resnet8", **model}
+    if not isinstance(cfg.model["name"], str):
+        raise ConfigError(f"model.name must be a string, got {cfg.model['name']!r}")
+    for name in cfg.methods:
+        if name not in known_methods:
+            raise ConfigError(f"unknown method {name!r} in methods{suggest(name, known_methods)}; "
+                              f"registered: {', '.join(sorted(known_methods))}")
+    cfg.method_options = method_options
+    return cfg

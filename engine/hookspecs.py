@@ -1,0 +1,251 @@
+"""batchkin's hook specifications: every point where a plugin can act.
+
+There are two kinds of hooks.
+
+**Registration hooks** are implemented at module level by a plugin module (one
+listed in the ``batchkin`` entry-point group, a built-in, or a file given with
+``--plugin``). Each receives a ``register`` callable, as in simonw/llm::
+
+    @batchkin.hookimpl
+    def register_methods(register):
+        register("balanced_softmax", BalancedSoftmax)
+
+**Run hooks** are implemented by a method object — an instance of a class given
+to ``register_methods``, created once per run from the method's config table.
+Only the methods listed in the run's ``methods`` take part in a run, and they are
+called in that order (the order is printed, saved in the run folder and in each
+checkpoint). Every run hook receives the one :class:`~batchkin.state.State` of
+the run and may read or change it. Hooks marked *firstresult* produce one object:
+the first method (in order) that returns something other than ``None`` wins, and
+two enabled methods implementing the same firstresult hook are refused before
+training starts, naming both. The engine's own defaults answer last.
+
+The loop, with every hook where it fires (``hook(...)`` calls every enabled
+method in order; ``=`` marks a firstresult hook)::
+
+    # plugin loading: built-ins, entry points, --plugin files
+    register_methods(register); register_models(register); register_datasets(register)
+
+    state = State(config, ...)
+    configure(state)                              # each method checks its options vs. the run
+    data   = load dataset, split, subset          # train / val (held out) / test
+    state.model = build model from the registry
+    wrap_model(state)                             # may replace/extend state.model
+    sampler = build_sampler(state)                # =  (engine: seeded uniform shuffle)
+    groups  = param_groups(state)                 # extra optimizer groups (lr/wd scales)
+    optimizer, schedule, scaler; resume from checkpoint (method.load_state_dict)
+    on_fit_start(state)
+    for epoch in epochs:                          # state.epoch counts from 1
+        on_epoch_start(state)
+        for step, indices in sampler:             # state.batch = on-device augmented batch
+            transform_batch(state)                # may change state.batch in place
+            with autocast:
+                state.outputs = forward(state)    # =  (engine: features -> transform_features -> classifier)
+                    transform_features(state)     #    may change state.outputs["streams"]
+                state.loss_terms = merge(loss_terms(state))   # named terms, summed
+            backward; unscale; clip; (non-finite check); optimizer step; schedule step
+            after_step(state)                     # EMA updates, momentum encoders
+        on_epoch_end(state)                       # may add entries to state.epoch_metrics
+        every eval_every epochs:
+            for batch in val:                     # state.training = False
+                state.outputs = forward(state)    # =
+            on_evaluate(state, split, metrics)    # may add metrics (kNN, ...)
+        checkpoint: model, optimizer, schedule, RNG, method.state_dict() per method
+    on_fit_end(state)
+    final evaluation on the test split (never used to select a checkpoint)
+
+Methods also carry two plain methods used by checkpoints: ``state_dict()`` and
+``load_state_dict(d)`` (see :class:`batchkin.plugin.Method`).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "batchkin"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@hookspec
+def register_methods(register):
+    """Register training methods.
+
+    Fires once when plugins are loaded. Call ``register(name, cls)`` for each
+    method; ``cls`` is a :class:`batchkin.plugin.Method` subclass whose ``Options``
+    dataclass is the schema of the method's config table ``[name]``.
+    """
+
+
+@hookspec
+def register_models(register):
+    """Register model builders.
+
+    Fires once when plugins are loaded. Call
+    ``register(name, builder, options=OptionsDataclass)``; the builder is called as
+    ``builder(options, num_classes=..., in_channels=..., image_size=(H, W))`` and
+    returns an ``nn.Module`` following :class:`batchkin.models.Classifier`'s protocol
+    (``forward_features(x) -> dict`` with ``"features"``, and ``classifier``).
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets.
+
+    Fires once when plugins are loaded. Call ``register(name, loader)``; the loader
+    is called as ``loader(data_config)`` and returns a
+    :class:`batchkin.data.ImageDataset` (uint8 images, int64 labels, an optional
+    official test split).
+    """
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+@hookspec
+def configure(state):
+    """Check the method's options against the whole run before anything is built.
+
+    Fires once, after the config is parsed. ``state.config`` is the run's config and
+    ``self.options`` the method's own table. Raise
+    :class:`batchkin.errors.ConfigError` naming the key for an impossible
+    combination (e.g. DRLoc with a model that has no token grid).
+    """
+
+
+@hookspec
+def wrap_model(state):
+    """Change or replace ``state.model`` after it is built from the registry.
+
+    Fires once, before the optimizer exists, in method order (each method sees the
+    previous one's result). Add modules with ``state.model.add_module`` or replace
+    the model with a wrapper (BBN's two branches, MoCo's momentum encoder). The
+    result must still follow the classifier protocol if the run classifies.
+    """
+
+
+@hookspec(firstresult=True)
+def build_sampler(state):
+    """Produce the training index sampler (firstresult).
+
+    Fires once, after ``wrap_model``. Return an object with ``set_epoch(epoch)``,
+    ``__len__()`` (steps per epoch), ``__iter__()`` yielding one dict per step of
+    ``{stream: LongTensor of dataset indices}`` (stream ``""`` fills ``batch["x"]``
+    and ``batch["y"]``; stream ``"rev"`` fills ``batch["x_rev"]``/``batch["y_rev"]``),
+    and ``state_dict()``/``load_state_dict()``. The engine's default is a seeded
+    uniform shuffle, sharded across processes.
+    """
+
+
+@hookspec
+def param_groups(state):
+    """Return extra optimizer parameter groups, or None.
+
+    Fires once, when the optimizer is built. Return a list of dicts with
+    ``params`` and optional ``lr_scale`` / ``weight_decay_scale`` (multipliers of
+    the run's values) and ``name``. A parameter may be claimed by one group only;
+    every unclaimed parameter goes to the default group.
+    """
+
+
+@hookspec
+def on_fit_start(state):
+    """Fires once before the first epoch (after a resume has restored the state)."""
+
+
+# --------------------------------------------------------------------------- per epoch
+
+
+@hookspec
+def on_epoch_start(state):
+    """Fires at the start of every epoch; ``state.epoch`` counts from 1.
+
+    Schedules live here (BBN's α, DRLoc's λ, MoCo's momentum). Values a method wants
+    logged go into ``state.epoch_metrics`` (a dict written to metrics.jsonl).
+    """
+
+
+@hookspec
+def on_epoch_end(state):
+    """Fires at the end of every epoch, before evaluation and the checkpoint.
+
+    May add entries to ``state.epoch_metrics``.
+    """
+
+
+# --------------------------------------------------------------------------- per step
+
+
+@hookspec
+def transform_batch(state):
+    """Change the training batch in place before the forward pass.
+
+    Fires every training step. ``state.batch`` is a dict of on-device tensors
+    (``x`` float images already augmented and normalised, ``y`` labels, plus any
+    other streams). SDMP's mixing lives here.
+    """
+
+
+@hookspec(firstresult=True)
+def forward(state):
+    """Run the model on ``state.batch`` and return the outputs dict (firstresult).
+
+    Fires every training step and every evaluation batch (``state.training`` tells
+    which). The engine's default calls ``state.model.forward_features(x)`` (which
+    gives ``"features"`` and, for token models, ``"grid"``), sets
+    ``outputs["streams"] = [features]``, fires ``transform_features`` and applies
+    the classifier to every stream: ``outputs["logits"]`` is the streams' logits
+    stacked. A method that owns the forward pass (BBN, MoCo) returns its own dict
+    and should fire ``state.hooks.transform_features`` itself where it applies.
+    """
+
+
+@hookspec
+def transform_features(state, outputs):
+    """Change the feature streams before the classifier.
+
+    Fires inside the forward pass, training and evaluation. ``outputs["streams"]``
+    is a list of ``[N, D]`` feature tensors; the classifier is applied to each and
+    the logits are concatenated, and :meth:`State.targets` repeats the labels to
+    match. BatchFormer appends its stream here in training and does nothing in
+    evaluation.
+    """
+
+
+@hookspec
+def loss_terms(state, outputs):
+    """Return a dict of named loss terms (scalar tensors), or None.
+
+    Fires every training step after the forward pass. The engine sums every term
+    of every method (names must be unique across methods) and logs each one.
+    Weighting is the method's business (return the weighted term).
+    """
+
+
+@hookspec
+def after_step(state):
+    """Fires after every optimizer step (also a skipped one: ``state.step_skipped``).
+
+    EMA and momentum-encoder updates belong here.
+    """
+
+
+# --------------------------------------------------------------------------- evaluation and end
+
+
+@hookspec
+def on_evaluate(state, split, metrics):
+    """Add entries to ``metrics`` after the engine evaluated ``split`` ("val" or "test").
+
+    Fires after each evaluation. ``state.model`` is in eval mode; self-supervised
+    methods compute kNN accuracy here.
+    """
+
+
+@hookspec
+def on_fit_end(state):
+    """Fires once after the last epoch, before the final test evaluation."""

@@ -1,0 +1,212 @@
+"""Built-in models: CIFAR-style ResNets and a small vision transformer with a token grid.
+
+Every classifier follows one protocol, which the methods rely on:
+
+* ``forward_features(x) -> dict`` with ``"features"`` (pooled ``[B, D]``) and, for
+  token models, ``"grid"`` (the last block's tokens before the final norm as
+  ``[B, C, H, W]``, CLS token removed) and ``"grids"`` (one per stage);
+* ``classifier`` — the ``nn.Module`` mapping features to logits;
+* ``feature_dim`` and ``num_classes``; ``forward(x)`` is
+  ``classifier(forward_features(x)["features"])``.
+
+ResNets also expose ``trunk`` (stem and every residual block but the last),
+``last_block`` and ``pool``, which BBN splits into its two branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .hookspecs import hookimpl
+
+
+class Classifier(nn.Module):
+    """Base of the protocol above."""
+
+    feature_dim: int
+    num_classes: int
+    # forward(x, return_features=True) returns forward_features(x): the engine calls the
+    # model through forward so that wrappers such as DistributedDataParallel see the call
+    supports_return_features = True
+
+    def forward_features(self, x: torch.Tensor) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        feats = self.forward_features(x)
+        return feats if return_features else self.classifier(feats["features"])
+
+
+# ------------------------------------------------------------------------------ ResNet
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+@dataclass
+class ResNetOptions:
+    width: int = field(default=16, metadata={"ge": 1, "help": "channels of the first stage (doubled per stage)"})
+    blocks: list[int] = field(default_factory=list, metadata={"ge": 1, "help": "blocks per stage (default from the model name)"})
+
+
+class CifarResNet(Classifier):
+    """ResNet for small images (He et al. 2016, CIFAR variant): 3x3 stem, three stages
+    of basic blocks at widths w, 2w, 4w (strides 1, 2, 2), global average pooling.
+    ResNet-(6n+2) has n blocks per stage; the shortcut is a 1x1 projection where the
+    shape changes."""
+
+    def __init__(self, blocks, num_classes: int, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        cin = width
+        for stage, n in enumerate(blocks):
+            cout = width * 2**stage
+            for i in range(n):
+                layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                cin = cout
+        self.trunk = nn.Sequential(*layers[:-1])
+        self.last_block = layers[-1]
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim, self.num_classes = cin, num_classes
+        self.classifier = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x):
+        return {"features": self.pool(self.last_block(self.trunk(x))).flatten(1)}
+
+
+RESNET_DEPTHS = {"resnet8": [1, 1, 1], "resnet14": [2, 2, 2], "resnet20": [3, 3, 3], "resnet32": [5, 5, 5]}
+
+
+def _resnet_builder(name):
+    def build(options: ResNetOptions, *, num_classes, in_channels, image_size):
+        blocks = options.blocks or RESNET_DEPTHS[name]
+        return CifarResNet(blocks, num_classes, in_channels, options.width)
+
+    return build
+
+
+# ------------------------------------------------------------------------------ ViT
+
+
+@dataclass
+class ViTOptions:
+    dim: int = field(default=64, metadata={"ge": 8, "help": "token width"})
+    depth: int = field(default=4, metadata={"ge": 1, "help": "transformer blocks"})
+    heads: int = field(default=4, metadata={"ge": 1, "help": "attention heads"})
+    mlp_ratio: float = field(default=2.0, metadata={"gt": 0, "help": "MLP width / token width"})
+    patch: int = field(default=1, metadata={"ge": 1, "help": "stride of the convolutional stem (token grid = image / patch)"})
+    stem_channels: int = field(default=32, metadata={"ge": 1, "help": "channels of the stem's first convolution"})
+    drop_path: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block"})
+    pool: str = field(default="mean", metadata={"help": "mean (tokens) or cls"})
+
+    def validate(self):
+        if self.dim % self.heads:
+            raise ConfigError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.pool not in ("mean", "cls"):
+            raise ConfigError(f"pool must be 'mean' or 'cls'; got {self.pool!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim, heads, mlp_ratio, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
+
+    def _drop(self, x):
+        if not self.training or self.drop_path == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.drop_path
+        return x * keep / (1 - self.drop_path)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self._drop(self.attn(h, h, h, need_weights=False)[0])
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+
+class SmallViT(Classifier):
+    """A small vision transformer for small images, after the convolutional-stem ViTs
+    DRLoc is used with: a two-convolution stem (stride ``patch``) makes an H'xW' token
+    grid, learned position embeddings, an optional CLS token, pre-norm blocks, a final
+    LayerNorm and mean (or CLS) pooling. Non-square images give non-square grids."""
+
+    def __init__(self, o: ViTOptions, num_classes: int, in_channels: int, image_size):
+        super().__init__()
+        h, w = image_size
+        if h % o.patch or w % o.patch:
+            raise ConfigError(f"model.patch ({o.patch}) must divide the image size {h}x{w}")
+        self.grid_size = (h // o.patch, w // o.patch)
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, o.stem_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(o.stem_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(o.stem_channels, o.dim, o.patch, o.patch) if o.patch > 1 else nn.Conv2d(o.stem_channels, o.dim, 1),
+        )
+        n = self.grid_size[0] * self.grid_size[1]
+        self.use_cls = o.pool == "cls"
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, o.dim)) if self.use_cls else None
+        self.pos = nn.Parameter(torch.zeros(1, n, o.dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        rates = [o.drop_path * i / max(o.depth - 1, 1) for i in range(o.depth)]
+        self.blocks = nn.ModuleList(Block(o.dim, o.heads, o.mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(o.dim)
+        self.feature_dim, self.num_classes = o.dim, num_classes
+        self.classifier = nn.Linear(o.dim, num_classes)
+
+    def forward_features(self, x):
+        t = self.stem(x)  # [B, C, H, W]
+        b, c, h, w = t.shape
+        t = t.flatten(2).transpose(1, 2) + self.pos
+        if self.use_cls:
+            t = torch.cat([self.cls_token.expand(b, -1, -1), t], dim=1)
+        for blk in self.blocks:
+            t = blk(t)
+        tokens = t[:, 1:] if self.use_cls else t
+        grid = tokens.transpose(1, 2).reshape(b, c, h, w)  # a view: no copy of the map
+        normed = self.norm(t)
+        feats = normed[:, 0] if self.use_cls else normed.mean(1)
+        return {"features": feats, "grid": grid, "grids": [grid]}
+
+
+def _vit_builder(options: ViTOptions, *, num_classes, in_channels, image_size):
+    return SmallViT(options, num_classes, in_channels, image_size)
+
+
+@hookimpl
+def register_models(register):
+    for name in RESNET_DEPTHS:
+        register(name, _resnet_builder(name), options=ResNetOptions)
+    register("vit", _vit_builder, options=ViTOptions)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
