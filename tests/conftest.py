@@ -10,5 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Keep the compiled C++ extensions of a test session out of the user's cache
-# only when asked; by default they are shared with normal use (compiling once).
+
+# Two xdist workers on a two-core machine: one intra-op thread each, or OpenMP
+# threads oversubscribe the cores and every op slows down many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
