@@ -200,11 +200,35 @@ def _vit_builder(options: ViTOptions, *, num_classes, in_channels, image_size):
     return SmallViT(options, num_classes, in_channels, image_size)
 
 
+# ------------------------------------------------------------------------------ tiny
+
+
+@dataclass
+class TinyOptions:
+    width: int = field(default=8, metadata={"ge": 1, "help": "channels of the single convolution"})
+
+
+class TinyNet(Classifier):
+    """One 3x3 convolution, ReLU, global average pooling: a BatchNorm-free model for
+    tests and plugin authors (its gradients do not depend on how a batch is split)."""
+
+    def __init__(self, o: TinyOptions, num_classes: int, in_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, o.width, 3, 1, 1)
+        self.feature_dim, self.num_classes = o.width, num_classes
+        self.classifier = nn.Linear(o.width, num_classes)
+
+    def forward_features(self, x):
+        return {"features": F.relu(self.conv(x)).mean(dim=(2, 3))}
+
+
 @hookimpl
 def register_models(register):
     for name in RESNET_DEPTHS:
         register(name, _resnet_builder(name), options=ResNetOptions)
     register("vit", _vit_builder, options=ViTOptions)
+    register("tiny", lambda o, *, num_classes, in_channels, image_size: TinyNet(o, num_classes, in_channels),
+             options=TinyOptions)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -109,7 +109,12 @@ def _new_manager() -> pluggy.PluginManager:
 class Plugins:
     """The loaded plugin modules and the registries they filled."""
 
-    def __init__(self, extra_files: Iterable[str | os.PathLike] = (), autoload: bool | None = None):
+    def __init__(
+        self,
+        extra_files: Iterable[str | os.PathLike] = (),
+        autoload: bool | None = None,
+        extra_modules: Iterable = (),
+    ):
         self.pm = _new_manager()
         self.origins: dict[str, str] = {}  # plugin name -> origin
         self.registry = Registry()
@@ -125,6 +130,8 @@ class Plugins:
         files += [f for f in env_files.split(os.pathsep) if f]
         for path in files:
             self.load_file(path)
+        for module in extra_modules:
+            self._register_module(module.__name__.rpartition(".")[2], module, f"module {module.__name__}")
         self._collect()
 
     # -- loading ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ attention) draw their numbers from a stateless hash of ``(key, offset)``:
 
 ``lowbias32`` is a 32-bit integer finalizer (xor-shift / multiply). Because the
 uniform has 24 bits it is exactly representable in float32, so the reference,
-the C++ extension (``csrc/rng.h``) and the Triton kernels (:func:`tl_uniform`)
+the C++ extension (``csrc/rng.h``) and the Triton kernels (``tl_uniform`` in ``rng_triton.py``)
 produce bit-identical numbers, and hence identical indices, masks and draws. A
 64-bit seed and a stream id (epoch, step, ...) are folded into the 32-bit key
 on the host by :func:`derive_key`, so no device ever syncs with the host.
@@ -75,27 +75,12 @@ def uniform_like(key: int, n: int, device=None, start: int = 0) -> torch.Tensor:
     return uniform(key, torch.arange(start, start + n, device=device, dtype=torch.int64))
 
 
-try:  # the Triton twin; only defined where triton imports
-    import triton
-    import triton.language as tl
+def __getattr__(name):
+    """``tl_uniform`` is defined in :mod:`batchkin.kernels.rng_triton`, imported on first use so
+    that importing this module never imports triton (``TRITON_INTERPRET`` must be set before
+    triton is imported, and the engine imports this module early)."""
+    if name == "tl_uniform":
+        from .rng_triton import tl_uniform
 
-    @triton.jit
-    def _tl_lowbias32(x):
-        x = x ^ (x >> 16)
-        x = x * 0x7FEB352D
-        x = x ^ (x >> 15)
-        x = x * 0x846CA68B
-        x = x ^ (x >> 16)
-        return x
-
-    @triton.jit
-    def tl_uniform(key, offsets):
-        """Triton twin of :func:`uniform`: ``key`` a uint32 scalar, ``offsets`` an integer block."""
-        k = key.to(tl.uint32)
-        off = offsets.to(tl.uint32)
-        h = _tl_lowbias32(off ^ k)
-        h = _tl_lowbias32(h + k)
-        return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
-
-except ImportError:  # pragma: no cover - triton is absent on some platforms
-    triton = None
+        return tl_uniform
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
