@@ -42,14 +42,16 @@ TINY = {
 def tiny_config(methods: Iterable[str] | None = None, overrides: Iterable[str] = (), **tables) -> dict:
     """A raw config for a run of a few seconds: synthetic 1x8x8 images, 4 classes, a tiny CNN.
 
-    ``methods`` replaces the method list; keyword arguments replace or extend whole
-    tables (``model={"name": "resnet8"}``); ``overrides`` are ``key=value`` strings.
+    ``methods`` replaces the method list; keyword arguments extend tables
+    (``data={"batch_size": 8}``), except that a ``model`` table naming another model
+    replaces the tiny model's options; ``overrides`` are ``key=value`` strings.
     """
     raw = copy.deepcopy(TINY)
     if methods is not None:
         raw["methods"] = list(methods)
     for key, value in tables.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        replaces_model = key == "model" and value.get("name", raw["model"]["name"]) != raw["model"]["name"]
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and not replaces_model:
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
