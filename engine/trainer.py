@@ -50,11 +50,20 @@ class EngineDefaults:
 
 
 def classify_forward(state, model, x) -> dict:
-    """features -> ``transform_features`` -> classifier on every stream (the default forward)."""
+    """The default forward: features -> ``transform_features`` -> classifier on every stream."""
     outputs = dict(model(x, return_features=True)) if _takes_return_features(model) else dict(model.forward_features(x))
+    return classify_streams(state, outputs)
+
+
+def classify_streams(state, outputs: dict) -> dict:
+    """Put ``outputs["features"]`` in ``outputs["streams"]``, fire ``transform_features`` and
+    apply the model's classifier to every stream (``outputs["logits"]``, streams stacked).
+
+    A method that owns the forward pass calls this once it has its features.
+    """
     outputs["streams"] = [outputs["features"]]
     state.hooks.transform_features(state=state, outputs=outputs)
-    classifier = getattr(state.unwrapped_model, "classifier")
+    classifier = state.unwrapped_model.classifier
     logits = [classifier(s) for s in outputs["streams"]]
     outputs["logits"] = logits[0] if len(logits) == 1 else torch.cat(logits)
     return outputs
