@@ -123,7 +123,7 @@ def _launch_torchrun(args) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "-m", "batchkin", *cleaned]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc), "-m", "batchkin", *cleaned]
     return subprocess.call(cmd)
 
 

@@ -507,11 +507,12 @@ class DeviceData:
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         return (x_uint8.float() / 255.0 - self.mean) / self.std
 
-    def batch(self, idx: torch.Tensor, *, augment: bool, padding: int, hflip: bool, gen: torch.Generator | None):
+    def batch(self, idx: torch.Tensor, *, augment: bool, padding: int, hflip: bool, gen: torch.Generator | None,
+              shard: tuple[int, int] = (0, 1)):
         idx = idx.to(self.device, non_blocking=True)
         x = self.x[idx]
         if augment:
-            x = random_crop_flip(x, padding, hflip, gen)
+            x = random_crop_flip(x, padding, hflip, gen, shard)
         return self.normalize(x), self.y[idx]
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
@@ -522,20 +523,28 @@ class DeviceData:
             yield self.normalize(self.x[sel]), self.y[sel]
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator | None) -> torch.Tensor:
-    """Batched random crop with zero padding and random horizontal flip, on ``x``'s device."""
+def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator | None,
+                     shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Batched random crop with zero padding and random horizontal flip, on ``x``'s device.
+
+    With ``shard = (rank, world)`` the random numbers are drawn for the whole global
+    batch (``world`` shards of this size) and this rank uses its slice, so every
+    sample is augmented the same way whatever the number of processes.
+    """
     b, c, h, w = x.shape
+    rank, world = shard
+    mine = slice(rank * b, (rank + 1) * b)
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        off = torch.randint(0, 2 * padding + 1, (2, b), generator=gen, device=x.device)
+        off = torch.randint(0, 2 * padding + 1, (2, b * world), generator=gen, device=x.device)[:, mine]
         rows = off[0, :, None] + torch.arange(h, device=x.device)
         cols = off[1, :, None] + torch.arange(w, device=x.device)
         if hflip:
-            flip = torch.rand(b, generator=gen, device=x.device) < 0.5
+            flip = (torch.rand(b * world, generator=gen, device=x.device) < 0.5)[mine]
             cols = torch.where(flip[:, None], cols.flip(1), cols)
         bi = torch.arange(b, device=x.device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     elif hflip:
-        flip = torch.rand(b, generator=gen, device=x.device) < 0.5
+        flip = (torch.rand(b * world, generator=gen, device=x.device) < 0.5)[mine]
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous()

@@ -240,6 +240,7 @@ def resolved_config(state: State) -> dict:
     """The run's config with every default filled in (written to config.toml)."""
     cfg = state.config
     d = to_dict(cfg)
+    d.pop("method_options")
     d["model"] = {"name": cfg.model["name"], **(to_dict(state.model_options) if state.model_options else {})}
     d.update(cfg.method_options)  # tables of registered methods that are not enabled, kept as written
     for name, method in state.hooks.methods.items():
@@ -266,7 +267,7 @@ def checkpoint_dict(state: State, best: dict) -> dict:
         "methods": state.hooks.state_dicts(),
         "method_order": list(state.hooks.names),
         "best": best,
-        "versions": {"batchkin": __version__, "torch": torch.__version__},
+        "versions": {"batchkin": __version__, "torch": str(torch.__version__)},
     }
 
 
@@ -306,7 +307,7 @@ def train_step(state: State, indices: dict) -> float:
     for stream, idx in indices.items():
         suffix = f"_{stream}" if stream else ""
         x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
-                                      hflip=state.splits.hflip, gen=aug)
+                                      hflip=state.splits.hflip, gen=aug, shard=(state.rank, state.world_size))
         batch["x" + suffix], batch["y" + suffix] = x, y
     state.batch = batch
     state.hooks.transform_batch(state=state)
@@ -474,7 +475,14 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
         out.start_epoch(state.epoch, cfg.epochs, state.steps_per_epoch)
         t0, losses, n_img = time.perf_counter(), [], 0
         for i, indices in enumerate(state.sampler, 1):
-            loss = train_step(state, indices)
+            try:
+                loss = train_step(state, indices)
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                raise RunError(_oom_message(state, i, exc)) from None
+            except RuntimeError as exc:
+                if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
+                    raise
+                raise RunError(_oom_message(state, i, exc)) from None
             losses.append(loss)
             n_img += len(state.batch["y"])
             out.update(i, loss, state.optimizer.param_groups[0]["lr"])
@@ -515,6 +523,17 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
             write_report(run.path)
     dist_ctx.barrier()
     return RunResult(str(run.path), final, state)
+
+
+def _oom_message(state: State, step: int, exc: BaseException) -> str:
+    bs = state.config.data.batch_size
+    last = (state.epoch - 1) // state.config.train.checkpoint_every * state.config.train.checkpoint_every
+    return (
+        f"out of memory at epoch {state.epoch} step {step} with data.batch_size = {bs} on {state.device} "
+        f"({type(exc).__name__}); lower the batch size (e.g. --set data.batch_size={max(bs // 2, 1)})"
+        + (" or enable mixed precision (train.amp)" if state.amp_dtype is None and state.device.type == "cuda" else "")
+        + (f"; the checkpoint of epoch {last} is intact, continue with --resume" if last else "")
+    )
 
 
 def _epoch_line(r: dict) -> str:

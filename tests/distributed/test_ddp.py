@@ -1,0 +1,113 @@
+"""Multi-process training with torchrun on CPU (gloo, 2 processes, tiny shapes)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from batchkin.rundir import load_checkpoint
+
+pytestmark = pytest.mark.dist
+
+COMMON = [
+    "--set", "data.name=synthetic", "--set", "model.name=tiny", "--set", "epochs=2", "--set", "device=cpu",
+    "--set", "data.synthetic_per_class=40", "--set", "optim.lr=0.05", "--set", "train.log_every=1000",
+]
+
+
+def _torchrun(nproc, out, *extra, timeout=300, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "batchkin", "train", "--quiet", "--out", str(out), *COMMON, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _single(out, *extra):
+    cmd = [sys.executable, "-m", "batchkin", "train", "--quiet", "--out", str(out), *COMMON, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    r2 = _torchrun(2, two, "--set", "data.batch_size=8")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = _single(one, "--set", "data.batch_size=16")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    w2 = load_checkpoint(two / "checkpoints" / "last.pt")["model"]
+    w1 = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+    m2, m1 = _metrics(two), _metrics(one)
+    # evaluation is reduced across ranks: the same weights give the same counts, so (nearly
+    # identical weights) the same accuracies; the loss is logged from rank 0's shard only
+    for a, b in zip(m1, m2):
+        for key in ("val/top1", "val/balanced_acc", "test/top1"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-9), key
+    # rank 0 alone writes: one line per epoch plus the final line
+    assert [r["kind"] for r in m2] == ["epoch", "epoch", "final"]
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+
+
+def test_two_rank_evaluation_equals_one_rank(tmp_path):
+    """The same weights evaluated by 2 processes and by 1 give identical metrics."""
+    one = tmp_path / "one"
+    assert _single(one, "--set", "data.batch_size=16").returncode == 0
+    script = tmp_path / "eval2.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, torch, torch.distributed as dist
+        from batchkin.config import load_raw
+        from batchkin.data import DeviceData
+        from batchkin.distributed import DistContext
+        from batchkin.rundir import load_checkpoint
+        from batchkin.trainer import evaluate, prepare, restore
+        ctx = DistContext.from_env()
+        state = prepare(load_raw({str(one / 'config.toml')!r}), rank=ctx.rank, world_size=ctx.world_size)
+        restore(state, load_checkpoint({str(one / 'checkpoints' / 'last.pt')!r}))
+        m = evaluate(state, "test", DeviceData(state.splits.test, state.splits, state.device))
+        if ctx.rank == 0:
+            print("METRICS" + json.dumps(m))
+        dist.destroy_process_group()
+    """))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m2 = json.loads(r.stdout.split("METRICS", 1)[1].splitlines()[0])
+    final = _metrics(one)[-1]
+    assert m2["top1"] == final["test/top1"]
+    assert m2["per_class"] == final["test/per_class"]
+
+
+def test_a_killed_rank_ends_the_run_with_a_message(tmp_path):
+    plugin = tmp_path / "killer.py"
+    plugin.write_text(textwrap.dedent("""
+        import os, signal
+        from batchkin.hookspecs import hookimpl
+        from batchkin.plugin import Method
+
+        class Killer(Method):
+            @hookimpl
+            def after_step(self, state):
+                if state.rank == 1 and state.step == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        @hookimpl
+        def register_methods(register):
+            register("killer", Killer)
+    """))
+    t0 = time.monotonic()
+    r = _torchrun(2, tmp_path / "run", "--set", 'methods=["ce","killer"]', "--set", "data.batch_size=8",
+                  "--plugin", str(plugin), timeout=240, env={"BATCHKIN_DIST_TIMEOUT": "60"})
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 200
+    assert "Signal 9" in r.stderr or "SIGKILL" in r.stderr or "exitcode: -9" in r.stderr, r.stderr[-3000:]
