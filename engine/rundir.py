@@ -130,6 +130,15 @@ class RunDir:
             return
         raise RunError(f"cannot take the lock {lock}")
 
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temporary files left by a process killed while writing (never a real file)."""
+        removed = []
+        for folder in (self.path, self.ckpt_dir):
+            for f in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+                f.unlink(missing_ok=True)
+                removed.append(f)
+        return removed
+
     def unlock(self) -> None:
         if self._locked:
             (self.path / ".lock").unlink(missing_ok=True)

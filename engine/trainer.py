@@ -436,6 +436,7 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
             if not run.checkpoint_path().is_file():
                 raise RunError(f"nothing to resume in {run.path}: no checkpoints/last.pt")
             run.lock()
+            run.remove_stale_temp_files()
         else:
             run.create(overwrite=overwrite)
     dist_ctx.barrier()
