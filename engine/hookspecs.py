@@ -186,7 +186,8 @@ def transform_batch(state):
 
     Fires every training step. ``state.batch`` is a dict of on-device tensors
     (``x`` float images already augmented and normalised, ``y`` labels, plus any
-    other streams). SDMP's mixing lives here.
+    other streams, and ``idx``: the dataset indices, so ``state.train_data.x[idx]`` gives
+    the raw uint8 images for a method with its own view pipeline). SDMP's mixing lives here.
     """
 
 

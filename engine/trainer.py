@@ -309,6 +309,7 @@ def train_step(state: State, indices: dict) -> float:
         x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
                                       hflip=state.splits.hflip, gen=aug, shard=(state.rank, state.world_size))
         batch["x" + suffix], batch["y" + suffix] = x, y
+        batch["idx" + suffix] = idx  # dataset indices: state.train_data.x[idx] are the raw uint8 images
     state.batch = batch
     state.hooks.transform_batch(state=state)
     with _autocast(state):
