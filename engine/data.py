@@ -113,7 +113,19 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> l
         raise ConfigError(f"data.imbalance_factor must be a number >= 1; got {imbalance_factor!r}")
     if num_classes == 1:
         return [n_max]
-    return [int(n_max * imbalance_factor ** (-c / (num_classes - 1))) for c in range(num_classes)]
+    # the epsilon keeps float error (49 * 49 ** -1 = 0.999...) from truncating a whole image away
+    return [int(n_max * imbalance_factor ** (-c / (num_classes - 1)) + 1e-9) for c in range(num_classes)]
+
+
+def proportional_counts(have: list[int], total: int) -> list[int]:
+    """Split ``total`` over classes in proportion to ``have`` (largest remainders), summing exactly to ``total``."""
+    n = sum(have)
+    exact = [h * total / n for h in have]
+    counts = [int(e) for e in exact]
+    order = sorted(range(len(have)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def _by_class(y: torch.Tensor, num_classes: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -184,9 +196,12 @@ def make_splits(ds: ImageDataset, cfg) -> Splits:
         base = sub if sub is not None else torch.arange(len(ty))
         if cfg.train_size > len(base):
             raise DataError(f"data.train_size = {cfg.train_size} exceeds the {len(base)} training images available")
-        frac = 1 - cfg.train_size / len(base)
-        kept, _ = stratified_split(ty[base], num_classes, frac, gen) if frac > 0 else (torch.arange(len(base)), None)
-        sub = base[kept]
+        have = torch.bincount(ty[base], minlength=num_classes).tolist()
+        counts = proportional_counts(have, cfg.train_size)
+        if min(counts) < 1:
+            raise DataError(f"data.train_size = {cfg.train_size} leaves class {counts.index(min(counts))} with no "
+                            f"training images; use at least {num_classes}")
+        sub = base[subset_indices(ty[base], num_classes, counts, gen, f"data.train_size = {cfg.train_size}")]
     if sub is not None:
         tx, ty = tx[sub], ty[sub]
     train = Split(tx, ty)
@@ -544,6 +559,9 @@ def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Gene
             cols = torch.where(flip[:, None], cols.flip(1), cols)
         bi = torch.arange(b, device=x.device)[:, None, None]
         x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        # a real copy to standard strides: for C = 1 the permuted result claims to be
+        # contiguous with odd strides, which some CPU convolution backward kernels mishandle
+        return x.clone(memory_format=torch.contiguous_format)
     elif hflip:
         flip = (torch.rand(b * world, generator=gen, device=x.device) < 0.5)[mine]
         x = torch.where(flip[:, None, None, None], x.flip(3), x)

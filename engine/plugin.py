@@ -199,7 +199,7 @@ class Plugins:
             ("register_datasets", self.registry.datasets),
         ):
             caller = getattr(self.pm.hook, hook)
-            for impl in reversed(caller.get_hookimpls()):  # registration order
+            for impl in caller.get_hookimpls():  # registration order
                 origin = self.origins.get(impl.plugin_name, impl.plugin_name)
                 register = _make_register(hook, table, origin, impl.plugin_name)
                 try:

@@ -87,14 +87,8 @@ class RunDir:
 
     def create(self, overwrite: bool = False) -> None:
         """Make a new run folder; an existing non-empty one needs ``overwrite``."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"{self.path} exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if not overwrite:
-                raise RunError(
-                    f"run folder {self.path} already exists; use --resume {self.path} to continue it, "
-                    "--overwrite to replace it, or another --out"
-                )
+        self.check_new(overwrite)
+        if self._used():
             self.lock()  # refuse to clear a folder another live run is using
             for sub in ("checkpoints",):
                 for f in (self.path / sub).glob("*") if (self.path / sub).is_dir() else []:
@@ -107,6 +101,20 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self.lock()
         self.ckpt_dir.mkdir(exist_ok=True)
+
+    def _used(self) -> bool:
+        """The folder holds something besides a lock file."""
+        return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+
+    def check_new(self, overwrite: bool = False) -> None:
+        """Refuse a path that is not a folder, or a used folder without ``overwrite``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path} exists and is not a folder")
+        if self._used() and not overwrite:
+            raise RunError(
+                f"run folder {self.path} already exists; use --resume {self.path} to continue it, "
+                "--overwrite to replace it, or another --out"
+            )
 
     def lock(self) -> None:
         if self._locked:

@@ -432,16 +432,18 @@ def fit(
 def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist_ctx) -> RunResult:
     rank0 = dist_ctx.rank == 0
     out = Progress(show, 20, stream)
-    if rank0:
-        if resume:
-            if not run.checkpoint_path().is_file():
-                raise RunError(f"nothing to resume in {run.path}: no checkpoints/last.pt")
-            run.lock()
-            run.remove_stale_temp_files()
-        else:
-            run.create(overwrite=overwrite)
-    dist_ctx.barrier()
+    if rank0 and resume:
+        if not run.checkpoint_path().is_file():
+            raise RunError(f"nothing to resume in {run.path}: no checkpoints/last.pt")
+        run.lock()
+        run.remove_stale_temp_files()
+    if rank0 and not resume and not overwrite:
+        run.check_new()  # refuse an existing folder before any work
+    # config, data and model are checked before the folder is created or cleared
     state = prepare(raw, plugins, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
+    if rank0 and not resume:
+        run.create(overwrite=overwrite)
+    dist_ctx.barrier()
     cfg = state.config
     out.log_every = cfg.train.log_every
     # dropout and other ops without a generator argument draw from the global RNG: it is
