@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_arg(p)
 
+    bn = sub.add_parser("bench", help="run benchmarks and write bench/results/<device>/ (needs a source checkout)")
+    bn.add_argument("kind", choices=["kernels", "e2e", "accuracy"])
+    bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bn.add_argument("--quick", action="store_true", help="the smallest sizes only")
+
     sub.add_parser("doctor", help="versions, devices and which path every kernel takes")
     b = sub.add_parser("build", help="compile the C++ kernels ahead of time")
     b.add_argument("--verbose", action="store_true")
@@ -244,4 +249,12 @@ def cmd_build(args) -> int:
     return 1 if failed else 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}
+def cmd_bench(args) -> int:
+    from .bench import run
+
+    path = run(args.kind, args.device, args.quick)
+    print(f"batchkin: results in {path}")
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}
