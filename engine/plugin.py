@@ -45,6 +45,7 @@ BUILTIN_PLUGINS = {
     "datasets": "batchkin.data",
     "models": "batchkin.models",
     "ce": "batchkin.plugins.ce",
+    "bbn": "batchkin.plugins.bbn",
 }
 
 REGISTRATION_HOOKS = ("register_methods", "register_models", "register_datasets")
