@@ -1,0 +1,671 @@
+"""Tests of batch attention (the attention core of BatchFormer) and the BatchFormer layer.
+
+Every path (``sdpa`` = the CPU fast path, ``triton`` = the Triton kernels, run by
+the interpreter on CPU tensors, ``ref`` = the op's explicit-math path) is compared
+with :func:`batch_attention_reference` (autograd through explicit math) on fresh
+random inputs, forward and gradients; the layer is compared with
+``nn.TransformerEncoderLayer``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from batchkin.kernels import batch_attention as ba
+from batchkin.kernels import dispatch, rng
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=2e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+DT_ID = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _gen(*salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(rng.derive_key(20240607, *salt))
+
+
+def _qkv(h, B, d, dtype, gen, requires_grad=True):
+    out = []
+    for _ in range(3):
+        t = torch.randn(h, B, d, generator=gen).to(dtype)
+        out.append(t.requires_grad_(requires_grad))
+    return out
+
+
+def _run(path, q, k, v, grad, **kw):
+    out = ba.batch_attention_impl(q, k, v, path=path, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    return out, grads
+
+
+def _reference(q, k, v, grad, scale, keep, p):
+    out = ba.batch_attention_reference(q, k, v, scale, keep, p)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    return out, grads
+
+
+def _check_against_reference(path, h, B, d, dtype, p, salt, mask=None, scale=None):
+    gen = _gen(h, B, d, salt)
+    q, k, v = _qkv(h, B, d, dtype, gen)
+    grad = torch.randn(h, B, d, generator=gen).to(dtype)
+    seed = 1000 + salt
+    out, grads = _run(path, q, k, v, grad, dropout_p=p, seed=seed, dropout_mask=mask, scale=scale)
+    keep = None
+    if p > 0:
+        keep = mask if mask is not None else ba.dropout_keep_mask(ba.attention_key(seed), h, B, p)
+    ref_scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    ref_out, ref_grads = _reference(q, k, v, grad, ref_scale, keep, p)
+    assert out.dtype == dtype and out.shape == (h, B, d)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype and g.shape == (h, B, d), name
+        torch.testing.assert_close(g, rg, **TOL[dtype], msg=lambda m: f"d{name}: {m}")
+
+
+# --------------------------------------------------------------------------- #
+# Parity: the CPU fast path (SDPA / explicit blockwise math) and the op's ref path
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("d", [16, 32, 64, 128])
+@pytest.mark.parametrize("B", [1, 2, 7, 64, 257])
+def test_sdpa_path_matches_reference(B, d, dtype, p):
+    _check_against_reference("sdpa", 3, B, d, dtype, p, salt=1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("B,d", [(1, 16), (7, 32), (64, 64), (257, 16)])
+def test_ref_path_matches_reference(B, d, p):
+    """The op's ``ref`` path (explicit forward and hand-written backward)."""
+    _check_against_reference("ref", 2, B, d, torch.float32, p, salt=2)
+
+
+def test_sdpa_path_row_blocks(monkeypatch):
+    """The explicit path split into many row blocks (odd tail) equals the reference."""
+    monkeypatch.setattr(ba, "_CPU_BLOCK_ELEMS", 3 * 50 * 7)  # 7 rows per block, B = 50
+    _check_against_reference("sdpa", 3, 50, 16, torch.float32, 0.4, salt=3)
+    mask = torch.rand(3, 50, 50, generator=_gen(4)) > 0.4
+    _check_against_reference("sdpa", 3, 50, 16, torch.float32, 0.4, salt=4, mask=mask)
+
+
+@pytest.mark.parametrize("d", [2, 24])
+def test_sdpa_path_odd_head_dims(d):
+    _check_against_reference("sdpa", 2, 9, d, torch.float32, 0.0, salt=5)
+    _check_against_reference("sdpa", 2, 9, d, torch.float32, 0.2, salt=6)
+
+
+def test_custom_scale():
+    _check_against_reference("sdpa", 2, 11, 16, torch.float32, 0.0, salt=7, scale=0.9)
+    _check_against_reference("sdpa", 2, 11, 16, torch.float32, 0.3, salt=8, scale=0.05)
+
+
+@pytest.mark.parametrize("path", ["sdpa", "ref"])
+def test_explicit_mask_matches_reference(path):
+    mask = torch.rand(3, 33, 33, generator=_gen(9)) > 0.25
+    _check_against_reference(path, 3, 33, 16, torch.float32, 0.25, salt=9, mask=mask)
+
+
+# --------------------------------------------------------------------------- #
+# Parity: Triton (interpreter on CPU tensors)
+# --------------------------------------------------------------------------- #
+
+TRITON_CASES = [(B, d) for d in (16, 32) for B in (1, 2, 7, 64, 257)] + [
+    (B, d) for d in (64, 128) for B in (1, 7, 64)
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("B,d", TRITON_CASES)
+def test_triton_matches_reference(B, d, dtype):
+    _check_against_reference("triton", 2, B, d, dtype, 0.0, salt=10)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "B,d,dtype",
+    [
+        (7, 16, torch.float32),
+        (70, 32, torch.float32),
+        (257, 16, torch.float32),
+        (33, 64, torch.bfloat16),
+        (20, 128, torch.float16),
+    ],
+    ids=lambda x: DT_ID.get(x, str(x)) if isinstance(x, torch.dtype) else str(x),
+)
+def test_triton_dropout_matches_reference(B, d, dtype):
+    _check_against_reference("triton", 2, B, d, dtype, 0.3, salt=11)
+
+
+@pytest.mark.triton
+def test_triton_explicit_mask_and_odd_head_dims():
+    mask = torch.rand(2, 40, 40, generator=_gen(12)) > 0.5
+    _check_against_reference("triton", 2, 40, 16, torch.float32, 0.5, salt=12, mask=mask)
+    _check_against_reference("triton", 2, 9, 24, torch.float32, 0.2, salt=13)  # head dim padded to 32
+    _check_against_reference("triton", 2, 9, 2, torch.float32, 0.0, salt=14, scale=0.7)  # padded to 16
+
+
+@pytest.mark.triton
+def test_triton_strided_inputs():
+    """q, k, v as the layer passes them: strided views of one [B, 3C] projection."""
+    gen = _gen(15)
+    B, h, d = 37, 2, 16
+    qkv = torch.randn(B, 3 * h * d, generator=gen, requires_grad=True)
+    grad = torch.randn(h, B, d, generator=gen).transpose(0, 1).contiguous().transpose(0, 1)  # strided too
+    outs = []
+    for path in ("triton", "ref"):
+        q, k, v = qkv.view(B, 3, h, d).permute(1, 2, 0, 3)
+        out = ba.batch_attention_impl(q, k, v, dropout_p=0.3, seed=5, path=path)
+        (g,) = torch.autograd.grad(out, qkv, grad)
+        outs.append((out, g))
+    torch.testing.assert_close(outs[0][0], outs[1][0], **TOL[torch.float32])
+    torch.testing.assert_close(outs[0][1], outs[1][1], **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- #
+# Dropout mask
+# --------------------------------------------------------------------------- #
+
+
+def test_keep_mask_definition():
+    """dropout_keep_mask is exactly rng.uniform at offset ((head * B) + i) * B + j."""
+    key, h, B, p = rng.derive_key(77), 3, 10, 0.3
+    keep = ba.dropout_keep_mask(key, h, B, p)
+    for head, i, j in [(0, 0, 0), (1, 2, 3), (2, 9, 9), (2, 4, 0)]:
+        u = rng.uniform(key, torch.tensor([((head * B) + i) * B + j]))[0].item()
+        assert keep[head, i, j].item() == (u >= ba._float32(p))
+
+
+@pytest.mark.parametrize("key", [0, 1, 2**31 - 1, 2**31, 2**32 - 1, rng.derive_key(123)])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.3, 0.999])
+def test_fast_masks_bit_identical_to_rng(key, p):
+    """The kernels' numpy / int32 hashes equal rng.uniform, including offsets past 2**32."""
+    h, B = 3, 45
+    ref = ba.dropout_keep_mask(key, h, B, p)
+    assert torch.equal(ba._keep_rows(key, h, B, 0, B, p, "cpu"), ref)
+    assert torch.equal(ba._keep_rows(key, h, B, 5, 17, p, "cpu", torch.float32), ref[:, 5:17].float())
+    torch_path = ba._keep_ranges_torch(key, 5 * B, B * B, h, 12 * B, p, "cpu", torch.bool).view(h, 12, B)
+    assert torch.equal(torch_path, ref[:, 5:17])
+    start, stride = 2**32 - 77, 2**33 + 5  # offsets wrap mod 2**32
+    want = torch.stack([rng.uniform(key, torch.arange(start + r * stride, start + r * stride + 300)) for r in range(3)])
+    want = want >= ba._float32(p)
+    assert torch.equal(ba._keep_ranges(key, start, stride, 3, 300, p, "cpu"), want)
+    assert torch.equal(ba._keep_ranges_torch(key, start, stride, 3, 300, p, "cpu", torch.bool), want)
+
+
+def test_layer_feature_mask_definition():
+    seed, stream, p = 99, ba.STREAM_FFN, 0.5
+    mask = ba.layer_dropout_mask(seed, stream, (7, 13), p)
+    want = rng.uniform(rng.derive_key(seed, stream), torch.arange(7 * 13)).view(7, 13) >= p
+    assert mask.dtype == torch.bool and torch.equal(mask, want)
+
+
+def _mask_seen_by(path, h, B, p, seed):
+    """The keep mask a path applies, read back exactly: q = k = 0 gives P = 1/B, v = I."""
+    q = torch.zeros(h, B, B)
+    v = torch.eye(B).expand(h, B, B).contiguous()
+    out = ba.batch_attention_impl(q, q.clone(), v, dropout_p=p, seed=seed, path=path)
+    scaled = out * (B * (1.0 - p))
+    keep = scaled > 0.5
+    torch.testing.assert_close(scaled, keep.float(), rtol=0, atol=1e-5)
+    return keep
+
+
+@pytest.mark.parametrize("path", ["sdpa", "ref", pytest.param("triton", marks=pytest.mark.triton)])
+def test_path_applies_exact_mask(path):
+    h, B, p, seed = 2, 32, 0.5, 31337
+    seen = _mask_seen_by(path, h, B, p, seed)
+    assert torch.equal(seen, ba.dropout_keep_mask(ba.attention_key(seed), h, B, p))
+
+
+def test_dropout_determinism_and_seeds():
+    q, k, v = _qkv(2, 40, 16, torch.float32, _gen(20), requires_grad=False)
+    a = ba.batch_attention(q, k, v, dropout_p=0.4, seed=1)
+    b = ba.batch_attention(q, k, v, dropout_p=0.4, seed=1)
+    c = ba.batch_attention(q, k, v, dropout_p=0.4, seed=2)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    m1 = ba.dropout_keep_mask(ba.attention_key(1), 2, 40, 0.4)
+    m2 = ba.dropout_keep_mask(ba.attention_key(2), 2, 40, 0.4)
+    assert (m1 != m2).float().mean() > 0.3  # independent masks differ in about 48% of places
+    # dropout_p = 0 ignores the seed
+    assert torch.equal(ba.batch_attention(q, k, v, seed=1), ba.batch_attention(q, k, v, seed=2))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_fraction_binomial(p):
+    keep = ba.dropout_keep_mask(rng.derive_key(5, int(p * 10)), 4, 128, p)
+    n, kept = keep.numel(), int(keep.sum())
+    assert stats.binomtest(kept, n, 1.0 - p).pvalue > 1e-3
+
+
+def test_keep_mask_chi_square_uniform_and_independent():
+    """Kept counts are uniform over rows/columns/heads and neighbours are independent."""
+    p = 0.5
+    keep = ba.dropout_keep_mask(rng.derive_key(6), 4, 256, p)
+    h, B, _ = keep.shape
+    col_bins = keep.view(h * B, 16, B // 16).sum(dim=(0, 2)).double().numpy()
+    assert stats.chisquare(col_bins).pvalue > 1e-3
+    row_bins = keep.view(h, 16, B // 16, B).sum(dim=(0, 2, 3)).double().numpy()
+    assert stats.chisquare(row_bins).pvalue > 1e-3
+    head_counts = keep.sum(dim=(1, 2)).double().numpy()
+    assert stats.chisquare(head_counts).pvalue > 1e-3
+    a, b = keep[..., :-1:2].reshape(-1), keep[..., 1::2].reshape(-1)  # disjoint horizontal pairs
+    table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+    a, b = keep[:, :-1:2, :].reshape(-1), keep[:, 1::2, :].reshape(-1)  # vertical pairs (offset B apart)
+    table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+def test_feature_mask_chi_square():
+    keep = ba.layer_dropout_mask(7, ba.STREAM_RESIDUAL1, (512, 64), 0.5)
+    assert stats.binomtest(int(keep.sum()), keep.numel(), 0.5).pvalue > 1e-3
+    assert stats.chisquare(keep.sum(0).double().numpy()).pvalue > 1e-3
+    other = ba.layer_dropout_mask(7, ba.STREAM_RESIDUAL2, (512, 64), 0.5)
+    a, b = keep.reshape(-1), other.reshape(-1)  # two streams of one seed are independent
+    table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- #
+# Hand-worked examples
+# --------------------------------------------------------------------------- #
+
+EXACT_PATHS = ["sdpa", "ref", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+@pytest.mark.parametrize("path", EXACT_PATHS)
+def test_two_token_example(path):
+    """scores [ln 3, 0] -> P = [3/4, 1/4]; scores [0, 0] -> P = [1/2, 1/2]."""
+    q = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])
+    k = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    v = torch.tensor([[[4.0, 0.0], [0.0, 8.0]]])
+    out = ba.batch_attention_impl(q, k, v, scale=1.0, path=path)
+    torch.testing.assert_close(out, torch.tensor([[[3.0, 2.0], [2.0, 4.0]]]), rtol=0, atol=1e-5)
+    # dropout with an explicit mask: drop P[0, 0, 1] and P[0, 1, 0]; kept values scale by 2
+    mask = torch.tensor([[[True, False], [False, True]]])
+    out = ba.batch_attention_impl(q, k, v, scale=1.0, dropout_p=0.5, dropout_mask=mask, path=path)
+    torch.testing.assert_close(out, torch.tensor([[[6.0, 0.0], [0.0, 8.0]]]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", EXACT_PATHS)
+def test_single_token_and_zero_query(path):
+    gen = _gen(30)
+    q, k, v = _qkv(2, 1, 16, torch.float32, gen, requires_grad=False)
+    torch.testing.assert_close(ba.batch_attention_impl(q, k, v, path=path), v, rtol=0, atol=1e-6)  # B = 1: P = 1
+    q = torch.zeros(2, 5, 16)
+    k, v = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    out = ba.batch_attention_impl(q, k, v, path=path)  # uniform attention: every row is the mean of v
+    torch.testing.assert_close(out, v.mean(dim=1, keepdim=True).expand_as(v), rtol=0, atol=1e-6)
+
+
+def test_gradient_finite_differences():
+    """The hand-written backward (sdpa path) agrees with finite differences in float64-free form."""
+    gen = _gen(31)
+    q, k, v = _qkv(1, 5, 16, torch.float32, gen)
+    grad = torch.randn(1, 5, 16, generator=gen)
+    _, (dq, _, _) = _run("sdpa", q, k, v, grad, dropout_p=0.3, seed=3)
+    eps = 1e-2
+    for idx in [(0, 0, 0), (0, 3, 7), (0, 4, 15)]:
+        qp, qm = q.detach().clone(), q.detach().clone()
+        qp[idx] += eps
+        qm[idx] -= eps
+        fp = (ba.batch_attention_impl(qp, k.detach(), v.detach(), dropout_p=0.3, seed=3) * grad).sum()
+        fm = (ba.batch_attention_impl(qm, k.detach(), v.detach(), dropout_p=0.3, seed=3) * grad).sum()
+        assert abs((fp - fm).item() / (2 * eps) - dq[idx].item()) < 2e-3
+
+
+# --------------------------------------------------------------------------- #
+# Registration: opcheck, torch.compile, dispatch
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("p,with_mask", [(0.0, False), (0.3, False), (0.3, True)])
+@pytest.mark.parametrize("path", ["auto", "ref"])
+def test_opcheck_forward(path, p, with_mask):
+    gen = _gen(40)
+    q, k, v = _qkv(2, 9, 16, torch.float32, gen)
+    mask = (torch.rand(2, 9, 9, generator=gen) > p) if with_mask else None
+    args = (q, k, v, 0.25, p, ba.attention_key(3), mask, path)
+    torch.library.opcheck(torch.ops.batchkin.batch_attention.default, args)
+
+
+def test_opcheck_backward_and_feature_mask():
+    gen = _gen(41)
+    q, k, v = _qkv(2, 9, 16, torch.float32, gen, requires_grad=False)
+    key = ba.attention_key(4)
+    out, lse = torch.ops.batchkin.batch_attention(q, k, v, 0.25, 0.3, key, None, "auto")
+    grad = torch.randn(2, 9, 16, generator=gen)
+    torch.library.opcheck(
+        torch.ops.batchkin.batch_attention_backward.default, (grad, q, k, v, out, lse, 0.25, 0.3, key, None, "auto")
+    )
+    torch.library.opcheck(torch.ops.batchkin.batch_attention_keep_mask.default, (5, [3, 4], 0.5, torch.device("cpu")))
+
+
+def test_torch_compile_op():
+    gen = _gen(42)
+    q, k, v = _qkv(2, 13, 16, torch.float32, gen)
+
+    def f(q, k, v):
+        return ba.batch_attention(q, k, v, dropout_p=0.3, seed=11) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = f(q, k, v)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+
+
+def test_torch_compile_layer():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        layer = ba.BatchFormerLayer(32).train()
+    x = torch.randn(9, 32, generator=_gen(43), requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x, seed=5)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    y_ref = layer(x, seed=5)
+    (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+def test_backward_without_grad_of_lse_is_clean():
+    """lse is a non-differentiable output: using only the attention output works."""
+    q, k, v = _qkv(1, 4, 16, torch.float32, _gen(44))
+    out, lse = torch.ops.batchkin.batch_attention(q, k, v, 0.25, 0.0, 0, None, "auto")
+    assert not lse.requires_grad
+    out.sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+
+
+@pytest.mark.parametrize(
+    "mode,want",
+    [("auto", "sdpa"), ("ref", "ref"), ("cpp", "sdpa"), pytest.param("triton", "triton", marks=pytest.mark.triton)],
+)
+def test_dispatch_paths(monkeypatch, mode, want):
+    monkeypatch.setenv(dispatch.ENV_MODE, mode)
+    path, why = ba.explain_path("cpu", 16)
+    assert path == want and why
+    q, k, v = _qkv(2, 8, 16, torch.float32, _gen(45), requires_grad=False)
+    out = ba.batch_attention(q, k, v, dropout_p=0.2, seed=9)
+    assert torch.equal(out, ba.batch_attention_impl(q, k, v, dropout_p=0.2, seed=9, path=want))
+
+
+def test_dispatch_triton_head_dim_limit(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_MODE, "triton")
+    with pytest.raises(dispatch.KernelUnavailable, match="head dim"):
+        ba.explain_path("cpu", 512)
+    monkeypatch.setenv(dispatch.ENV_MODE, "auto")
+    assert ba.explain_path("cpu", 512)[0] == "sdpa"
+
+
+# --------------------------------------------------------------------------- #
+# Bad inputs
+# --------------------------------------------------------------------------- #
+
+
+def _ok():
+    return [torch.randn(2, 5, 16) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(q=torch.randn(5, 16)), ValueError, "q must have 3 dimensions"),
+        (lambda a: a.update(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+        (lambda a: a.update(q=torch.zeros(2, 5, 16, dtype=torch.int64)), TypeError, "q must have dtype"),
+        (lambda a: a.update(q=torch.zeros(2, 0, 16)), ValueError, "q must have at least"),
+        (lambda a: a.update(k=torch.randn(2, 6, 16)), ValueError, r"k must have shape \[2, 5, 16\]"),
+        (lambda a: a.update(v=torch.randn(2, 5, 8)), ValueError, "v must have shape"),
+        (lambda a: a.update(k=torch.randn(2, 5, 16, 1)), ValueError, "k must have 3 dimensions"),
+        (lambda a: a.update(v=torch.randn(2, 5, 16, dtype=torch.float64)), TypeError, "v must have dtype float32"),
+        (lambda a: a.update(k=torch.randn(2, 5, 16).half()), TypeError, "k must have dtype float32"),
+        (lambda a: a.update(k=torch.empty(2, 5, 16, device="meta")), ValueError, "k is on meta"),
+        (lambda a: a.update(dropout_p=1.0), ValueError, "dropout_p must be in"),
+        (lambda a: a.update(dropout_p=-0.1), ValueError, "dropout_p must be in"),
+        (lambda a: a.update(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+        (lambda a: a.update(scale=-1.0), ValueError, "scale must be"),
+        (lambda a: a.update(scale=float("nan")), ValueError, "scale must be"),
+        (lambda a: a.update(scale="x"), TypeError, "scale must be"),
+        (lambda a: a.update(seed=1.5), TypeError, "seed must be an int"),
+        (
+            lambda a: a.update(dropout_p=0.5, dropout_mask=torch.ones(2, 5, 4, dtype=torch.bool)),
+            ValueError,
+            "dropout_mask must have shape",
+        ),
+        (
+            lambda a: a.update(dropout_p=0.5, dropout_mask=torch.ones(2, 5, 5)),
+            TypeError,
+            "dropout_mask must have dtype bool",
+        ),
+        (
+            lambda a: a.update(dropout_mask=torch.ones(2, 5, 5, dtype=torch.bool)),
+            ValueError,
+            "dropout_mask needs dropout_p > 0",
+        ),
+    ],
+)
+def test_bad_inputs(mutate, exc, match):
+    q, k, v = _ok()
+    args = dict(q=q, k=k, v=v)
+    mutate(args)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=match):
+        ba.batch_attention(q, k, v, **args)
+
+
+def test_bad_path():
+    with pytest.raises(ValueError, match="path must be one of"):
+        ba.batch_attention_impl(*_ok(), path="cuda")
+
+
+def test_layer_bad_inputs():
+    layer = ba.BatchFormerLayer(16)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        layer(torch.randn(4, 1, 16))
+    with pytest.raises(ValueError, match=r"x must have shape \[\*, 16\]"):
+        layer(torch.randn(4, 8))
+    with pytest.raises(TypeError, match="generator must be"):
+        layer(torch.randn(4, 16), generator=3)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        layer(torch.randn(4, 16), seed=0.5)
+    with pytest.raises(ValueError, match="nhead"):
+        ba.BatchFormerLayer(18, nhead=4)
+    with pytest.raises(ValueError, match="dropout"):
+        ba.BatchFormerLayer(16, dropout=1.0)
+    with pytest.raises(ValueError, match="num_layers"):
+        ba.BatchFormer(16, num_layers=0)
+
+
+# --------------------------------------------------------------------------- #
+# The BatchFormer layer against nn.TransformerEncoderLayer
+# --------------------------------------------------------------------------- #
+
+
+def _layer_pair(C, dropout):
+    with torch.random.fork_rng():
+        torch.manual_seed(C)
+        torch_layer = nn.TransformerEncoderLayer(C, 4, C, dropout)
+        ours = ba.BatchFormerLayer(C, 4, C, dropout)
+    ours.load_state_dict(torch_layer.state_dict())
+    return torch_layer, ours
+
+
+def test_layer_parameter_names_and_shapes():
+    torch_layer, ours = _layer_pair(16, 0.5)
+    theirs = {k: v.shape for k, v in torch_layer.state_dict().items()}
+    mine = {k: v.shape for k, v in ours.state_dict().items()}
+    assert mine == theirs
+    torch_layer.load_state_dict(ours.state_dict())  # both ways
+    assert ba.BatchFormerLayer(16).linear1.out_features == 16  # dim_feedforward defaults to d_model
+
+
+def _compare_layers(torch_layer, ours, x, gen, tol):
+    y_t = torch_layer(x.unsqueeze(1)).squeeze(1)
+    y_o = ours(x)
+    torch.testing.assert_close(y_o, y_t, **tol)
+    w = torch.randn(y_t.shape, generator=gen)
+    names = [n for n, _ in ours.named_parameters()]
+    g_t = torch.autograd.grad((y_t * w).sum(), [x, *[dict(torch_layer.named_parameters())[n] for n in names]])
+    g_o = torch.autograd.grad((y_o * w).sum(), [x, *[dict(ours.named_parameters())[n] for n in names]])
+    for name, a, b in zip(["x", *names], g_o, g_t):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("B", [1, 7, 33])
+@pytest.mark.parametrize("C", [16, 64])
+def test_layer_matches_torch_eval(C, B):
+    torch_layer, ours = _layer_pair(C, 0.5)
+    torch_layer.eval()
+    ours.eval()
+    gen = _gen(50, C, B)
+    x = torch.randn(B, C, generator=gen, requires_grad=True)
+    _compare_layers(torch_layer, ours, x, gen, dict(rtol=1e-5, atol=1e-5))
+    with torch.no_grad():  # torch's inference fast path
+        torch.testing.assert_close(ours(x), torch_layer(x.unsqueeze(1)).squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [1, 7, 33])
+@pytest.mark.parametrize("C", [16, 64])
+def test_layer_matches_torch_train_without_dropout(C, B):
+    torch_layer, ours = _layer_pair(C, 0.0)
+    torch_layer.train()
+    ours.train()
+    gen = _gen(51, C, B)
+    x = torch.randn(B, C, generator=gen, requires_grad=True)
+    _compare_layers(torch_layer, ours, x, gen, dict(rtol=1e-5, atol=1e-5))
+
+
+def _hand_built_layer(layer, x, seed):
+    """The layer in training mode written out by hand with the documented masks."""
+    p, h = layer.dropout_p, layer.nhead
+    B, C = x.shape
+    d = C // h
+    sa_mod = layer.self_attn
+    qkv = x @ sa_mod.in_proj_weight.t() + sa_mod.in_proj_bias
+    q, k, v = (t.reshape(B, h, d).transpose(0, 1) for t in qkv.split(C, dim=1))
+    keep = ba.dropout_keep_mask(rng.derive_key(seed), h, B, p)
+    attn = ba.batch_attention_reference(q, k, v, 1.0 / math.sqrt(d), keep, p).transpose(0, 1).reshape(B, C)
+    sa = attn @ sa_mod.out_proj.weight.t() + sa_mod.out_proj.bias
+
+    def drop(t, stream):
+        u = rng.uniform(rng.derive_key(seed, stream), torch.arange(t.numel())).view(t.shape)
+        return t * (u >= p).float() / (1.0 - p)
+
+    x1 = F.layer_norm(x + drop(sa, 1), (C,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    ff = torch.relu(x1 @ layer.linear1.weight.t() + layer.linear1.bias)
+    ff = drop(ff, 2) @ layer.linear2.weight.t() + layer.linear2.bias
+    return F.layer_norm(x1 + drop(ff, 3), (C,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25])
+@pytest.mark.parametrize("B,C", [(7, 16), (33, 64)])
+def test_layer_dropout_matches_hand_built_reference(B, C, p):
+    _, layer = _layer_pair(C, p)
+    layer.train()
+    gen = _gen(52, B, C)
+    x = torch.randn(B, C, generator=gen, requires_grad=True)
+    seed = 4242 + B
+    y = layer(x, seed=seed)
+    y_ref = _hand_built_layer(layer, x, seed)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(B, C, generator=gen)
+    params = [x, *layer.parameters()]
+    for a, b in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((y_ref * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # dropout is really on: without it the output differs
+    assert not torch.allclose(y, layer.eval()(x), atol=1e-3)
+
+
+def test_layer_generator_seeds():
+    _, layer = _layer_pair(16, 0.5)
+    layer.train()
+    x = torch.randn(9, 16, generator=_gen(53))
+    a = layer(x, generator=torch.Generator().manual_seed(1))
+    b = layer(x, generator=torch.Generator().manual_seed(1))
+    c = layer(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    seed = ba.draw_seed(torch.Generator().manual_seed(1))
+    assert torch.equal(a, layer(x, seed=seed))
+    # without a generator the seed comes from the default generator
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        d = layer(x)
+        torch.manual_seed(3)
+        e = layer(x, seed=ba.draw_seed())
+    assert torch.equal(d, e)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_nodrop"])
+def test_layer_permutation_equivariant(mode):
+    _, layer = _layer_pair(32, 0.0 if mode == "train_nodrop" else 0.5)
+    layer.train(mode != "eval")
+    gen = _gen(54)
+    x = torch.randn(21, 32, generator=gen)
+    perm = torch.randperm(21, generator=gen)
+    torch.testing.assert_close(layer(x[perm]), layer(x)[perm], rtol=1e-5, atol=1e-5)
+
+
+def test_batchformer_stack():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ba.BatchFormer(16, num_layers=3, nhead=2, dropout=0.5)
+    assert len(model.layers) == 3 and "layers.2.self_attn.in_proj_weight" in model.state_dict()
+    x = torch.randn(10, 16, generator=_gen(55))
+    model.train()
+    y = model(x, seed=8)
+    z = x
+    for i, layer in enumerate(model.layers):
+        z = layer(z, seed=rng.derive_key(8, i))
+    assert torch.equal(y, z)
+    model.eval()
+    z = x
+    for layer in model.layers:
+        z = layer(z)
+    torch.testing.assert_close(model(x), z)
+
+
+# --------------------------------------------------------------------------- #
+# Extra CUDA-only coverage (defined only where a GPU exists, so nothing is skipped here)
+# --------------------------------------------------------------------------- #
+
+if torch.cuda.is_available():
+
+    @pytest.mark.parametrize("p", [0.0, 0.3])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+    @pytest.mark.parametrize("d", [16, 32, 64, 128])
+    @pytest.mark.parametrize("B", [1, 2, 7, 64, 257])
+    def test_cuda_triton_matches_reference(B, d, dtype, p):
+        gen = _gen(60, B, d)
+        q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(4, B, d, dtype, gen))
+        grad = torch.randn(4, B, d, generator=gen).to(dtype).cuda()
+        out, grads = _run("triton", q, k, v, grad, dropout_p=p, seed=3)
+        keep = ba.dropout_keep_mask(ba.attention_key(3), 4, B, p, "cuda") if p > 0 else None
+        ref_out, ref_grads = _reference(q, k, v, grad, 1.0 / math.sqrt(d), keep, p)
+        torch.testing.assert_close(out, ref_out, **TOL[dtype])
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g, rg, **TOL[dtype])
+
+    def test_cuda_layer_matches_cpu():
+        _, layer = _layer_pair(64, 0.5)
+        layer.train()
+        x = torch.randn(33, 64, generator=_gen(61))
+        y_cpu = layer(x, seed=5)
+        y_gpu = layer.cuda()(x.cuda(), seed=5)
+        torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
