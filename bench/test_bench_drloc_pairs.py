@@ -1,0 +1,113 @@
+"""DRLoc pair sampling + first head layer, forward and backward: ours vs the original style.
+
+Every implementation runs the same step on the same inputs in the same process: draw
+``m = 64`` pairs per image, gather both embeddings from a ViT token grid (a permuted
+view of ``[B, H*W, C]`` tokens), compute the targets, apply the head's first layer
+``Linear(2C, 512)``, and backpropagate to the tokens, the weight and the bias.
+
+* ``original`` -- the released code's style: positions drawn on the CPU with
+  ``torch.randint`` and copied to the device, the whole grid permuted to ``[C, B*H*W]``
+  and made contiguous, ``index_select`` of the flat indices ``row * W + col`` (the
+  correct index; upstream's ``row * H + col`` is wrong for H != W), concatenation into
+  ``[B*m, 2C]``, ``nn.Linear``;
+* ``reference`` -- this op's pure-PyTorch reference path (device draw, advanced-index
+  gather, ``Linear(cat(e_a, e_b))``);
+* ``ours`` -- ``drloc_positions`` + ``drloc_first_layer`` (C++ on CPU, Triton on CUDA;
+  the token projection when ``m >= H*W``) + ``drloc_targets``.
+
+Sizes: B = 256, C in {192, 384, 768}, grids 7x7, 14x14, 8x16, plus a small ``quick``
+size (select it with ``-k quick``). Run::
+
+    pytest bench/test_bench_drloc_pairs.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchkin.kernels import drloc_pairs as dp
+from batchkin.kernels import rng
+
+M = 64
+HIDDEN = 512
+SIZES = [pytest.param((8, 32, 7, 7), id="quick-B8-C32-7x7")] + [
+    pytest.param((256, C, H, W), id=f"B256-C{C}-{H}x{W}")
+    for (H, W) in ((7, 7), (14, 14), (8, 16))
+    for C in (192, 384, 768)
+]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
+IMPLS = ("original", "reference", "ours")
+
+
+def _original_step(tokens, H, W, linear, gen, device):
+    B, _, C = tokens.shape
+    grid = tokens.transpose(1, 2).unflatten(2, (H, W))
+    # CPU draw, then a host -> device copy
+    pos_a = torch.stack([torch.randint(H, (B, M), generator=gen), torch.randint(W, (B, M), generator=gen)], -1)
+    pos_b = torch.stack([torch.randint(H, (B, M), generator=gen), torch.randint(W, (B, M), generator=gen)], -1)
+    pos_a, pos_b = pos_a.to(device), pos_b.to(device)
+    targets = (pos_a - pos_b).abs().float()
+    # full-map permute and copy, then gather 2m columns per image
+    flat = grid.permute(1, 0, 2, 3).reshape(C, -1)
+    base = (torch.arange(B, device=device) * H * W).view(B, 1)
+    idx_a = (base + pos_a[..., 0] * W + pos_a[..., 1]).view(-1)
+    idx_b = (base + pos_b[..., 0] * W + pos_b[..., 1]).view(-1)
+    e_a = flat.index_select(1, idx_a).view(C, B, M).permute(1, 2, 0)
+    e_b = flat.index_select(1, idx_b).view(C, B, M).permute(1, 2, 0)
+    feats = torch.cat([e_a, e_b], dim=-1).reshape(B * M, 2 * C)
+    return linear(feats), targets
+
+
+def _reference_step(tokens, H, W, linear, key):
+    B = tokens.shape[0]
+    grid = tokens.transpose(1, 2).unflatten(2, (H, W))
+    pos = dp.drloc_positions_reference(B, M, H, W, key, tokens.device)
+    out = dp.drloc_first_layer_reference(grid, pos, linear.weight, linear.bias)
+    return out, dp.drloc_targets_reference(pos, H, W)
+
+
+def _ours_step(tokens, H, W, linear, key):
+    B = tokens.shape[0]
+    grid = tokens.transpose(1, 2).unflatten(2, (H, W))
+    pos = dp.drloc_positions(B, M, H, W, key, tokens.device)
+    out = dp.drloc_first_layer(grid, pos, linear.weight, linear.bias)
+    return out, dp.drloc_targets(pos, H, W)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_drloc_pairs(benchmark, device, size, impl):
+    B, C, H, W = size
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(B, H * W, C, generator=g).to(device).requires_grad_(True)
+    linear = torch.nn.Linear(2 * C, HIDDEN).to(device)
+    grad_out = torch.randn(B * M, HIDDEN, generator=g).to(device)
+    params = [tokens, linear.weight, linear.bias]
+    draw_gen = torch.Generator().manual_seed(1)
+    step = [0]
+
+    def run():
+        step[0] += 1
+        if impl == "original":
+            out, targets = _original_step(tokens, H, W, linear, draw_gen, device)
+        elif impl == "reference":
+            out, targets = _reference_step(tokens, H, W, linear, rng.derive_key(1, step[0]))
+        else:
+            out, targets = _ours_step(tokens, H, W, linear, rng.derive_key(1, step[0]))
+        grads = torch.autograd.grad(out.reshape(B * M, HIDDEN), params, grad_out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return grads, targets
+
+    run()  # compile/load the kernels outside the timing
+    benchmark.group = f"drloc_pairs {device} B{B} C{C} {H}x{W} m{M}"
+    benchmark.extra_info.update(
+        {"impl": impl, "device": device, "B": B, "C": C, "H": H, "W": W, "m": M, "hidden": HIDDEN}
+    )
+    small = B * C * H * W <= 1 << 20
+    benchmark.pedantic(run, rounds=20 if small else 5, iterations=1, warmup_rounds=1)

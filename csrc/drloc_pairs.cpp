@@ -1,0 +1,346 @@
+// DRLoc pair sampling on the CPU: position draws, pair gathers and their backward.
+//
+// The semantics (and the Python reference these kernels are tested against) are in
+// batchkin/kernels/drloc_pairs.py. Summary:
+//
+//   positions  pos[b, j, t] = min(floor(u(key, (b*m + j)*4 + t) * size_t), size_t - 1)
+//              t = 0..3 -> (r_a, c_a, r_b, c_b), size = (H, W, H, W); u from rng.h.
+//   gather     e_a[b, j, k] = grid[b, k, r_a, c_a]
+//              e_b[b, j, k] = grid[b, off_b + k, r_b, c_b]          (k < nch)
+//              "cat" variant: one [B, m, 2 * nch] output holding [e_a, e_b]
+//              "sum" variant: out[b, j, k] = (e_a[b, j, k] + e_b[b, j, k]) + bias[k] (in float;
+//              bias optional)
+//   targets    per coordinate (row, col), d = a - b:  abs: |d|   signed: d + (size - 1)
+//              normalize: divided by max(size - 1, 1)
+//   scatter    the backward of gather: a zero grid (fp32 accumulator) receiving
+//              grad_a at (b, k, r_a, c_a) for every j in order, then grad_b at
+//              (b, off_b + k, r_b, c_b) for every j in order.
+//
+// The grid is read through its strides (a permuted view of [B, H*W, C] tokens is never
+// copied). Every output element of the scatter is owned by one work item and its terms
+// are added in a fixed order, so the result does not depend on the thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "rng.h"
+
+namespace {
+
+inline int64_t draw_index(uint32_t key, uint32_t offset, int64_t size) {
+  const float u = batchkin::hash_uniform(key, offset);
+  const int64_t v = static_cast<int64_t>(u * static_cast<float>(size));
+  return v < size - 1 ? v : size - 1;
+}
+
+inline float target_value(int64_t a, int64_t b, int64_t size, bool signed_mode, bool normalize) {
+  const int64_t d = a - b;
+  const int64_t t = signed_mode ? d + (size - 1) : (d < 0 ? -d : d);
+  float f = static_cast<float>(t);
+  if (normalize) {
+    f = f / static_cast<float>(size > 1 ? size - 1 : 1);
+  }
+  return f;
+}
+
+void check_grid(const at::Tensor& grid, const char* name) {
+  TORCH_CHECK(grid.dim() == 4, name, " must be 4-D [B, C, H, W]");
+  TORCH_CHECK(grid.device().is_cpu(), name, " must be a CPU tensor");
+  const auto st = grid.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16");
+}
+
+void check_pos(const at::Tensor& pos, int64_t B, int64_t H, int64_t W) {
+  TORCH_CHECK(pos.dim() == 3 && pos.size(0) == B && pos.size(2) == 4, "pos must have shape [B, m, 4]");
+  TORCH_CHECK(pos.scalar_type() == at::kLong, "pos must be int64");
+  TORCH_CHECK(pos.device().is_cpu(), "pos must be a CPU tensor");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  const int64_t n = pos.numel() / 4;
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(p[4 * i] >= 0 && p[4 * i] < H && p[4 * i + 2] >= 0 && p[4 * i + 2] < H,
+                "pos rows must lie in [0, H)");
+    TORCH_CHECK(p[4 * i + 1] >= 0 && p[4 * i + 1] < W && p[4 * i + 3] >= 0 && p[4 * i + 3] < W,
+                "pos cols must lie in [0, W)");
+  }
+}
+
+// Copies (or sums) the gathered channels of pair n. src_a/src_b point at channel 0 of
+// the two members; sc is the channel stride of the grid.
+template <typename scalar_t>
+inline void gather_row(const scalar_t* src_a, const scalar_t* src_b, int64_t sc, int64_t nch, bool sum,
+                       const scalar_t* bias, scalar_t* dst_a, scalar_t* dst_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (sum && bias != nullptr) {
+    for (int64_t k = 0; k < nch; ++k) {
+      const acc_t v = static_cast<acc_t>(src_a[k * sc]) + static_cast<acc_t>(src_b[k * sc]);
+      dst_a[k] = static_cast<scalar_t>(v + static_cast<acc_t>(bias[k]));
+    }
+  } else if (sum && sc == 1) {  // unit stride: a loop the compiler vectorises
+    for (int64_t k = 0; k < nch; ++k) {
+      dst_a[k] = static_cast<scalar_t>(static_cast<acc_t>(src_a[k]) + static_cast<acc_t>(src_b[k]));
+    }
+  } else if (sum) {
+    for (int64_t k = 0; k < nch; ++k) {
+      dst_a[k] = static_cast<scalar_t>(static_cast<acc_t>(src_a[k * sc]) + static_cast<acc_t>(src_b[k * sc]));
+    }
+  } else if (sc == 1) {
+    std::copy(src_a, src_a + nch, dst_a);
+    std::copy(src_b, src_b + nch, dst_b);
+  } else {
+    for (int64_t k = 0; k < nch; ++k) {
+      dst_a[k] = src_a[k * sc];
+      dst_b[k] = src_b[k * sc];
+    }
+  }
+}
+
+// Shared by the gathers and the fused draw + gather. When `draw` is true the positions are
+// drawn from `key` and written to pos_out (and the targets to tgt_out); otherwise they are
+// read from pos_in. Pair n is written to out_a + n * ostride (and out_b + n * ostride).
+template <typename scalar_t>
+void gather_pairs(const at::Tensor& grid, const int64_t* pos_in, int64_t m, int64_t nch, int64_t off_b, bool sum,
+                  bool draw, uint32_t key, bool signed_mode, bool normalize, int64_t* pos_out, float* tgt_out,
+                  scalar_t* out_a, scalar_t* out_b, int64_t ostride, const scalar_t* bias = nullptr) {
+  const int64_t B = grid.size(0), H = grid.size(2), W = grid.size(3);
+  const int64_t sb = grid.stride(0), sc = grid.stride(1), sh = grid.stride(2), sw = grid.stride(3);
+  const scalar_t* g = grid.const_data_ptr<scalar_t>();
+  const int64_t N = B * m;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(nch, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t b = n / m;
+      int64_t ra, ca, rb, cb;
+      if (draw) {
+        const uint32_t base = static_cast<uint32_t>(n * 4);  // counters wrap mod 2**32
+        ra = draw_index(key, base + 0u, H);
+        ca = draw_index(key, base + 1u, W);
+        rb = draw_index(key, base + 2u, H);
+        cb = draw_index(key, base + 3u, W);
+        pos_out[4 * n + 0] = ra;
+        pos_out[4 * n + 1] = ca;
+        pos_out[4 * n + 2] = rb;
+        pos_out[4 * n + 3] = cb;
+        tgt_out[2 * n + 0] = target_value(ra, rb, H, signed_mode, normalize);
+        tgt_out[2 * n + 1] = target_value(ca, cb, W, signed_mode, normalize);
+      } else {
+        ra = pos_in[4 * n + 0];
+        ca = pos_in[4 * n + 1];
+        rb = pos_in[4 * n + 2];
+        cb = pos_in[4 * n + 3];
+      }
+      const scalar_t* src_a = g + b * sb + ra * sh + ca * sw;
+      const scalar_t* src_b = g + b * sb + rb * sh + cb * sw + off_b * sc;
+      gather_row<scalar_t>(src_a, src_b, sc, nch, sum, bias, out_a + n * ostride,
+                           sum ? nullptr : out_b + n * ostride);
+    }
+  });
+}
+
+at::Tensor drloc_positions_cpu(int64_t B, int64_t m, int64_t H, int64_t W, int64_t key) {
+  TORCH_CHECK(B >= 1 && m >= 1 && H >= 1 && W >= 1, "B, m, H and W must be >= 1");
+  auto pos = at::empty({B, m, 4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = pos.data_ptr<int64_t>();
+  const uint32_t k = static_cast<uint32_t>(key);
+  const int64_t sizes[4] = {H, W, H, W};
+  at::parallel_for(0, B * m * 4, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      p[i] = draw_index(k, static_cast<uint32_t>(i), sizes[i & 3]);
+    }
+  });
+  return pos;
+}
+
+std::tuple<at::Tensor, at::Tensor> drloc_gather_cpu(const at::Tensor& grid, const at::Tensor& pos) {
+  check_grid(grid, "grid");
+  const int64_t B = grid.size(0), C = grid.size(1);
+  check_pos(pos, B, grid.size(2), grid.size(3));
+  const auto p = pos.contiguous();
+  const int64_t m = p.size(1);
+  auto e_a = at::empty({B, m, C}, grid.options());
+  auto e_b = at::empty({B, m, C}, grid.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(), "drloc_gather_cpu", [&] {
+    gather_pairs<scalar_t>(grid, p.data_ptr<int64_t>(), m, C, 0, false, false, 0u, false, false, nullptr,
+                           nullptr, e_a.data_ptr<scalar_t>(), e_b.data_ptr<scalar_t>(), C);
+  });
+  return {e_a, e_b};
+}
+
+at::Tensor drloc_gather_cat_cpu(const at::Tensor& grid, const at::Tensor& pos) {
+  check_grid(grid, "grid");
+  const int64_t B = grid.size(0), C = grid.size(1);
+  check_pos(pos, B, grid.size(2), grid.size(3));
+  const auto p = pos.contiguous();
+  const int64_t m = p.size(1);
+  auto feats = at::empty({B, m, 2 * C}, grid.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(), "drloc_gather_cat_cpu", [&] {
+    scalar_t* f = feats.data_ptr<scalar_t>();
+    gather_pairs<scalar_t>(grid, p.data_ptr<int64_t>(), m, C, 0, false, false, 0u, false, false, nullptr, nullptr,
+                           f, f + C, 2 * C);
+  });
+  return feats;
+}
+
+at::Tensor drloc_gather_sum_cpu(const at::Tensor& table, const at::Tensor& pos, int64_t split,
+                                const std::optional<at::Tensor>& bias) {
+  check_grid(table, "table");
+  const int64_t B = table.size(0);
+  TORCH_CHECK(split >= 1 && 2 * split == table.size(1), "table must have 2 * split channels");
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == split, "bias must have shape [split]");
+    TORCH_CHECK(bias->scalar_type() == table.scalar_type() && bias->device().is_cpu(),
+                "bias must be a CPU tensor of the table's dtype");
+    b = bias->contiguous();
+  }
+  check_pos(pos, B, table.size(2), table.size(3));
+  const auto p = pos.contiguous();
+  const int64_t m = p.size(1);
+  auto out = at::empty({B, m, split}, table.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, table.scalar_type(), "drloc_gather_sum_cpu", [&] {
+    gather_pairs<scalar_t>(table, p.data_ptr<int64_t>(), m, split, split, true, false, 0u, false, false, nullptr,
+                           nullptr, out.data_ptr<scalar_t>(), nullptr, split,
+                           b.defined() ? b.const_data_ptr<scalar_t>() : nullptr);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> drloc_pairs_cpu(const at::Tensor& grid, int64_t m,
+                                                                           int64_t key, bool signed_mode,
+                                                                           bool normalize) {
+  check_grid(grid, "grid");
+  TORCH_CHECK(m >= 1, "m must be >= 1");
+  const int64_t B = grid.size(0), C = grid.size(1);
+  auto e_a = at::empty({B, m, C}, grid.options());
+  auto e_b = at::empty({B, m, C}, grid.options());
+  auto tgt = at::empty({B, m, 2}, grid.options().dtype(at::kFloat));
+  auto pos = at::empty({B, m, 4}, grid.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(), "drloc_pairs_cpu", [&] {
+    gather_pairs<scalar_t>(grid, nullptr, m, C, 0, false, true, static_cast<uint32_t>(key), signed_mode, normalize,
+                           pos.data_ptr<int64_t>(), tgt.data_ptr<float>(), e_a.data_ptr<scalar_t>(),
+                           e_b.data_ptr<scalar_t>(), C);
+  });
+  return {e_a, e_b, tgt, pos};
+}
+
+// dst[i] += src[i * stride] for i in [0, n), in float32.
+template <typename scalar_t>
+inline void add_row(float* dst, const scalar_t* src, int64_t stride, int64_t n) {
+  if (stride == 1) {  // unit stride: a loop the compiler vectorises
+    for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<float>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] += static_cast<float>(src[i * stride]);
+  }
+}
+
+template <typename scalar_t>
+void scatter_pairs(const at::Tensor& grad_a, const at::Tensor& grad_b, const int64_t* pos, int64_t W, int64_t HW,
+                   int64_t channels, int64_t off_b, bool channels_last, at::Tensor& out) {
+  const int64_t B = grad_a.size(0), m = grad_a.size(1), nch = grad_a.size(2);
+  const scalar_t* ga = grad_a.const_data_ptr<scalar_t>();
+  const scalar_t* gb = grad_b.const_data_ptr<scalar_t>();
+  const int64_t a_sb = grad_a.stride(0), a_sm = grad_a.stride(1), a_sc = grad_a.stride(2);
+  const int64_t b_sb = grad_b.stride(0), b_sm = grad_b.stride(1), b_sc = grad_b.stride(2);
+  // out layout: channels_last -> [B, H, W, channels]; otherwise [B, channels, H, W]
+  const int64_t o_b = HW * channels;
+  const int64_t o_p = channels_last ? channels : 1;
+  const int64_t o_c = channels_last ? 1 : HW;
+  scalar_t* o = out.data_ptr<scalar_t>();
+  // Work item = (batch, block of output channels); it owns those outputs.
+  const int64_t cw = std::min<int64_t>(channels, 128);
+  const int64_t nblk = (channels + cw - 1) / cw;
+  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nblk;
+      const int64_t c0 = (item % nblk) * cw;
+      const int64_t c1 = std::min(c0 + cw, channels);
+      const int64_t w = c1 - c0;
+      acc.assign(static_cast<size_t>(HW * w), 0.0f);
+      // member a writes channels [0, nch), member b writes [off_b, off_b + nch)
+      const int64_t ka0 = std::max<int64_t>(c0, 0), ka1 = std::min<int64_t>(c1, nch);
+      if (ka0 < ka1) {
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t* pj = pos + 4 * (b * m + j);
+          float* dst = acc.data() + (pj[0] * W + pj[1]) * w + (ka0 - c0);
+          add_row<scalar_t>(dst, ga + b * a_sb + j * a_sm + ka0 * a_sc, a_sc, ka1 - ka0);
+        }
+      }
+      const int64_t kb0 = std::max<int64_t>(c0, off_b), kb1 = std::min<int64_t>(c1, off_b + nch);
+      if (kb0 < kb1) {
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t* pj = pos + 4 * (b * m + j);
+          float* dst = acc.data() + (pj[2] * W + pj[3]) * w + (kb0 - c0);
+          add_row<scalar_t>(dst, gb + b * b_sb + j * b_sm + (kb0 - off_b) * b_sc, b_sc, kb1 - kb0);
+        }
+      }
+      scalar_t* ob = o + b * o_b;
+      if (channels_last) {
+        for (int64_t p = 0; p < HW; ++p) {
+          const float* a = acc.data() + p * w;
+          scalar_t* d = ob + p * o_p + c0;
+          for (int64_t k = 0; k < w; ++k) d[k] = static_cast<scalar_t>(a[k]);
+        }
+      } else {
+        for (int64_t k = 0; k < w; ++k) {
+          scalar_t* d = ob + (c0 + k) * o_c;
+          for (int64_t p = 0; p < HW; ++p) d[p] = static_cast<scalar_t>(acc[p * w + k]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor drloc_scatter_cpu(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& pos,
+                             int64_t channels, int64_t H, int64_t W, int64_t off_b, bool channels_last) {
+  TORCH_CHECK(grad_a.dim() == 3 && grad_b.sizes() == grad_a.sizes(), "grad_a and grad_b must be [B, m, n]");
+  TORCH_CHECK(grad_a.scalar_type() == grad_b.scalar_type(), "grad_a and grad_b must share a dtype");
+  TORCH_CHECK(grad_a.device().is_cpu() && grad_b.device().is_cpu(), "grads must be CPU tensors");
+  const int64_t B = grad_a.size(0), m = grad_a.size(1), nch = grad_a.size(2);
+  TORCH_CHECK(pos.size(1) == m, "pos must have shape [B, m, 4]");
+  TORCH_CHECK(nch <= channels && off_b >= 0 && off_b + nch <= channels, "channel ranges out of bounds");
+  check_pos(pos, B, H, W);
+  const auto p = pos.contiguous();
+  auto out = channels_last ? at::empty({B, H, W, channels}, grad_a.options())
+                           : at::empty({B, channels, H, W}, grad_a.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_a.scalar_type(), "drloc_scatter_cpu", [&] {
+    scatter_pairs<scalar_t>(grad_a, grad_b, p.data_ptr<int64_t>(), W, H * W, channels, off_b, channels_last, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(batchkin, m) {
+  m.def("_drloc_positions_cpu(int B, int m, int H, int W, int key) -> Tensor");
+  m.def("_drloc_gather_cpu(Tensor grid, Tensor pos) -> (Tensor, Tensor)");
+  m.def("_drloc_gather_cat_cpu(Tensor grid, Tensor pos) -> Tensor");
+  m.def("_drloc_gather_sum_cpu(Tensor table, Tensor pos, int split, Tensor? bias) -> Tensor");
+  m.def(
+      "_drloc_pairs_cpu(Tensor grid, int m, int key, bool signed_mode, bool normalize)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_drloc_scatter_cpu(Tensor grad_a, Tensor grad_b, Tensor pos, int channels, int H, int W, int off_b,"
+      " bool channels_last) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(batchkin, CPU, m) {
+  m.impl("_drloc_gather_cpu", &drloc_gather_cpu);
+  m.impl("_drloc_gather_cat_cpu", &drloc_gather_cat_cpu);
+  m.impl("_drloc_gather_sum_cpu", &drloc_gather_sum_cpu);
+  m.impl("_drloc_pairs_cpu", &drloc_pairs_cpu);
+  m.impl("_drloc_scatter_cpu", &drloc_scatter_cpu);
+}
+
+// The position draw has no tensor argument to dispatch on: it always builds a CPU tensor.
+TORCH_LIBRARY_IMPL(batchkin, CompositeExplicitAutograd, m) {
+  m.impl("_drloc_positions_cpu", &drloc_positions_cpu);
+}
