@@ -46,6 +46,7 @@ BUILTIN_PLUGINS = {
     "models": "batchkin.models",
     "ce": "batchkin.plugins.ce",
     "bbn": "batchkin.plugins.bbn",
+    "batchformer": "batchkin.plugins.batchformer",
 }
 
 REGISTRATION_HOOKS = ("register_methods", "register_models", "register_datasets")

@@ -43,25 +43,26 @@ def test_listed_with_origin_and_hooks(site):
     assert "balanced_softmax" in r.stdout.split()
 
 
-def test_disable_switch_hides_it(site):
+def test_disable_switch_hides_it(site, tmp_path):
     r = _run(site, "-m", "batchkin", "plugins", "--json", env_extra={"BATCHKIN_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert "balanced_softmax" not in data["methods"] and "mlp" not in data["models"]
     assert "ce" in data["methods"]  # built-ins stay
-    r = _run(site, "-m", "batchkin", "train", "--set", 'methods=["balanced_softmax"]', "--out", "unused",
+    r = _run(site, "-m", "batchkin", "train", "--set", 'methods=["balanced_softmax"]', "--out", str(tmp_path / "unused"),
              env_extra={"BATCHKIN_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert r.returncode == 2 and "unknown method 'balanced_softmax'" in r.stderr
 
 
-def test_trains_a_short_run(site, tmp_path):
+def test_trains_a_short_run_combined_with_batchformer(site, tmp_path):
     out = tmp_path / "run"
     r = _run(site, "-m", "batchkin", "train", "--quiet", "--out", str(out),
-             "--set", 'methods=["balanced_softmax"]', "--set", "epochs=1", "--set", "data.name=synthetic",
-             "--set", "model.name=mlp", "--set", "data.imbalance_factor=4")
+             "--set", 'methods=["balanced_softmax", "batchformer"]', "--set", "epochs=1", "--set", "data.name=synthetic",
+             "--set", "model.name=mlp", "--set", "model.hidden=32", "--set", "data.imbalance_factor=4")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "train/balanced_softmax" in lines[0]
+    assert json.loads((out / "run.json").read_text())["methods"] == ["balanced_softmax", "batchformer"]
     assert lines[-1]["kind"] == "final"
     assert json.loads((out / "run.json").read_text())["plugins"]["balanced_softmax"].startswith("package ")
 
