@@ -335,7 +335,9 @@ def train_step(state: State, indices: dict) -> float:
         if cfg.train.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])) if params else torch.zeros(())
+            # one fused pass (the same kernel clip_grad_norm_ uses) for the non-finite check
+            norms = torch._foreach_norm([p.grad.detach() for p in params]) if params else [torch.zeros(())]
+            norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
         grads_finite = bool(torch.isfinite(norm))
     else:
         grads_finite = False
