@@ -47,6 +47,7 @@ BUILTIN_PLUGINS = {
     "ce": "batchkin.plugins.ce",
     "bbn": "batchkin.plugins.bbn",
     "batchformer": "batchkin.plugins.batchformer",
+    "drloc": "batchkin.plugins.drloc",
 }
 
 REGISTRATION_HOOKS = ("register_methods", "register_models", "register_datasets")
