@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_arg(p)
 
+    pr = sub.add_parser("probe", help="linear-probe accuracy of a self-supervised run's frozen encoder")
+    pr.add_argument("run_dir", help="a run folder (uses checkpoints/last.pt)")
+    pr.add_argument("--epochs", type=int, default=100)
+    pr.add_argument("--lr", type=float, default=0.1)
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--weight-decay", type=float, default=0.0)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--best", action="store_true", help="use checkpoints/best.pt")
+    _add_plugin_arg(pr)
+
     bn = sub.add_parser("bench", help="run benchmarks and write bench/results/<device>/ (needs a source checkout)")
     bn.add_argument("kind", choices=["kernels", "e2e", "accuracy"])
     bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -253,6 +263,26 @@ def cmd_build(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_probe(args) -> int:
+    from .errors import ConfigError, RunError
+    from .plugin import Plugins
+    from batchkin.plugins.ssl import linear_probe
+
+    run = Path(args.run_dir)
+    if not (run / "config.toml").is_file():
+        raise RunError(f"{run} is not a batchkin run folder (no config.toml)")
+    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1; got {value}")
+    if args.lr <= 0:
+        raise ConfigError(f"--lr must be > 0; got {args.lr}")
+    result = linear_probe(run, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                          weight_decay=args.weight_decay, seed=args.seed,
+                          checkpoint="best.pt" if args.best else "last.pt", plugins=Plugins(extra_files=args.plugin))
+    print(json.dumps({"run": str(run), **result}, indent=2))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run
 
@@ -261,4 +291,4 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}
+COMMANDS = {"probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}

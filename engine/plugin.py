@@ -48,6 +48,9 @@ BUILTIN_PLUGINS = {
     "bbn": "batchkin.plugins.bbn",
     "batchformer": "batchkin.plugins.batchformer",
     "drloc": "batchkin.plugins.drloc",
+    "moco": "batchkin.plugins.moco",
+    "dino": "batchkin.plugins.dino",
+    "sdmp": "batchkin.plugins.sdmp",
 }
 
 REGISTRATION_HOOKS = ("register_methods", "register_models", "register_datasets")
