@@ -2,29 +2,52 @@
 
 METHODS.md section 4 ("DINO form") gives the defaults used here.
 
-* Two global views per image from the on-device pipeline of :mod:`batchkin.plugins.ssl`
-  (multi-crop local views are not implemented). Labels are never read in training.
+* Views from the on-device pipeline of :mod:`batchkin.plugins.ssl`: two global views per
+  image (:func:`~batchkin.plugins.ssl.make_views`, ``[dino.views]``) and, with
+  ``[dino] n_local_crops > 0``, DINO's multi-crop local views
+  (:func:`~batchkin.plugins.ssl.make_local_views`, drawn after the global views from the
+  same run generator ``"dino_views"``, so the global views do not depend on them).
+  Labels are never read in training.
 * Student: the registered encoder + :class:`~batchkin.plugins.ssl.DINOHead` (MLP to a
   bottleneck, L2 norm, weight-normalised last layer with ``g = 1`` when
   ``[dino] norm_last_layer``). Teacher: deep copies of both, no gradients, updated after
   every optimizer step by EMA with momentum rising from ``[dino] momentum`` (0.996) to 1
   on the cosine schedule of MoCo v3 (:func:`~batchkin.plugins.ssl.cosine_momentum`).
-* Teacher distribution ``P = softmax((t - center) / T_t)``; the loss is
-  ``-sum P(view b) log_softmax(s(view a) / T_s)``, averaged over the batch and over the
-  two directions a != b (DINO's loss with two crops). ``T_s = 0.1``; ``T_t`` warms up
-  linearly from 0.04 to 0.07 over the first ``warmup_fraction`` of the epochs (DINO's
-  30 of 100 epochs, scaled to the run: ``round(0.3 * epochs)`` epochs, as
-  ``np.linspace`` per epoch), then stays at 0.07.
+* Teacher distribution ``P = softmax((t - center) / T_t)``. The teacher sees the global
+  views only, the student every crop; the loss is ``-sum P(view t) log_softmax(s(view
+  v) / T_s)``, averaged over the batch and over every pair (teacher global view ``t``,
+  student view ``v``) with ``v != t`` (DINO's loss: ``2 (2 + n_local_crops) - 2`` pairs;
+  the two directions with two crops). ``T_s = 0.1``; ``T_t`` warms up linearly from 0.04
+  to 0.07 over the first ``warmup_fraction`` of the epochs (DINO's 30 of 100 epochs,
+  scaled to the run: ``round(0.3 * epochs)`` epochs, as ``np.linspace`` per epoch), then
+  stays at 0.07.
 * Centering: after every step ``center <- 0.9 center + 0.1 mean(teacher outputs)``
-  (both views, all ranks: the teacher outputs are all-gathered). The center is a
-  buffer of the model (``dino_center``), so it is checkpointed.
+  (the teacher's outputs only: both global views, all ranks, as the teacher outputs are
+  all-gathered). The center is a buffer of the model (``dino_center``), so it is
+  checkpointed.
 * Evaluation: kNN class scores as ``logits`` (as ``moco``); linear probe with
   :func:`batchkin.plugins.ssl.linear_probe`.
-* With ``sdmp``: the SDMP DINO form (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); the
-  teacher also sees the mixed views and the same center is used for them.
+* With ``sdmp``: the SDMP DINO form (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); only
+  the two global views are mixed, the teacher also sees the mixed global views and the
+  same center is used for them; local crops add only to DINO's own loss.
+
+Multi-crop options of ``[dino]`` (the global views keep ``[dino.views] crop_scale``):
+
+* ``n_local_crops`` (default 0: two global views only, exactly the plain two-crop
+  DINO): local crops per image; DINO's usual setting is 2 global + 6 to 10 local crops.
+* ``local_crop_size``: ``s`` or ``[h, w]`` pixels, at most the image size (default:
+  96/224 of each image side, DINO's 96-pixel crops of 224-pixel images).
+* ``local_crop_scale``: ``[low, high]`` range of the crop's area fraction inside
+  ``(0, 1]`` (default ``[0.05, 0.4]``, DINO's). Local crops use ``[dino.views]``'
+  ``crop_ratio``, flip, colour jitter, grayscale and blur sigma, blur with probability
+  0.5 and no solarize (DINO's local transform).
+
+The model must encode the smaller local crops: the globally pooled models (``resnet*``,
+``tiny``) do; ``vit`` cannot (learned position embeddings for its fixed token grid),
+which is reported as a ConfigError when the model is built.
 
 Functional twins: :func:`teacher_temperature`, :func:`teacher_probs`, :func:`dino_loss`,
-:func:`update_center`.
+:func:`update_center`, :func:`local_crop_size`.
 """
 
 from __future__ import annotations
@@ -34,17 +57,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
-from batchkin.plugin import Method
 from batchkin.plugins.ssl import (
     DINOHead,
-    KNNEvaluator,
+    LocalCrops,
+    SSLBase,
     SSLNet,
-    ViewOptions,
-    check_last_batch,
-    check_ssl_run,
-    cosine_momentum,
-    ema_update_,
+    SSLOptions,
+    encoder_input_error,
     fp32,
     ssl_train_forward,
 )
@@ -73,7 +94,12 @@ def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, temperature: 
 
 def dino_loss(student: list[torch.Tensor], probs: list[torch.Tensor], student_temp: float = 0.1) -> torch.Tensor:
     """DINO's loss over views: mean over pairs ``a != b`` of
-    ``mean_i -sum_j probs[b]_ij log_softmax(student[a]_i / T_s)_j``."""
+    ``mean_i -sum_j probs[b]_ij log_softmax(student[a]_i / T_s)_j``.
+
+    ``probs[b]``: the teacher's distributions of global view ``b``; ``student[a]``: the
+    student's outputs of every view, the teacher's views first (``student[b]`` is the
+    same view as ``probs[b]``), then the local crops; ``len(probs) * (len(student) - 1)``
+    pairs."""
     total, n = 0, 0
     with fp32(student[0].device.type):
         for b, p in enumerate(probs):
@@ -97,13 +123,28 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
 # ------------------------------------------------------------------------------ the method
 
 
-class DINO(Method):
-    """DINO as a plugin (see the module docstring)."""
+def local_crop_size(size, image_size: tuple[int, int]) -> tuple[int, int]:
+    """``[dino] local_crop_size`` as ``(h, w)``: ``s`` or ``[s]`` is square, ``[h, w]`` as given;
+    unset, DINO's ratio of 96 to 224 of each image side (at least 1 pixel)."""
+    if size is None:
+        return tuple(max(1, round(side * 96 / 224)) for side in image_size)
+    if isinstance(size, int):
+        return size, size
+    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
-    roles = frozenset({"ssl-base"})
+
+class DINO(SSLBase):
+    """DINO as a plugin (see the module docstring); the run checks, kNN evaluation and the
+    teacher's EMA are :class:`~batchkin.plugins.ssl.SSLBase`'s."""
+
+    name = "dino"
 
     @dataclass
-    class Options:
+    class Options(SSLOptions):
+        """``[dino]``; ``momentum``, ``knn_k``, ``knn_temperature`` and ``[dino.views]`` are
+        :class:`~batchkin.plugins.ssl.SSLOptions`' (``momentum`` with DINO's default)."""
+
+        momentum: float = field(default=0.996, metadata={"ge": 0.0, "le": 1.0, "help": "initial teacher momentum (cosine to 1)"})
         out_dim: int = field(default=1024, metadata={"ge": 2, "help": "head output width (prototypes)"})
         hidden_dim: int = field(default=256, metadata={"ge": 1, "help": "head MLP hidden width"})
         bottleneck_dim: int = field(default=64, metadata={"ge": 1, "help": "head bottleneck width"})
@@ -114,30 +155,52 @@ class DINO(Method):
         warmup_teacher_temp: float = field(default=0.04, metadata={"gt": 0.0, "help": "teacher temperature at the start"})
         warmup_fraction: float = field(default=0.3, metadata={"ge": 0.0, "le": 1.0, "help": "fraction of the epochs of the teacher warm-up"})
         center_momentum: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0, "help": "centering momentum"})
-        momentum: float = field(default=0.996, metadata={"ge": 0.0, "le": 1.0, "help": "initial teacher momentum (cosine to 1)"})
-        knn_k: int = field(default=20, metadata={"ge": 1, "help": "kNN evaluation: neighbours"})
-        knn_temperature: float = field(default=0.07, metadata={"gt": 0.0, "help": "kNN evaluation: weight temperature"})
-        views: ViewOptions = field(default_factory=ViewOptions, metadata={"help": "the view pipeline"})
+        n_local_crops: int = field(
+            default=0, metadata={"ge": 0, "help": "multi-crop: local crops per image, seen by the student only"})
+        local_crop_size: int | list[int] | None = field(
+            default=None,
+            metadata={"ge": 1, "help": "local crops' size in pixels, s or [h, w] (default: 96/224 of the image side)"})
+        local_crop_scale: list[float] = field(
+            default_factory=lambda: [0.05, 0.4],
+            metadata={"gt": 0.0, "le": 1.0, "help": "local crops: range of the crop's area fraction"})
+
+        def validate(self):
+            if len(self.local_crop_scale) != 2 or self.local_crop_scale[0] > self.local_crop_scale[1]:
+                raise ConfigError(f"local_crop_scale must be [low, high] with 0 < low <= high <= 1; "
+                                  f"got {self.local_crop_scale}")
+            if isinstance(self.local_crop_size, list) and len(self.local_crop_size) not in (1, 2):
+                raise ConfigError(f"local_crop_size must be one size or [h, w]; got {self.local_crop_size}")
 
     def __init__(self, options=None):
         super().__init__(options)
-        self.knn = KNNEvaluator(self.options.knn_k, self.options.knn_temperature)
-        self.momentum = self.options.momentum
         self.temp = self.options.warmup_teacher_temp
+        self.local: LocalCrops | None = None
 
-    @hookimpl
-    def configure(self, state):
-        check_ssl_run(state, "dino")
-
-    @hookimpl
-    def wrap_model(self, state):
-        check_last_batch(state, "dino")
+    def build_model(self, state, encoder):
         o = self.options
-        enc = state.model
-        head = DINOHead(enc.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer)
-        net = SSLNet(enc, head)
+        if o.n_local_crops > 0:
+            self.local = self.local_crops(state, encoder)
+        head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer)
+        net = SSLNet(encoder, head)
         net.register_buffer("dino_center", torch.zeros(1, o.out_dim))
-        state.model = net
+        return net
+
+    def local_crops(self, state, encoder) -> LocalCrops:
+        """The run's :class:`~batchkin.plugins.ssl.LocalCrops`, once the image size is known;
+        a size larger than the images, or a model that cannot encode it, is a ConfigError."""
+        o = self.options
+        C, H, W = state.splits.image_shape
+        h, w = local_crop_size(o.local_crop_size, (H, W))
+        if h > H or w > W:
+            raise ConfigError(f"dino.local_crop_size ({h}x{w}) is larger than the images ({H}x{W}); "
+                              "local crops are small crops of the image")
+        reason = encoder_input_error(encoder, C, (h, w))
+        if reason is not None:
+            raise ConfigError(f"dino.n_local_crops = {o.n_local_crops} needs a model that encodes {h}x{w} local crops "
+                              f"as well as the {H}x{W} global views, and model {state.config.model['name']!r} cannot: "
+                              f"{reason}; use a globally pooled convolutional model (resnet*, tiny) or "
+                              "dino.n_local_crops = 0")
+        return LocalCrops(n=o.n_local_crops, size=(h, w), scale=tuple(o.local_crop_scale))
 
     @hookimpl
     def on_epoch_start(self, state):
@@ -145,13 +208,10 @@ class DINO(Method):
         self.temp = teacher_temperature(state.epoch, state.epochs, o.warmup_teacher_temp, o.teacher_temp, o.warmup_fraction)
         state.epoch_metrics["dino/teacher_temp"] = self.temp
 
-    @hookimpl
-    def forward(self, state):
-        if not state.training:
-            return self.knn.forward(state)
+    def train_forward(self, state):
         center = state.unwrapped_model.dino_center.clone()
         return ssl_train_forward(state, "dino_views", self.options.views, "dino", self.options.student_temp,
-                                 teacher_temp=self.temp, center=center)
+                                 local=self.local, teacher_temp=self.temp, center=center)
 
     @hookimpl
     def loss_terms(self, state, outputs):
@@ -163,18 +223,10 @@ class DINO(Method):
 
     @hookimpl
     def after_step(self, state):
-        net = state.unwrapped_model
-        m = cosine_momentum(state.step, state.epochs * state.steps_per_epoch, self.options.momentum)
-        target, online = net.momentum_pairs()
-        ema_update_(target, online, m)
-        self.momentum = m
+        super().after_step(state)
         step = state.outputs.get("ssl") if isinstance(state.outputs, dict) else None
         if step is not None:
-            update_center(net.dino_center, step.keys, self.options.center_momentum)
-
-    @hookimpl
-    def on_epoch_end(self, state):
-        state.epoch_metrics["dino/momentum"] = self.momentum
+            update_center(state.unwrapped_model.dino_center, step.keys, self.options.center_momentum)
 
 
 @hookimpl

@@ -43,19 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from batchkin.hookspecs import hookimpl
-from batchkin.plugin import Method
-from batchkin.plugins.ssl import (
-    KNNEvaluator,
-    SSLNet,
-    ViewOptions,
-    check_last_batch,
-    check_ssl_run,
-    cosine_momentum,
-    ema_update_,
-    fp32,
-    mlp,
-    ssl_train_forward,
-)
+from batchkin.plugins.ssl import SSLBase, SSLNet, SSLOptions, fp32, mlp, ssl_train_forward
 
 # ------------------------------------------------------------------------------ functional twins
 
@@ -81,45 +69,30 @@ def moco_loss(q1, q2, k1, k2, temperature: float, labels: torch.Tensor | None = 
 # ------------------------------------------------------------------------------ the method
 
 
-class MoCo(Method):
-    """MoCo v3 as a plugin (see the module docstring)."""
+class MoCo(SSLBase):
+    """MoCo v3 as a plugin (see the module docstring); the run checks, kNN evaluation and
+    the momentum update are :class:`~batchkin.plugins.ssl.SSLBase`'s."""
 
-    roles = frozenset({"ssl-base"})
+    name = "moco"
 
     @dataclass
-    class Options:
+    class Options(SSLOptions):
+        """``[moco]``; ``momentum``, ``knn_k``, ``knn_temperature`` and ``[moco.views]`` are
+        :class:`~batchkin.plugins.ssl.SSLOptions`'."""
+
         temperature: float = field(default=0.2, metadata={"gt": 0.0, "help": "InfoNCE temperature T"})
-        momentum: float = field(default=0.99, metadata={"ge": 0.0, "le": 1.0, "help": "initial momentum m0 (cosine to 1)"})
         proj_layers: int = field(default=3, metadata={"ge": 1, "help": "projector layers"})
         proj_hidden: int = field(default=256, metadata={"ge": 1, "help": "projector hidden width"})
         proj_dim: int = field(default=64, metadata={"ge": 1, "help": "projector output width"})
         pred_hidden: int = field(default=256, metadata={"ge": 1, "help": "predictor hidden width"})
-        knn_k: int = field(default=20, metadata={"ge": 1, "help": "kNN evaluation: neighbours"})
-        knn_temperature: float = field(default=0.07, metadata={"gt": 0.0, "help": "kNN evaluation: weight temperature"})
-        views: ViewOptions = field(default_factory=ViewOptions, metadata={"help": "the view pipeline"})
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.knn = KNNEvaluator(self.options.knn_k, self.options.knn_temperature)
-        self.momentum = self.options.momentum
-
-    @hookimpl
-    def configure(self, state):
-        check_ssl_run(state, "moco")
-
-    @hookimpl
-    def wrap_model(self, state):
-        check_last_batch(state, "moco")
+    def build_model(self, state, encoder):
         o = self.options
-        enc = state.model
-        projector = mlp(o.proj_layers, enc.feature_dim, o.proj_hidden, o.proj_dim, last_bn=True)
+        projector = mlp(o.proj_layers, encoder.feature_dim, o.proj_hidden, o.proj_dim, last_bn=True)
         predictor = mlp(2, o.proj_dim, o.pred_hidden, o.proj_dim, last_bn=False)
-        state.model = SSLNet(enc, projector, predictor)
+        return SSLNet(encoder, projector, predictor)
 
-    @hookimpl
-    def forward(self, state):
-        if not state.training:
-            return self.knn.forward(state)
+    def train_forward(self, state):
         return ssl_train_forward(state, "moco_views", self.options.views, "moco", self.options.temperature)
 
     @hookimpl
@@ -129,17 +102,6 @@ class MoCo(Method):
         n = len(step.q[0])
         loss = sum(moco_loss(step.q[0][s], step.q[1][s], k1, k2, step.temperature, step.labels) for s in range(n)) / n
         return {"moco": loss}
-
-    @hookimpl
-    def after_step(self, state):
-        m = cosine_momentum(state.step, state.epochs * state.steps_per_epoch, self.options.momentum)
-        target, online = state.unwrapped_model.momentum_pairs()
-        ema_update_(target, online, m)
-        self.momentum = m
-
-    @hookimpl
-    def on_epoch_end(self, state):
-        state.epoch_metrics["moco/momentum"] = self.momentum
 
 
 @hookimpl

@@ -33,7 +33,10 @@ l_ib)`` in float32 (:func:`mixture_nll`): no softmax-then-log underflow under fp
 the mixed view a; its target is a mixture of the teacher's (centred, sharpened)
 distributions on view b: clean view with weights ``(lam, 1 - lam)`` for source-mix,
 mixed view with ``(1/(1+c), c/(1+c))`` for mix-mix; cross-entropy with the student's
-``log_softmax(s / T_s)``, averaged over the two directions as DINO's own loss.
+``log_softmax(s / T_s)``, averaged over the two directions as DINO's own loss. With DINO's
+multi-crop (``[dino] n_local_crops > 0``) SDMP mixes only the two global views: the local
+crops are never mixed and take part only in DINO's own loss, so the SDMP terms are the
+same pairs of global views with or without local crops.
 
 **The contract with the base** (see :mod:`batchkin.plugins.ssl`): the base's training
 forward calls :meth:`SDMP.mix_views` on its uint8 views and stores an ``SSLStep`` with
@@ -234,7 +237,8 @@ class SDMP(Method):
             raise ConfigError("sdmp needs an SSL base: add 'moco' or 'dino' to methods")
 
     def mix_views(self, state, views: torch.Tensor) -> MixBatch:
-        """Mix the base's uint8 views ``[V, B, C, H, W]`` (the contract in :mod:`batchkin.plugins.ssl`)."""
+        """Mix the base's uint8 global views ``[V, B, C, H, W]`` (the contract in
+        :mod:`batchkin.plugins.ssl`; DINO's local crops are not passed here)."""
         V, B, C, H, W = views.shape
         rank, world = state.rank, state.world_size
         gen = state.generator("sdmp", "cpu")

@@ -12,15 +12,23 @@ METHODS.md section 4 is the specification. This module holds what the two SSL ba
   order) and grayscale when the images have 3 channels, Gaussian blur and solarize —
   BYOL's asymmetric pair (blur always / 10%, solarize never / 20%). The result is
   uint8 ``[2, B, C, H, W]``: SDMP mixes those bytes, and :func:`normalize_views`
-  then normalises with the training split's mean and std.
+  then normalises with the training split's mean and std. DINO's multi-crop local views
+  (:func:`make_local_views`, :class:`LocalCrops`) go through the same per-view pipeline
+  with their own area range, output size, blur and solarize probabilities, drawn after
+  the global views from the same generator: uint8 ``[L, B, C, h, w]``.
+* **The common part of the bases** (:class:`SSLOptions`, :class:`SSLBase`): the options
+  both bases' schemas extend (``momentum``, ``knn_k``, ``knn_temperature``, the
+  ``views`` table) and the base class holding the run checks, the kNN evaluator, the
+  momentum update and its logging; each base adds its head, training forward and loss.
 * **The SSL network** (:class:`SSLNet`): the registered model is the online encoder;
   the wrapper adds the head (MoCo's projector, DINO's head), MoCo's predictor and the
   momentum branch (a deep copy of encoder + head with ``requires_grad=False``) as
   submodules, so they are checkpointed with the model. Its ``forward`` keeps the
   classifier protocol, and with ``ssl_hook=`` runs the whole training pass (every
   view through the online branch, ``transform_features`` fired per view, the head on
-  every feature stream; the momentum branch without gradients) inside the model's
-  call, so DistributedDataParallel sees every trainable parameter.
+  every feature stream; the momentum branch without gradients, on the global views
+  only: local crops are seen by the online branch alone) inside the model's call, so
+  DistributedDataParallel sees every trainable parameter.
 * **Heads**: :func:`mlp` (MoCo v3's projector/predictor: Linear, BN, ReLU; last BN
   without affine for the projector) and :class:`DINOHead`.
 * **Momentum**: :func:`cosine_momentum` (``1 - (1 - m0)(1 + cos(pi t / T)) / 2``) and
@@ -36,7 +44,8 @@ METHODS.md section 4 is the specification. This module holds what the two SSL ba
   checkpoint, a linear classifier trained on them, test top-1 and friends.
 * **The contract between a base and SDMP**: during training the base's ``forward``
   looks up ``state.hooks.methods.get("sdmp")``; when SDMP is enabled it calls
-  ``sdmp.mix_views(state, views)`` on the uint8 views (both views in one pass of
+  ``sdmp.mix_views(state, views)`` on the uint8 global views (local crops are never
+  mixed; both views in one pass of
   :func:`batchkin.kernels.batch_mix.batch_mix`), which returns a :class:`MixBatch`;
   the base runs the mixed views through the online and the momentum branch as well
   and stores an :class:`SSLStep` in ``outputs["ssl"]`` (clean and mixed outputs,
@@ -57,7 +66,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchkin.errors import ConfigError, RunError
+from batchkin.hookspecs import hookimpl
 from batchkin.models import Classifier
+from batchkin.plugin import Method
 
 # ------------------------------------------------------------------------------ options
 
@@ -102,6 +113,17 @@ class ViewOptions:
                 raise ConfigError(f"{name} must be [low, high] with low <= high; got {getattr(self, name)}")
         if self.jitter[3] > 0.5:
             raise ConfigError(f"jitter's hue strength must be <= 0.5; got {self.jitter[3]}")
+
+
+@dataclass
+class SSLOptions:
+    """The options every SSL base has (``MoCo.Options`` and ``DINO.Options`` extend it):
+    the momentum branch's schedule, kNN evaluation and the view pipeline."""
+
+    momentum: float = field(default=0.99, metadata={"ge": 0.0, "le": 1.0, "help": "initial momentum m0 (cosine to 1)"})
+    knn_k: int = field(default=20, metadata={"ge": 1, "help": "kNN evaluation: neighbours"})
+    knn_temperature: float = field(default=0.07, metadata={"gt": 0.0, "help": "kNN evaluation: weight temperature"})
+    views: ViewOptions = field(default_factory=ViewOptions, metadata={"help": "the view pipeline"})
 
 
 def check_ssl_run(state, name: str) -> None:
@@ -278,6 +300,54 @@ def solarize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), inverted, x)
 
 
+@dataclass(frozen=True)
+class LocalCrops:
+    """DINO's multi-crop local views (built by :func:`make_local_views`): ``n`` crops per image
+    of ``size`` ``(h, w)`` pixels, area fraction uniform in ``scale``, Gaussian blur with
+    probability ``blur_prob`` and solarize with ``solarize_prob`` (DINO: 0.5 and never)."""
+
+    n: int
+    size: tuple[int, int]
+    scale: tuple[float, float] = (0.05, 0.4)
+    blur_prob: float = 0.5
+    solarize_prob: float = 0.0
+
+
+def _augmented_view(xf: torch.Tensor, draw: _Draws, o: ViewOptions, *, scale, size, blur_prob: float,
+                    solarize_prob: float, hflip: bool) -> torch.Tensor:
+    """One augmented view (uint8) of every image of ``xf`` (float in [0, 1]); the draws are
+    made in a fixed order whatever the channels and the probabilities."""
+    B, C, H, W = xf.shape
+    dev = xf.device
+    u_scale, u_ratio = draw.uniform(10), draw.uniform(10)
+    u_y, u_x = draw.uniform(), draw.uniform()
+    flip = (draw.uniform() < 0.5) & hflip
+    jitter_on = draw.uniform() < o.jitter_prob
+    u_jitter = draw.uniform(4)
+    gray_on = draw.uniform() < o.grayscale_prob
+    blur_on = draw.uniform() < blur_prob
+    u_sigma = draw.uniform()
+    solar_on = draw.uniform() < solarize_prob
+
+    y0, x0, h, w = random_resized_crop_boxes(u_scale, u_ratio, u_y, u_x, H, W, scale, o.crop_ratio)
+    out = resized_crop(xf, y0, x0, h, w, flip, size)
+    if C == 3:
+        b, c, s, hue = o.jitter
+        lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue], device=dev)
+        hi = torch.tensor([1 + b, 1 + c, 1 + s, hue], device=dev)
+        jittered = colour_jitter(out, lo + (hi - lo) * u_jitter)
+        out = torch.where(jitter_on.view(-1, 1, 1, 1), jittered, out)
+        out = torch.where(gray_on.view(-1, 1, 1, 1), _gray(out).expand_as(out), out)
+    sigma = o.blur_sigma[0] + (o.blur_sigma[1] - o.blur_sigma[0]) * u_sigma
+    out = torch.where(blur_on.view(-1, 1, 1, 1), gaussian_blur(out, sigma), out)
+    return solarize(to_uint8(out), solar_on)
+
+
+def _check_images(x: torch.Tensor, who: str) -> None:
+    if x.dtype != torch.uint8 or x.dim() != 4:
+        raise ValueError(f"{who} expects uint8 images [B, C, H, W]; got {x.dtype} {tuple(x.shape)}")
+
+
 def make_views(x: torch.Tensor, generator: torch.Generator, options: ViewOptions | None = None, *,
                hflip: bool = True, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Two augmented views of every image of ``x`` (uint8 ``[B, C, H, W]``), uint8 ``[2, B, C, H, W]``.
@@ -292,35 +362,39 @@ def make_views(x: torch.Tensor, generator: torch.Generator, options: ViewOptions
     ``shard = (rank, world)`` they are drawn for the global batch and sliced.
     """
     o = options or ViewOptions()
-    if x.dtype != torch.uint8 or x.dim() != 4:
-        raise ValueError(f"make_views expects uint8 images [B, C, H, W]; got {x.dtype} {tuple(x.shape)}")
-    B, C, H, W = x.shape
-    draw = _Draws(generator, B, x.device, shard)
+    _check_images(x, "make_views")
+    draw = _Draws(generator, x.shape[0], x.device, shard)
     xf = x.float() / 255.0
-    views = []
-    for v in range(2):
-        u_scale, u_ratio = draw.uniform(10), draw.uniform(10)
-        u_y, u_x = draw.uniform(), draw.uniform()
-        flip = (draw.uniform() < 0.5) & hflip
-        jitter_on = draw.uniform() < o.jitter_prob
-        u_jitter = draw.uniform(4)
-        gray_on = draw.uniform() < o.grayscale_prob
-        blur_on = draw.uniform() < o.blur_prob[v]
-        u_sigma = draw.uniform()
-        solar_on = draw.uniform() < o.solarize_prob[v]
+    views = [_augmented_view(xf, draw, o, scale=o.crop_scale, size=None, blur_prob=o.blur_prob[v],
+                             solarize_prob=o.solarize_prob[v], hflip=hflip) for v in range(2)]
+    return torch.stack(views).contiguous()
 
-        y0, x0, h, w = random_resized_crop_boxes(u_scale, u_ratio, u_y, u_x, H, W, o.crop_scale, o.crop_ratio)
-        out = resized_crop(xf, y0, x0, h, w, flip)
-        if C == 3:
-            b, c, s, hue = o.jitter
-            lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue], device=x.device)
-            hi = torch.tensor([1 + b, 1 + c, 1 + s, hue], device=x.device)
-            jittered = colour_jitter(out, lo + (hi - lo) * u_jitter)
-            out = torch.where(jitter_on.view(-1, 1, 1, 1), jittered, out)
-            out = torch.where(gray_on.view(-1, 1, 1, 1), _gray(out).expand_as(out), out)
-        sigma = o.blur_sigma[0] + (o.blur_sigma[1] - o.blur_sigma[0]) * u_sigma
-        out = torch.where(blur_on.view(-1, 1, 1, 1), gaussian_blur(out, sigma), out)
-        views.append(solarize(to_uint8(out), solar_on))
+
+def make_local_views(x: torch.Tensor, generator: torch.Generator, crops: LocalCrops,
+                     options: ViewOptions | None = None, *, hflip: bool = True,
+                     shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """DINO's local crops of every image of ``x`` (uint8 ``[B, C, H, W]``): uint8
+    ``[crops.n, B, C, h, w]`` with ``(h, w) = crops.size``.
+
+    The pipeline of :func:`make_views` (same draws per view, same ``crop_ratio``, flip,
+    jitter, grayscale and blur sigma from ``options``) with the crop's area fraction in
+    ``crops.scale``, the crop resized to ``crops.size``, blur with ``crops.blur_prob`` and
+    solarize with ``crops.solarize_prob``. Called after :func:`make_views` with the same
+    generator, the global views are the same with or without local crops.
+    """
+    o = options or ViewOptions()
+    _check_images(x, "make_local_views")
+    H, W = x.shape[-2:]
+    h, w = crops.size
+    if crops.n < 0 or not (1 <= h <= H and 1 <= w <= W):
+        raise ValueError(f"local crops: need n >= 0 and a size inside the {H}x{W} images; got n={crops.n}, "
+                         f"size {h}x{w}")
+    draw = _Draws(generator, x.shape[0], x.device, shard)
+    xf = x.float() / 255.0
+    views = [_augmented_view(xf, draw, o, scale=tuple(crops.scale), size=(h, w), blur_prob=crops.blur_prob,
+                             solarize_prob=crops.solarize_prob, hflip=hflip) for _ in range(crops.n)]
+    if not views:
+        return torch.empty((0, *x.shape[:2], h, w), dtype=torch.uint8, device=x.device)
     return torch.stack(views).contiguous()
 
 
@@ -381,12 +455,15 @@ class SSLNet(Classifier):
 
     ``forward(x)`` / ``forward(x, return_features=True)`` keep the classifier protocol
     (``classifier`` is the encoder's, frozen: SSL never trains it). The training pass is
-    ``forward(views, ssl_hook=fire)`` with normalised views ``[V, B, C, H, W]``: each
-    view separately (BatchNorm sees one view at a time, as MoCo v3) goes through the
-    encoder, ``fire(outputs)`` (``transform_features`` with ``outputs = {"features": f,
-    "streams": [f]}``), then ``predictor(head(s))`` for every stream ``s``; the momentum
-    branch gives ``head_m(encoder_m(view))`` under ``no_grad``. Returns
-    ``{"features": [V, B, D], "q": [[stream outputs] per view], "keys": [V, B, d]}``.
+    ``forward(views, ssl_hook=fire, local=crops)`` with normalised views ``[V, B, C, H, W]``
+    and optional normalised local crops ``[L, B, C, h, w]`` (DINO's multi-crop, any
+    smaller size): each view separately (BatchNorm sees one view at a time, as MoCo v3)
+    goes through the encoder, ``fire(outputs)`` (``transform_features`` with ``outputs =
+    {"features": f, "streams": [f]}``), then ``predictor(head(s))`` for every stream
+    ``s``; the momentum branch gives ``head_m(encoder_m(view))`` under ``no_grad`` for the
+    ``V`` views only (the local crops go through the online branch only). Returns
+    ``{"features": [V + L, B, D], "q": [[stream outputs] per view, views then local
+    crops], "keys": [V, B, d]}``.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module, predictor: nn.Module | None = None):
@@ -419,13 +496,14 @@ class SSLNet(Classifier):
                            "(a module was added to the encoder after the SSL base wrapped it)")
         return target, online
 
-    def forward(self, x, return_features: bool = False, *, ssl_hook=None):
+    def forward(self, x, return_features: bool = False, *, ssl_hook=None, local=None):
         if ssl_hook is None:
             feats = self.forward_features(x)
             return feats if return_features else self.classifier(feats["features"])
         feats, q = [], []
-        for v in range(x.shape[0]):
-            f = self.forward_features(x[v])["features"]
+        online = list(x.unbind(0)) + (list(local.unbind(0)) if local is not None else [])
+        for view in online:
+            f = self.forward_features(view)["features"]
             out = {"features": f, "streams": [f]}
             ssl_hook(out)
             feats.append(f)
@@ -505,11 +583,13 @@ class SSLStep:
 
     ``kind``: ``"moco"`` or ``"dino"``. ``q``: the online outputs of the clean views,
     ``q[v][s]`` ``[B, d]`` per view and feature stream (MoCo: predictor outputs; DINO:
-    student head outputs). ``keys``: momentum outputs of the clean views, gathered over
-    ranks, ``[V, world * B, d]``. ``labels``: ``[B]``, the row of each local sample in
+    student head outputs): the ``V`` global views first, then DINO's local crops (the
+    student sees every crop). ``keys``: momentum outputs of the clean global views only
+    (the teacher never sees a local crop), gathered over ranks, ``[V, world * B, d]``;
+    ``q[v]`` and ``keys[v]`` are the same view for ``v < V``. ``labels``: ``[B]``, the row of each local sample in
     ``keys``. ``temperature``: MoCo's T, DINO's student temperature. DINO also sets
     ``teacher_temp`` and ``center``. With SDMP: ``q_mix`` / ``keys_mix`` (the same for
-    the mixed views) and ``mix`` (the :class:`MixBatch`).
+    the mixed global views) and ``mix`` (the :class:`MixBatch`).
     """
 
     kind: str
@@ -525,32 +605,38 @@ class SSLStep:
 
 
 def ssl_train_forward(state, generator_name: str, view_options: ViewOptions, kind: str, temperature: float,
-                      **extra) -> dict:
-    """The SSL bases' training forward: views, SDMP mixing (if enabled), the model's pass,
-    keys gathered across ranks. Returns ``{"features": [B, D], "ssl": SSLStep}``."""
+                      *, local: LocalCrops | None = None, **extra) -> dict:
+    """The SSL bases' training forward: views (and ``local`` crops, drawn after the views
+    from the same generator), SDMP mixing of the global views (if enabled), the model's
+    pass, keys gathered across ranks. Returns ``{"features": [B, D], "ssl": SSLStep}``."""
     data = state.train_data
     idx = state.batch["idx"].to(data.x.device)
     raw = data.x[idx]
     hflip = state.splits.hflip if view_options.hflip is None else view_options.hflip
-    views = make_views(raw, state.generator(generator_name), view_options, hflip=hflip,
-                       shard=(state.rank, state.world_size))
+    gen, shard = state.generator(generator_name), (state.rank, state.world_size)
+    views = make_views(raw, gen, view_options, hflip=hflip, shard=shard)
     n_clean = views.shape[0]
     mixer = state.hooks.methods.get("sdmp")
     mix = mixer.mix_views(state, views) if mixer is not None else None
     images = views if mix is None else torch.cat([views, mix.mixed])
-    x = normalize_views(images, data.mean.view(-1), data.std.view(-1))
+    mean, std = data.mean.view(-1), data.std.view(-1)
+    x = normalize_views(images, mean, std)
+    more = {}
+    if local is not None and local.n > 0:
+        crops = make_local_views(raw, gen, local, view_options, hflip=hflip, shard=shard)
+        more["local"] = normalize_views(crops, mean, std)
 
     def fire(outputs):
         state.hooks.transform_features(state=state, outputs=outputs)
 
-    out = state.model(x, ssl_hook=fire)
-    B = raw.shape[0]
+    out = state.model(x, ssl_hook=fire, **more)
+    B, n_x = raw.shape[0], x.shape[0]
     keys = gather_rows(out["keys"], state.world_size, dim=1)
     labels = torch.arange(B, device=keys.device) + state.rank * B
-    step = SSLStep(kind=kind, q=out["q"][:n_clean], keys=keys[:n_clean], labels=labels,
+    step = SSLStep(kind=kind, q=out["q"][:n_clean] + out["q"][n_x:], keys=keys[:n_clean], labels=labels,
                    temperature=temperature, **extra)
     if mix is not None:
-        step.q_mix, step.keys_mix, step.mix = out["q"][n_clean:], keys[n_clean:], mix
+        step.q_mix, step.keys_mix, step.mix = out["q"][n_clean:n_x], keys[n_clean:], mix
     return {"features": out["features"][0], "ssl": step}
 
 
@@ -608,6 +694,91 @@ class KNNEvaluator:
         logits = knn_scores(f, self.bank, self.labels, state.num_classes, self.k, self.temperature,
                             normalized_bank=True)
         return {"features": f, "logits": logits}
+
+
+# ------------------------------------------------------------------------------ the SSL bases' common part
+
+
+def encoder_input_error(encoder: nn.Module, in_channels: int, size: tuple[int, int]) -> str | None:
+    """Why ``encoder.forward_features`` cannot encode images of ``size`` ``(h, w)``, or None when
+    it can: one pass of two zero images in eval mode without gradient (no random draw, no
+    BatchNorm statistics touched); the features must be ``[2, feature_dim]``."""
+    h, w = size
+    was = encoder.training
+    param = next(encoder.parameters(), None)
+    x = torch.zeros(2, in_channels, h, w, device=param.device if param is not None else "cpu")
+    try:
+        encoder.eval()
+        with torch.no_grad():
+            f = encoder.forward_features(x)["features"]
+    except Exception as exc:  # the model's own error, reported as a config problem by the caller
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        expected = (2, encoder.feature_dim)
+        reason = None if tuple(f.shape) == expected else f"features of shape {tuple(f.shape)}, not {expected}"
+    finally:
+        encoder.train(was)
+    grid = getattr(encoder, "grid_size", None)
+    if reason is not None and grid is not None:
+        reason = (f"it is a token model with learned position embeddings for a fixed {grid[0]}x{grid[1]} token grid "
+                  f"({reason})")
+    return reason
+
+
+class SSLBase(Method):
+    """What the SSL bases ``moco`` and ``dino`` share; a subclass sets :attr:`name`, extends
+    :class:`SSLOptions` in its ``Options`` and implements :meth:`build_model` and
+    :meth:`train_forward`.
+
+    * ``configure`` / ``wrap_model``: the run checks (:func:`check_ssl_run`,
+      :func:`check_last_batch`), then ``state.model = build_model(state, encoder)``;
+    * ``forward``: kNN scores (:class:`KNNEvaluator`, ``knn_k``, ``knn_temperature``) in
+      evaluation, :meth:`train_forward` in training;
+    * ``after_step``: the momentum branch's EMA with :func:`cosine_momentum` from
+      ``momentum`` over the run's optimizer steps; ``on_epoch_end`` logs it as
+      ``<name>/momentum``.
+    """
+
+    roles = frozenset({"ssl-base"})
+    name = "ssl"  # the method's registered name: its config table and metric prefix
+    Options = SSLOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.knn = KNNEvaluator(self.options.knn_k, self.options.knn_temperature)
+        self.momentum = self.options.momentum
+
+    def build_model(self, state, encoder: nn.Module) -> SSLNet:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_forward(self, state) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @hookimpl
+    def configure(self, state):
+        check_ssl_run(state, self.name)
+
+    @hookimpl
+    def wrap_model(self, state):
+        check_last_batch(state, self.name)
+        state.model = self.build_model(state, state.model)
+
+    @hookimpl
+    def forward(self, state):
+        if not state.training:
+            return self.knn.forward(state)
+        return self.train_forward(state)
+
+    @hookimpl
+    def after_step(self, state):
+        m = cosine_momentum(state.step, state.epochs * state.steps_per_epoch, self.options.momentum)
+        target, online = state.unwrapped_model.momentum_pairs()
+        ema_update_(target, online, m)
+        self.momentum = m
+
+    @hookimpl
+    def on_epoch_end(self, state):
+        state.epoch_metrics[f"{self.name}/momentum"] = self.momentum
 
 
 # ------------------------------------------------------------------------------ linear probe

@@ -1,9 +1,12 @@
-"""The ``dino`` base plugin: teacher temperature, centering, loss, a short run."""
+"""The ``dino`` base plugin: teacher temperature, centering, loss, multi-crop, a short run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +15,16 @@ import torch.nn.functional as F
 from batchkin.errors import ConfigError
 from batchkin.plugin import Plugins
 from batchkin.plugins import dino, moco, sdmp
-from batchkin.plugins.dino import dino_loss, teacher_probs, teacher_temperature, update_center
-from batchkin.plugins.ssl import cosine_momentum
+from batchkin.plugins.dino import dino_loss, local_crop_size, teacher_probs, teacher_temperature, update_center
+from batchkin.plugins.ssl import (
+    LocalCrops,
+    ViewOptions,
+    cosine_momentum,
+    make_local_views,
+    make_views,
+    normalize_views,
+    to_uint8,
+)
 from batchkin.rundir import load_checkpoint
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit, prepare, train_step
@@ -102,3 +113,219 @@ def test_bad_options_name_the_key(over, message):
     with pytest.raises(ConfigError) as exc:
         prepare(dino_config(dino=over), Plugins(extra_modules=MODULES))
     assert message in str(exc.value)
+
+
+# ------------------------------------------------------------------------------ multi-crop
+
+
+def images(b=6, c=1, h=8, w=8, seed=0):
+    return torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+NO_COLOUR = ViewOptions(crop_ratio=[1.0, 1.0], jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0, 0.0],
+                        solarize_prob=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("c,size", [(1, (4, 4)), (3, (3, 5))])
+def test_local_views_count_shape_and_determinism(c, size):
+    x = images(5, c, 8, 8)
+    crops = LocalCrops(n=3, size=size)
+    a = make_local_views(x, torch.Generator().manual_seed(1), crops)
+    b = make_local_views(x, torch.Generator().manual_seed(1), crops)
+    assert a.shape == (3, 5, c, *size) and a.dtype == torch.uint8 and a.is_contiguous()
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # every crop has its own draws
+    assert make_local_views(x, torch.Generator(), LocalCrops(n=0, size=size)).shape == (0, 5, c, *size)
+    with pytest.raises(ValueError, match="inside the 8x8 images"):
+        make_local_views(x, torch.Generator(), LocalCrops(n=1, size=(9, 4)))
+
+
+def test_local_crops_are_small_crops_of_the_image():
+    # area fraction 1/4 with square boxes on 8x8 images: a 4x4 box, resized to 4x4 (a copy),
+    # so every local crop is exactly a 4x4 block of its image; positions vary
+    x = images(16, 1, 8, 8, seed=2)
+    crops = LocalCrops(n=4, size=(4, 4), scale=(0.25, 0.25), blur_prob=0.0)
+    out = make_local_views(x, torch.Generator().manual_seed(0), crops, NO_COLOUR, hflip=False)
+    blocks = x.unfold(2, 4, 1).unfold(3, 4, 1)  # [B, 1, 5, 5, 4, 4]: every 4x4 block
+    positions = set()
+    for v in range(4):
+        for i in range(16):
+            hit = (blocks[i, 0] == out[v, i, 0]).flatten(2).all(-1).nonzero()
+            assert len(hit) >= 1, f"crop {v} of image {i} is not a 4x4 block of it"
+            positions.add(tuple(hit[0].tolist()))
+    assert len(positions) > 5
+    # the whole image resized to the local size: bilinear interpolation, rounded to bytes
+    whole = LocalCrops(n=1, size=(3, 5), scale=(1.0, 1.0), blur_prob=0.0)
+    out = make_local_views(x, torch.Generator().manual_seed(0), whole, NO_COLOUR, hflip=False)
+    expect = to_uint8(F.interpolate(x.float() / 255, size=(3, 5), mode="bilinear", align_corners=False))
+    assert (out[0].int() - expect.int()).abs().max() <= 1
+
+
+def test_local_views_do_not_change_the_global_views():
+    x = images(6, 3, 8, 8)
+    gen = torch.Generator().manual_seed(7)
+    views = make_views(x, gen)
+    local = make_local_views(x, gen, LocalCrops(n=2, size=(4, 4)))
+    assert torch.equal(views, make_views(x, torch.Generator().manual_seed(7)))
+    # the local crops are the next draws of the same stream
+    again = torch.Generator().manual_seed(7)
+    make_views(x, again)
+    assert torch.equal(local, make_local_views(x, again, LocalCrops(n=2, size=(4, 4))))
+
+
+def test_local_crop_size_forms():
+    assert local_crop_size(None, (224, 224)) == (96, 96)  # DINO's 96 of 224
+    assert local_crop_size(None, (8, 8)) == (3, 3)
+    assert local_crop_size(None, (28, 14)) == (12, 6)
+    assert local_crop_size(4, (8, 8)) == (4, 4)
+    assert local_crop_size([5], (8, 8)) == (5, 5)
+    assert local_crop_size([3, 6], (8, 8)) == (3, 6)
+
+
+def _ce(s, p, temp):
+    """-sum_j p_j log softmax(s / temp)_j for one row, in plain Python."""
+    z = [v / temp for v in s]
+    m = max(z)
+    lse = m + math.log(sum(math.exp(v - m) for v in z))
+    return -sum(pj * (zj - lse) for pj, zj in zip(p, z))
+
+
+def test_multicrop_loss_on_a_hand_example():
+    # 2 teacher (global) views, 4 student views (2 global + 2 local), one sample, 3 prototypes
+    student = [[0.3, -0.2, 0.1], [0.0, 1.0, 0.0], [0.5, 0.5, -1.0], [-0.4, 0.2, 0.9]]
+    probs = [[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]
+    loss = dino_loss([torch.tensor([s]) for s in student], [torch.tensor([p]) for p in probs], 0.1)
+    pairs = [(t, s) for t in range(2) for s in range(4) if s != t]
+    assert pairs == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # 2 * (2 + 2) - 2 pairs
+    expect = sum(_ce(student[s], probs[t], 0.1) for t, s in pairs) / 6
+    assert float(loss) == pytest.approx(expect, rel=1e-6)
+    # s == t excluded: adding those two pairs gives a different mean
+    with_same = (expect * 6 + _ce(student[0], probs[0], 0.1) + _ce(student[1], probs[1], 0.1)) / 8
+    assert abs(float(loss) - with_same) > 1e-3
+
+
+def _recorded_shapes(module):
+    shapes = []
+    module.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_teacher_sees_only_global_crops_student_sees_all():
+    raw = dino_config(epochs=2, dino={"n_local_crops": 3, "local_crop_size": [4, 3]})
+    state = run_plugin(["dino"], steps=1, config=raw, plugin_modules=MODULES)
+    net = state.unwrapped_model
+    # the encoders are called through forward_features: record what their first layer sees
+    teacher, student = _recorded_shapes(net.momentum["encoder"].conv), _recorded_shapes(net.encoder.conv)
+    center_before = net.dino_center.clone()
+    train_step(state, next(iter(state.sampler)))
+    B = state.batch["idx"].shape[0]
+    assert teacher == [(B, 1, 8, 8)] * 2
+    assert student == [(B, 1, 8, 8)] * 2 + [(B, 1, 4, 3)] * 3
+    step = state.outputs["ssl"]
+    assert len(step.q) == 5 and step.keys.shape == (2, B, 32)
+    p = teacher_probs(step.keys, center_before, step.teacher_temp)
+    total = 0
+    for t in range(2):
+        for s in range(5):
+            if s != t:
+                total = total + (-(p[t] * F.log_softmax(step.q[s][0] / 0.1, dim=1)).sum(1)).mean()
+    torch.testing.assert_close(state.loss_terms["dino"], total / 8)  # 2 * (2 + 3) - 2 pairs
+    # the center follows the teacher's outputs (global views) only
+    torch.testing.assert_close(net.dino_center, 0.9 * center_before + 0.1 * step.keys.mean(dim=(0, 1)))
+
+
+def test_default_reproduces_the_two_crop_loss_exactly():
+    """n_local_crops = 0 (the default): the loss is DINO's two-view loss of the views that
+    make_views draws from the run's stream, recomputed here from the raw images."""
+    for tables in ({}, {"n_local_crops": 0, "local_crop_size": 4}):
+        state = run_plugin(["dino"], steps=1, config=dino_config(epochs=2, dino=tables), plugin_modules=MODULES)
+        net = copy.deepcopy(state.unwrapped_model)
+        gen = torch.Generator().set_state(state.generator("dino_views").get_state())
+        indices = next(iter(state.sampler))
+        train_step(state, indices)
+        data = state.train_data
+        raw = data.x[state.batch["idx"]]
+        views = normalize_views(make_views(raw, gen, ViewOptions(), hflip=state.splits.hflip),
+                                data.mean.view(-1), data.std.view(-1))
+        student = [net.head(net.encoder.forward_features(v)["features"]) for v in views]
+        with torch.no_grad():
+            teacher = [net.momentum["head"](net.momentum["encoder"].forward_features(v)["features"]) for v in views]
+        p = [teacher_probs(t, net.dino_center, 0.04) for t in teacher]
+        assert torch.equal(state.loss_terms["dino"].detach(), dino_loss(student, p, 0.1).detach())
+        assert len(state.outputs["ssl"].q) == 2
+
+
+def test_global_views_are_unchanged_by_local_crops():
+    outs = []
+    for n in (0, 2):
+        state = run_plugin(["dino"], steps=1, config=dino_config(dino={"n_local_crops": n}), plugin_modules=MODULES)
+        outs.append(state.outputs["ssl"])
+    assert len(outs[0].q) == 2 and len(outs[1].q) == 4
+    torch.testing.assert_close(outs[1].keys, outs[0].keys, rtol=0, atol=0)
+    for v in range(2):
+        torch.testing.assert_close(outs[1].q[v][0], outs[0].q[v][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", [{"name": "tiny"}, {"name": "resnet8", "width": 4}])
+def test_fit_with_local_crops_is_finite(tmp_path, model):
+    raw = dino_config(epochs=2, dino={"n_local_crops": 2, "local_crop_size": 3}, model=model)
+    fit(raw, tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train/dino"]) for r in lines[:2])
+    assert math.isfinite(lines[-1]["test/top1"])
+    model = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert bool(model["dino_center"].abs().sum() > 0)
+
+
+def test_sdmp_mixes_only_the_global_views():
+    raw = dino_config(dino={"n_local_crops": 2, "local_crop_size": 4})
+    state = run_plugin(["dino", "sdmp"], steps=1, config=raw, plugin_modules=MODULES)
+    step = state.outputs["ssl"]
+    B = state.batch["idx"].shape[0]
+    assert len(step.q) == 4 and len(step.q_mix) == 2
+    assert step.mix.mixed.shape == (2, B, 1, 8, 8) and step.keys_mix.shape == step.keys.shape
+    assert set(state.loss_terms) == {"dino", "sdmp_ms", "sdmp_mm"}
+    p = teacher_probs(step.keys, step.center, step.teacher_temp)
+    torch.testing.assert_close(state.loss_terms["dino"], dino_loss([q[0] for q in step.q], list(p), 0.1))
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"n_local_crops": -1}, "dino.n_local_crops must be >= 0"),
+    ({"local_crop_scale": [0.0, 0.4]}, "dino.local_crop_scale must be > 0.0"),
+    ({"local_crop_scale": [0.1, 1.5]}, "dino.local_crop_scale must be <= 1.0"),
+    ({"local_crop_scale": [0.4, 0.1]}, "dino.local_crop_scale must be [low, high]"),
+    ({"local_crop_scale": [0.4]}, "dino.local_crop_scale must be [low, high]"),
+    ({"local_crop_size": 0}, "dino.local_crop_size must be >= 1"),
+    ({"local_crop_size": [2, 3, 4]}, "dino.local_crop_size must be one size or [h, w]"),
+    ({"n_local_crops": 2, "local_crop_size": 9}, "dino.local_crop_size (9x9) is larger than the images (8x8)"),
+    ({"n_local_crops": 2, "local_crop_size": [4, 10]}, "dino.local_crop_size (4x10) is larger than the images (8x8)"),
+])
+def test_bad_multicrop_options_name_the_key(over, message):
+    with pytest.raises(ConfigError) as exc:
+        prepare(dino_config(dino=over), Plugins(extra_modules=MODULES))
+    assert message in str(exc.value)
+
+
+def test_a_model_that_cannot_take_local_crops_is_refused_clearly():
+    raw = dino_config(dino={"n_local_crops": 2, "local_crop_size": 4},
+                      model={"name": "vit", "dim": 16, "depth": 1, "heads": 2})
+    with pytest.raises(ConfigError) as exc:
+        prepare(raw, Plugins(extra_modules=MODULES))
+    msg = str(exc.value)
+    assert "dino.n_local_crops = 2" in msg and "model 'vit' cannot" in msg and "8x8 token grid" in msg
+    assert "4x4 local crops" in msg
+    # the same model is fine without local crops
+    raw["dino"]["n_local_crops"] = 0
+    prepare(raw, Plugins(extra_modules=MODULES))
+
+
+def test_dino_digits_config_trains_a_step():
+    raw = tomllib.loads((Path(__file__).resolve().parents[2] / "configs" / "dino_digits.toml").read_text())
+    raw["device"] = "cpu"
+    assert raw["methods"] == ["dino"] and raw["dino"]["n_local_crops"] > 0
+    state = run_plugin(raw["methods"], steps=1, config=raw, plugin_modules=MODULES)
+    n, size = raw["dino"]["n_local_crops"], raw["dino"]["local_crop_size"]
+    step = state.outputs["ssl"]
+    assert len(step.q) == 2 + n and step.keys.shape[0] == 2
+    assert state.hooks.methods["dino"].local == LocalCrops(n=n, size=(size, size), scale=(0.05, 0.4))
+    assert math.isfinite(float(state.loss_terms["dino"].detach()))

@@ -250,6 +250,52 @@ def test_sslnet_protocol_and_frozen_parts():
     assert len(out["q"]) == 2 and out["q"][0][0].requires_grad
 
 
+def test_sslnet_local_crops_go_through_the_online_branch_only():
+    from batchkin.models import TinyNet, TinyOptions
+
+    torch.manual_seed(0)
+    enc = TinyNet(TinyOptions(width=4), num_classes=3, in_channels=1)
+    net = SSLNet(enc, mlp(2, 4, 8, 4))
+    x, local = torch.randn(2, 6, 1, 8, 8), torch.randn(3, 6, 1, 4, 4)
+    seen = []
+    out = net(x, ssl_hook=lambda o: seen.append(o["features"].shape), local=local)
+    assert len(seen) == 5 and len(out["q"]) == 5 and out["features"].shape == (5, 6, 4)
+    assert out["keys"].shape == (2, 6, 4)
+    plain = net(x, ssl_hook=lambda o: None)
+    torch.testing.assert_close(out["keys"], plain["keys"], rtol=0, atol=0)
+    for v in range(2):
+        torch.testing.assert_close(out["q"][v][0], plain["q"][v][0], rtol=0, atol=0)
+    # a local crop's output is the online encoder + head of that crop
+    torch.testing.assert_close(out["q"][4][0], net.head(enc.forward_features(local[2])["features"]))
+
+
+def test_both_bases_share_one_options_schema_and_keep_their_keys():
+    import dataclasses
+
+    from batchkin.plugins.dino import DINO
+    from batchkin.plugins.moco import MoCo
+    from batchkin.plugins.ssl import SSLBase, SSLOptions
+
+    shared = {"momentum", "knn_k", "knn_temperature", "views"}
+    assert {f.name for f in dataclasses.fields(SSLOptions)} == shared
+    moco_keys = {f.name for f in dataclasses.fields(MoCo.Options)}
+    dino_keys = {f.name for f in dataclasses.fields(DINO.Options)}
+    assert moco_keys == shared | {"temperature", "proj_layers", "proj_hidden", "proj_dim", "pred_hidden"}
+    assert dino_keys == shared | {"out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "norm_last_layer",
+                                  "student_temp", "teacher_temp", "warmup_teacher_temp", "warmup_fraction",
+                                  "center_momentum", "n_local_crops", "local_crop_size", "local_crop_scale"}
+    assert issubclass(MoCo.Options, SSLOptions) and issubclass(DINO.Options, SSLOptions)
+    assert issubclass(MoCo, SSLBase) and issubclass(DINO, SSLBase)
+    assert MoCo.roles == DINO.roles == frozenset({"ssl-base"})
+    # the shared defaults, and each base's own momentum default
+    m, d = MoCo(), DINO()
+    assert (m.options.momentum, d.options.momentum) == (0.99, 0.996)
+    for base in (m, d):
+        assert (base.knn.k, base.knn.temperature) == (20, 0.07) and base.momentum == base.options.momentum
+        assert base.options.views == ViewOptions()
+    assert MoCo(MoCo.Options(knn_k=5, knn_temperature=0.1)).knn.k == 5
+
+
 def test_cosine_momentum_values():
     assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
     assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
