@@ -4,8 +4,8 @@
 implementation of an op timed in the same process on the same inputs after
 warm-up) and turn pytest-benchmark's JSON into a table: median, interquartile
 range and the speed-up against the group's reference row (``path = "ref"``, or
-``impl = "plain"`` for the end-to-end loop). ``accuracy`` runs the
-``bench/accuracy_*.py`` scripts. Results go to ``bench/results/<device-name>/``
+``impl = "plain"`` for the end-to-end loop). ``accuracy`` runs ``bench/accuracy.py``
+(every method's baseline-vs-method table, 3 seeds, into docs/results/). Results go to ``bench/results/<device-name>/``
 as JSON and Markdown, and :func:`update_readme` regenerates the README's
 performance section from every results folder. On CUDA the run first measures
 the device's copy bandwidth and a large matmul, so rows that record the bytes
@@ -140,18 +140,13 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
         "command": "batchkin bench " + " ".join([kind, "--device", device] + (["--quick"] if quick else [])),
     }
     env = {**os.environ, "BATCHKIN_BENCH_QUICK": "1" if quick else "0"}
-    if kind == "accuracy":
-        scripts = sorted((root / "bench").glob("accuracy_*.py"))
-        if not scripts:
-            raise BatchkinError("no bench/accuracy_*.py scripts found")
-        logs = {}
-        for script in scripts:
-            cmd = [sys.executable, str(script), "--device", device] + (["--quick"] if quick else [])
-            r = subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=True)
-            logs[script.name] = {"returncode": r.returncode, "tail": r.stdout[-2000:] + r.stderr[-2000:]}
-            print(f"{script.name}: exit {r.returncode}")
-        (out / "accuracy.json").write_text(json.dumps({"meta": meta, "scripts": logs}, indent=2))
-        return out / "accuracy.json"
+    if kind == "accuracy":  # bench/accuracy.py trains (or reuses) the runs and writes docs/results/
+        cmd = [sys.executable, str(root / "bench" / "accuracy.py"), "--device", device,
+               *(["--quick"] if quick else []), *(extra_args or [])]
+        r = subprocess.run(cmd, cwd=root, env=env)
+        if r.returncode != 0:
+            raise BatchkinError(f"the accuracy benchmark failed (exit {r.returncode}): {' '.join(cmd)}")
+        return root / "docs" / "results"
     if device == "cuda":
         meta["peaks"] = measure_peaks()
         if kind == "kernels":  # the Triton paths must pass parity on the GPU in the same call

@@ -1,0 +1,104 @@
+"""The benchmark harnesses: bench/accuracy.py (tables, reuse, markers) and batchkin.bench's summaries."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchkin import bench
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mean_and_sample_std(acc):
+    m, s = acc.mean_std([0.5, 0.7, 0.9])
+    assert m == pytest.approx(0.7)
+    assert s == pytest.approx(0.2)  # sample std: sqrt(((0.2)^2 + 0 + (0.2)^2) / 2)
+    assert acc.mean_std([0.4]) == (0.4, 0.0)
+    assert all(math.isnan(v) for v in acc.mean_std([None, float("nan")]))
+    assert acc.fmt(0.71234, 0.01) == "71.23 ± 1.00"
+
+
+def test_a_run_is_reused_only_when_made_from_the_same_config(acc):
+    raw = {"seed": 1, "epochs": 3, "data": {"name": "digits"}, "methods": ["ce"]}
+    assert acc.made_with(raw, json.loads(json.dumps(raw)), None)
+    assert not acc.made_with(raw, {**raw, "seed": 2}, None)
+    resolved = {"seed": 1, "epochs": 3, "data": {"name": "digits", "batch_size": 64}, "methods": ["ce"], "ce": {}}
+    assert acc.made_with(raw, None, resolved)  # older runs: every value set must match the resolved config
+    assert not acc.made_with({**raw, "epochs": 4}, None, resolved)
+    assert not acc.made_with({**raw, "data": {"name": "digits", "train_size": 10}}, None, resolved)
+    assert not acc.made_with(raw, None, None)
+
+
+def test_write_doc_replaces_only_the_marked_block(acc, tmp_path):
+    page = tmp_path / "x.md"
+    page.write_text(f"# T\n\nprose before\n\n{acc.START}\nold table\n{acc.END}\n\nprose after\n")
+    acc.write_doc(page, "T", "new table\n")
+    text = page.read_text()
+    assert "old table" not in text and "new table" in text
+    assert text.startswith("# T\n\nprose before") and text.rstrip().endswith("prose after")
+    fresh = tmp_path / "y.md"
+    acc.write_doc(fresh, "Fresh", "t\n")
+    assert fresh.read_text().startswith("# Fresh") and acc.START in fresh.read_text()
+
+
+def test_suite_table_and_paired_differences(acc, tmp_path):
+    exp = acc.Experiment("e", "E", {"ce": acc.Run("c.toml", ("epochs=2",)), "m": acc.Run("c.toml", ("epochs=2", "x=1"))})
+    suite = acc.Suite("s", "S", (exp,))
+    keys = [k for k, _ in acc.SUPERVISED]
+
+    def r(top1):
+        return {"metrics": {k: top1 for k in keys}, "wall_s": 10.0, "commit": "abc"}
+
+    results = {("e", "ce", 0): r(0.50), ("e", "ce", 1): r(0.60), ("e", "m", 0): r(0.55), ("e", "m", 1): r(0.58)}
+    text = acc.suite_markdown(suite, [exp], [0, 1], results, tmp_path, "python bench/accuracy.py s", 1, None, None)
+    assert "- every trained run with `--set epochs=2`" in text
+    assert "- `m`: `c.toml` `--set x=1`" in text
+    assert "| ce | 55.00 ± 7.07 |" in text
+    assert "- m vs ce: seed 0: +5.00 / +5.00; seed 1: -2.00 / -2.00" in text
+    assert "commit(s) abc" in text
+
+
+def test_quick_accuracy_pipeline_trains_writes_and_reuses(acc, tmp_path):
+    args = ["bbn", "--only", "digits", "--quick", "--out", str(tmp_path), "--workers", "1"]
+    assert acc.main(args) == 0
+    doc = tmp_path / "quick" / "docs" / "bbn.md"
+    text = doc.read_text()
+    assert "| ce |" in text and "| bbn |" in text and "bbn vs ce" in text
+    assert (tmp_path / "quick" / "docs" / "bbn.png").stat().st_size > 1000
+    stored = json.loads((tmp_path / "quick" / "bbn" / "digits" / "bbn" / "seed0" / "bench_result.json").read_text())
+    assert stored["raw"]["epochs"] == 1 and 0.0 <= stored["metrics"]["top1"] <= 1.0
+    mtime = doc.stat().st_mtime_ns
+    assert acc.main([*args, "--report-only"]) == 0  # finished runs are found again without training
+    assert doc.stat().st_mtime_ns >= mtime and "| bbn |" in doc.read_text()
+
+
+def test_unknown_suite_is_refused(acc, capsys):
+    with pytest.raises(SystemExit) as e:
+        acc.main(["bbm"])
+    assert e.value.code == 2
+    assert "unknown suite(s) ['bbm']" in capsys.readouterr().err
+
+
+def test_summary_speedups_against_the_reference_row():
+    raw = {"benchmarks": [
+        {"group": "g", "name": "a", "extra_info": {"path": "ref", "bytes": 2e9}, "stats": {"median": 0.2, "iqr": 0.01, "rounds": 5}},
+        {"group": "g", "name": "b", "extra_info": {"path": "cpp", "bytes": 2e9}, "stats": {"median": 0.05, "iqr": 0.01, "rounds": 5}},
+    ]}
+    rows = {r["impl"]: r for r in bench.summarize(raw, {"copy_GBps": 80.0})}
+    assert rows["ref"]["speedup_vs_ref"] == pytest.approx(1.0)
+    assert rows["cpp"]["speedup_vs_ref"] == pytest.approx(4.0)
+    assert rows["cpp"]["GBps"] == pytest.approx(40.0)
+    assert rows["cpp"]["fraction_of_copy_peak"] == pytest.approx(0.5)
