@@ -3,17 +3,13 @@
 import errno
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchkin import rundir
+from batchkin import faults, rundir
 from batchkin.config import ENGINE_TABLES, build_config
 from batchkin.errors import ConfigError, RunError
 from batchkin.plugin import Plugins
@@ -25,53 +21,7 @@ ARGS = ["--set", "data.name=synthetic", "--set", "model.name=tiny", "--set", "ep
         "--set", "data.synthetic_per_class=24", "--set", "data.batch_size=16", "--set", "schedule.warmup_epochs=1",
         "--set", "train.log_every=1000"]
 
-# Runs batchkin's CLI in a child process with a fault injected: after a given optimizer
-# step, or in the middle of writing the N-th file (half the bytes on disk, then SIGKILL).
-CHILD = textwrap.dedent("""
-    import os, signal, sys
-    from batchkin import rundir
-    from batchkin.hookspecs import hookimpl
-    from batchkin.plugin import Method
-    from batchkin.cli import main
-
-    kind, at = sys.argv[1], int(sys.argv[2])
-    if kind == "write":
-        original, count = rundir.atomic_write_bytes, [0]
-        def dying_write(path, data):
-            count[0] += 1
-            if count[0] == at:
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                with open(tmp, "wb") as fh:
-                    fh.write(data[: len(data) // 2])
-                    fh.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(path, data)
-        rundir.atomic_write_bytes = dying_write
-    sys.exit(main(sys.argv[3:]))
-""")
-
-KILLER = textwrap.dedent("""
-    import os, signal
-    from batchkin.hookspecs import hookimpl
-    from batchkin.plugin import Method
-
-    class Killer(Method):
-        @hookimpl
-        def after_step(self, state):
-            if state.step == int(os.environ["KILL_AT_STEP"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    @hookimpl
-    def register_methods(register):
-        register("killer", Killer)
-""")
-
-
-def _child(tmp_path, kind, at, *cli, env=None):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    return subprocess.run([sys.executable, str(script), kind, str(at), *cli], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+KILLER = ["--plugin", faults.PLUGIN_FILE, "--set", 'methods=["ce","killer"]']
 
 
 def _weights(run):
@@ -88,11 +38,8 @@ def _epoch_lines(run):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run of the same config (with the killer method, which never fires)."""
-    tmp = tmp_path_factory.mktemp("ref")
-    (tmp / "killer.py").write_text(KILLER)
-    run = tmp / "run"
-    r = _child(tmp, "none", 0, "train", "--quiet", "--out", str(run), *ARGS, "--plugin", str(tmp / "killer.py"),
-               "--set", 'methods=["ce","killer"]', env={"KILL_AT_STEP": "-1"})
+    run = tmp_path_factory.mktemp("ref") / "run"
+    r = faults.run("none", 0, ["train", "--quiet", "--out", str(run), *ARGS, *KILLER])
     assert r.returncode == 0, r.stderr
     return run
 
@@ -104,21 +51,17 @@ def reference(tmp_path_factory):
     ("write", 4),   # inside the 1st epoch's metrics.jsonl append
 ])
 def test_kill_then_resume_equals_uninterrupted(tmp_path, reference, kind, at):
-    (tmp_path / "killer.py").write_text(KILLER)
     run = tmp_path / "run"
-    cli = ["train", "--quiet", "--out", str(run), *ARGS, "--plugin", str(tmp_path / "killer.py"),
-           "--set", 'methods=["ce","killer"]']
-    env = {"KILL_AT_STEP": str(at) if kind == "step" else "-1"}
-    r = _child(tmp_path, kind, at, *cli, env=env)
+    cli = ["train", "--quiet", "--out", str(run), *ARGS, *KILLER]
+    r = faults.run(kind, at, cli)
     assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
     ckpt = run / "checkpoints" / "last.pt"
     if ckpt.exists():  # whatever is on disk is a complete, loadable checkpoint
         load_checkpoint(ckpt)
     if not ckpt.exists():  # killed before the first checkpoint: start again
-        r = _child(tmp_path, "none", 0, *cli, "--overwrite", env={"KILL_AT_STEP": "-1"})
+        r = faults.run("none", 0, [*cli, "--overwrite"])
     else:
-        r = _child(tmp_path, "none", 0, "train", "--quiet", "--resume", str(run), "--plugin",
-                   str(tmp_path / "killer.py"), env={"KILL_AT_STEP": "-1"})
+        r = faults.run("none", 0, ["train", "--quiet", "--resume", str(run), "--plugin", faults.PLUGIN_FILE])
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list((run / "checkpoints").glob(".*.tmp-*")), "stale temporary files are removed on resume"
     want, got = _weights(reference), _weights(run)
