@@ -93,6 +93,8 @@ def summarize(raw: dict, peaks: dict | None = None) -> list[dict]:
             "median_ms": stats["median"] * scale * 1e3, "iqr_ms": stats["iqr"] * scale * 1e3,
             "rounds": stats["rounds"], "extra": info,
         })
+        if info.get("images") and rows[-1]["median_ms"] > 0:
+            rows[-1]["images_per_s"] = info["images"] / (rows[-1]["median_ms"] / 1e3)
     by_group: dict[str, list[dict]] = {}
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
@@ -113,11 +115,23 @@ def markdown_table(rows: list[dict], title: str, meta: dict) -> str:
              f"{meta['date']}. Command: `{meta['command']}`.", ""]
     if meta.get("peaks"):
         lines += [f"Measured peaks: {meta['peaks']}", ""]
-    lines += ["| group | implementation | median (ms) | IQR (ms) | vs reference | GB/s |", "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["group"], r["median_ms"])):
+    timed = [r for r in rows if "phases" not in r["extra"]]
+    rate = any(r.get("images_per_s") for r in timed)
+    last, unit = ("images/s", "images_per_s") if rate else ("GB/s", "GBps")
+    lines += [f"| group | implementation | median (ms) | IQR (ms) | vs reference | {last} |", "|---|---|---|---|---|---|"]
+    for r in sorted(timed, key=lambda r: (r["group"], r["median_ms"])):
         speed = f"{r['speedup_vs_ref']:.2f}x" if r.get("speedup_vs_ref") else "-"
-        gbps = f"{r['GBps']:.1f}" if r.get("GBps") else "-"
-        lines.append(f"| {r['group']} | {r['impl']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {speed} | {gbps} |")
+        value = f"{r[unit]:.1f}" if r.get(unit) else "-"
+        lines.append(f"| {r['group']} | {r['impl']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {speed} | {value} |")
+    phased = [r for r in rows if "phases" in r["extra"]]
+    if phased:
+        names = list(phased[0]["extra"]["phases"])
+        lines += ["", "Step-time breakdown (% of a timed step; the timer synchronises the device at each phase):", "",
+                  "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for r in sorted(phased, key=lambda r: r["group"]):
+            ph = r["extra"]["phases"]
+            lines.append(f"| {r['group'].removeprefix('breakdown ')} | "
+                         + " | ".join(f"{100 * ph[n]:.1f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +167,7 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
             parity = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "triton",
                                      "tests/kernels"], cwd=root, env=env, text=True, capture_output=True)
             meta["gpu_parity"] = {"returncode": parity.returncode, "summary": parity.stdout.strip().splitlines()[-1:]}
-    modules = [f"bench/test_bench_{m}.py" for m in KERNEL_MODULES] if kind == "kernels" else ["bench/test_bench_engine.py"]
+    modules = [f"bench/test_bench_{m}.py" for m in KERNEL_MODULES] if kind == "kernels" else ["bench/test_bench_engine.py", "bench/test_bench_ddp.py"]
     modules = [m for m in modules if (root / m).is_file()]
     json_path = out / f"{kind}.raw.json"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--benchmark-only",

@@ -105,6 +105,9 @@ class TrainConfig:
         default="stop", metadata={"help": "a non-finite loss or gradient: stop the run, or skip the step"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    sync_bn: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "SyncBatchNorm under DDP on CUDA: auto = for methods that need it (moco, dino)"}
+    )
     deterministic: bool = field(default=True, metadata={"help": "torch.use_deterministic_algorithms(warn_only) during the run"})
 
 

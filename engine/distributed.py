@@ -45,10 +45,42 @@ class DistContext:
             dist.barrier()
 
     def wrap(self, state) -> None:
-        """Wrap ``state.model`` in DistributedDataParallel when running on several processes."""
+        """Wrap ``state.model`` in DistributedDataParallel when running on several processes.
+
+        BatchNorm layers become SyncBatchNorm (statistics over the global batch) when
+        ``train.sync_bn`` is ``on``, or ``auto`` and an enabled method declares
+        ``sync_batchnorm = True`` (the SSL bases: their projector statistics must span
+        every rank's keys). PyTorch's SyncBatchNorm runs on CUDA only: ``on`` is refused
+        on CPU, and ``auto`` keeps per-rank statistics there with a note.
+        """
         if not self.enabled:
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        if self.sync_bn(state):
+            state.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
+
         ids = [state.device.index] if state.device.type == "cuda" else None
         state.model = DDP(state.model, device_ids=ids)
+
+    def sync_bn(self, state) -> bool:
+        """Whether to convert BatchNorm to SyncBatchNorm for this run (see :meth:`wrap`)."""
+        from .errors import ConfigError
+
+        mode = state.config.train.sync_bn
+        has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in state.model.modules())
+        if mode == "off" or not self.enabled or not has_bn:
+            return False
+        cuda = state.device.type == "cuda"
+        if mode == "on":
+            if not cuda:
+                raise ConfigError("train.sync_bn = 'on' needs CUDA devices: PyTorch's SyncBatchNorm does not run on "
+                                  "CPU (gloo); use 'auto' or 'off'")
+            return True
+        wanting = [n for n, m in state.hooks.methods.items() if getattr(m, "sync_batchnorm", False)]
+        if wanting and not cuda and self.rank == 0:
+            import sys
+
+            print(f"batchkin: note: {', '.join(wanting)} would synchronise BatchNorm across ranks, but SyncBatchNorm "
+                  "needs CUDA; BatchNorm statistics stay per rank on CPU", file=sys.stderr, flush=True)
+        return bool(wanting) and cuda

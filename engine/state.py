@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from batchkin.kernels.rng import derive_key
+
+
+class StepTimer:
+    """Wall-clock seconds spent in each phase of the training step, summed over steps.
+
+    Phases: ``data`` (indexing, augmentation, normalisation of the batch), ``hooks``
+    (``transform_batch`` and ``after_step``), ``forward`` (the ``forward`` hook: model
+    and methods), ``loss`` (the ``loss_terms`` hooks), ``backward`` (zeroing, backward,
+    unscaling, the gradient-norm check) and ``optimizer`` (step, scaler, scheduler). Set
+    ``state.timer = StepTimer(device)`` to measure; on CUDA every phase boundary
+    synchronises the device, so time steps with and without the timer separately.
+    """
+
+    PHASES = ("data", "hooks", "forward", "loss", "backward", "optimizer")
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def fractions(self) -> dict:
+        total = sum(self.seconds.values()) or 1.0
+        return {k: v / total for k, v in self.seconds.items()}
+
+
+_UNTIMED = contextlib.nullcontext()
 
 
 @dataclass
@@ -47,6 +86,11 @@ class State:
     amp_dtype: torch.dtype | None = None
     scaler: Any = None
     model_options: Any = None
+    timer: StepTimer | None = None
+
+    def phase(self, name: str):
+        """A context that adds its duration to ``timer``'s phase ``name`` (a no-op without a timer)."""
+        return _UNTIMED if self.timer is None else self.timer.phase(name)
 
     @property
     def epochs(self) -> int:

@@ -304,43 +304,48 @@ def train_step(state: State, indices: dict) -> float:
     state.training = True
     aug = state.generator("augment")
     batch = {}
-    for stream, idx in indices.items():
-        suffix = f"_{stream}" if stream else ""
-        x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
-                                      hflip=state.splits.hflip, gen=aug, shard=(state.rank, state.world_size))
-        batch["x" + suffix], batch["y" + suffix] = x, y
-        batch["idx" + suffix] = idx  # dataset indices: state.train_data.x[idx] are the raw uint8 images
+    with state.phase("data"):
+        for stream, idx in indices.items():
+            suffix = f"_{stream}" if stream else ""
+            x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
+                                          hflip=state.splits.hflip, gen=aug, shard=(state.rank, state.world_size))
+            batch["x" + suffix], batch["y" + suffix] = x, y
+            batch["idx" + suffix] = idx  # dataset indices: state.train_data.x[idx] are the raw uint8 images
     state.batch = batch
-    state.hooks.transform_batch(state=state)
+    with state.phase("hooks"):
+        state.hooks.transform_batch(state=state)
     with _autocast(state):
-        state.outputs = state.hooks.forward(state=state)
+        with state.phase("forward"):
+            state.outputs = state.hooks.forward(state=state)
         terms: dict[str, torch.Tensor] = {}
         owner: dict[str, str] = {}
-        for name, result in state.hooks.call_each("loss_terms", state=state, outputs=state.outputs):
-            for key, value in (result or {}).items():
-                if key in terms:
-                    raise ConfigError(f"loss term {key!r} is produced by both {owner[key]!r} and {name!r}")
-                terms[key], owner[key] = value, name
+        with state.phase("loss"):
+            for name, result in state.hooks.call_each("loss_terms", state=state, outputs=state.outputs):
+                for key, value in (result or {}).items():
+                    if key in terms:
+                        raise ConfigError(f"loss term {key!r} is produced by both {owner[key]!r} and {name!r}")
+                    terms[key], owner[key] = value, name
     if not terms:
         raise ConfigError(f"no enabled method produced a loss term (methods: {', '.join(state.hooks.names)}); add 'ce'")
     state.loss_terms = terms
     loss = sum(t.float() for t in terms.values())
     state.step_skipped = False
     bad = [k for k, t in terms.items() if not torch.isfinite(t.detach()).all()]
-    state.optimizer.zero_grad(set_to_none=True)
-    if not bad:
-        state.scaler.scale(loss).backward()
-        state.scaler.unscale_(state.optimizer)
-        params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if cfg.train.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    with state.phase("backward"):
+        state.optimizer.zero_grad(set_to_none=True)
+        if not bad:
+            state.scaler.scale(loss).backward()
+            state.scaler.unscale_(state.optimizer)
+            params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if cfg.train.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            else:
+                # one fused pass (the same kernel clip_grad_norm_ uses) for the non-finite check
+                norms = torch._foreach_norm([p.grad.detach() for p in params]) if params else [torch.zeros(())]
+                norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            grads_finite = bool(torch.isfinite(norm))
         else:
-            # one fused pass (the same kernel clip_grad_norm_ uses) for the non-finite check
-            norms = torch._foreach_norm([p.grad.detach() for p in params]) if params else [torch.zeros(())]
-            norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-        grads_finite = bool(torch.isfinite(norm))
-    else:
-        grads_finite = False
+            grads_finite = False
     if bad or not grads_finite:
         if state.scaler.is_enabled() and not bad:
             state.scaler.update()  # fp16 overflow: the scaler skips the step and lowers its scale
@@ -357,11 +362,14 @@ def train_step(state: State, indices: dict) -> float:
             print(f"batchkin: skipping {msg}", file=sys.stderr, flush=True)
             state.step_skipped = True
     else:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-    state.scheduler.step()
+        with state.phase("optimizer"):
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+    with state.phase("optimizer"):
+        state.scheduler.step()
     state.step += 1
-    state.hooks.after_step(state=state)
+    with state.phase("hooks"):
+        state.hooks.after_step(state=state)
     return float(loss.detach())
 
 

@@ -741,6 +741,7 @@ class SSLBase(Method):
 
     roles = frozenset({"ssl-base"})
     name = "ssl"  # the method's registered name: its config table and metric prefix
+    sync_batchnorm = True  # under DDP on CUDA, train.sync_bn = "auto" converts the model to SyncBatchNorm
     Options = SSLOptions
 
     def __init__(self, options=None):

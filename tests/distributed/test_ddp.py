@@ -1,7 +1,6 @@
 """Multi-process training with torchrun on CPU (gloo, 2 processes, tiny shapes)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,40 +13,18 @@ from batchkin.rundir import load_checkpoint
 
 pytestmark = pytest.mark.dist
 
-COMMON = [
-    "--set", "data.name=synthetic", "--set", "model.name=tiny", "--set", "epochs=2", "--set", "device=cpu",
-    "--set", "data.synthetic_per_class=40", "--set", "optim.lr=0.05", "--set", "train.log_every=1000",
-]
-
-
-def _torchrun(nproc, out, *extra, timeout=300, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "batchkin", "train", "--quiet", "--out", str(out), *COMMON, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def _single(out, *extra):
-    cmd = [sys.executable, "-m", "batchkin", "train", "--quiet", "--out", str(out), *COMMON, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path):
+def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path, torchrun, single, metrics):
     two, one = tmp_path / "two", tmp_path / "one"
-    r2 = _torchrun(2, two, "--set", "data.batch_size=8")
+    r2 = torchrun(2, two, "--set", "data.batch_size=8")
     assert r2.returncode == 0, r2.stderr[-3000:]
-    r1 = _single(one, "--set", "data.batch_size=16")
+    r1 = single(one, "--set", "data.batch_size=16")
     assert r1.returncode == 0, r1.stderr[-3000:]
     w2 = load_checkpoint(two / "checkpoints" / "last.pt")["model"]
     w1 = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
-    m2, m1 = _metrics(two), _metrics(one)
+    m2, m1 = metrics(two), metrics(one)
     # evaluation is reduced across ranks: the same weights give the same counts, so (nearly
     # identical weights) the same accuracies; the loss is logged from rank 0's shard only
     for a, b in zip(m1, m2):
@@ -59,10 +36,10 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path):
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
 
 
-def test_two_rank_evaluation_equals_one_rank(tmp_path):
+def test_two_rank_evaluation_equals_one_rank(tmp_path, single, metrics):
     """The same weights evaluated by 2 processes and by 1 give identical metrics."""
     one = tmp_path / "one"
-    assert _single(one, "--set", "data.batch_size=16").returncode == 0
+    assert single(one, "--set", "data.batch_size=16").returncode == 0
     script = tmp_path / "eval2.py"
     script.write_text(textwrap.dedent(f"""
         import json, torch, torch.distributed as dist
@@ -83,12 +60,12 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path):
                         str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m2 = json.loads(r.stdout.split("METRICS", 1)[1].splitlines()[0])
-    final = _metrics(one)[-1]
+    final = metrics(one)[-1]
     assert m2["top1"] == final["test/top1"]
     assert m2["per_class"] == final["test/per_class"]
 
 
-def test_a_killed_rank_ends_the_run_with_a_message(tmp_path):
+def test_a_killed_rank_ends_the_run_with_a_message(tmp_path, torchrun):
     plugin = tmp_path / "killer.py"
     plugin.write_text(textwrap.dedent("""
         import os, signal
@@ -106,8 +83,8 @@ def test_a_killed_rank_ends_the_run_with_a_message(tmp_path):
             register("killer", Killer)
     """))
     t0 = time.monotonic()
-    r = _torchrun(2, tmp_path / "run", "--set", 'methods=["ce","killer"]', "--set", "data.batch_size=8",
-                  "--plugin", str(plugin), timeout=240, env={"BATCHKIN_DIST_TIMEOUT": "60"})
+    r = torchrun(2, tmp_path / "run", "--set", 'methods=["ce","killer"]', "--set", "data.batch_size=8",
+                 "--plugin", str(plugin), timeout=240, env={"BATCHKIN_DIST_TIMEOUT": "60"})
     assert r.returncode != 0
     assert time.monotonic() - t0 < 200
     assert "Signal 9" in r.stderr or "SIGKILL" in r.stderr or "exitcode: -9" in r.stderr, r.stderr[-3000:]

@@ -102,3 +102,27 @@ def test_summary_speedups_against_the_reference_row():
     assert rows["cpp"]["speedup_vs_ref"] == pytest.approx(4.0)
     assert rows["cpp"]["GBps"] == pytest.approx(40.0)
     assert rows["cpp"]["fraction_of_copy_peak"] == pytest.approx(0.5)
+
+
+def test_step_timer_measures_every_phase_without_changing_training():
+    import torch
+
+    from batchkin.state import StepTimer
+    from batchkin.testing import tiny_config
+    from batchkin.trainer import prepare, train_step
+
+    def two_steps(timer):
+        state = prepare(tiny_config())
+        state.epoch = 1
+        state.timer = StepTimer(state.device) if timer else None
+        losses = [train_step(state, idx) for _, idx in zip(range(2), iter(state.sampler))]
+        return state, losses
+
+    plain, timed = two_steps(False), two_steps(True)
+    assert plain[1] == timed[1]
+    for (k, a), b in zip(plain[0].model.state_dict().items(), timed[0].model.state_dict().values()):
+        assert torch.equal(a, b), k
+    seconds = timed[0].timer.seconds
+    assert set(seconds) == set(StepTimer.PHASES)
+    assert all(seconds[p] > 0 for p in ("data", "forward", "loss", "backward", "optimizer"))
+    assert sum(timed[0].timer.fractions().values()) == pytest.approx(1.0)
