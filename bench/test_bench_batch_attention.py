@@ -19,12 +19,18 @@ Memory, in ``extra_info``: on CUDA ``peak_bytes`` is ``torch.cuda.max_memory_all
 during one forward + backward, above what was allocated before; on every device
 ``saved_bytes`` is the size of the tensors autograd saves for the backward
 (measured with ``torch.autograd.graph.saved_tensors_hooks``, each storage counted
-once). The smallest size is the quick one: ``-m "not slow"`` runs only it.
+once); ``threads`` is torch's intra-op thread count the case ran with. Each case is
+timed for about two seconds (its round count follows from one timed step), so the
+fast CPU cases get enough rounds for a stable median. The smallest size is the
+quick one: ``-m "not slow"`` runs only it.
 
     pytest bench/test_bench_batch_attention.py --benchmark-only
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import pytest
 import torch
@@ -47,11 +53,18 @@ OP_PARAMS = [
 ]
 
 
-def _rounds(work: float, device: str) -> int:
-    """Few rounds for the big CPU sizes, so the whole file takes minutes."""
-    if device == "cuda":
-        return 20
-    return 20 if work < 2e7 else (5 if work < 3e8 else 3)
+def _rounds(step, device: str, budget_s: float = 2.0) -> int:
+    """Rounds for about ``budget_s`` of timing per case, from one timed step (5 to 200).
+
+    Sized by the measured step time, not by a FLOP estimate, so a fast case gets
+    enough rounds for a stable median on a noisy shared CPU (a few milliseconds
+    per step at B=128 would otherwise be timed only 20 times), and the slow ones
+    still finish in seconds.
+    """
+    t0 = time.perf_counter()
+    step()
+    elapsed = time.perf_counter() - t0
+    return max(5, min(200, math.ceil(budget_s / max(elapsed, 1e-6))))
 
 
 def _sync(device: str):
@@ -104,10 +117,11 @@ def test_bench_layer(benchmark, device, impl, B, C):
     step()  # warm-up (and the first-use costs)
     benchmark.group = f"layer-B{B}-C{C}-{device}"
     benchmark.extra_info.update(path=impl, device=device, B=B, C=C, heads=4, dropout=0.5)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
     if impl == "batchkin":
         benchmark.extra_info["attention_path"] = ba.explain_path(device, C // 4)[0]
     benchmark.extra_info.update(_memory(step, device))
-    benchmark.pedantic(step, rounds=_rounds(B * C * C + B * B * C, device), iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=_rounds(step, device), iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5], ids=["nodrop", "drop"])
@@ -147,7 +161,8 @@ def test_bench_op(benchmark, device, impl, B, d, p):
     step()
     benchmark.group = f"op-B{B}-d{d}-p{p}-{device}"
     benchmark.extra_info.update(path=impl, device=device, shape=[h, B, d], dropout=p)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
     if impl == "batchkin":
         benchmark.extra_info["attention_path"] = ba.explain_path(device, d)[0]
     benchmark.extra_info.update(_memory(step, device))
-    benchmark.pedantic(step, rounds=_rounds(h * B * B * d, device), iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=_rounds(step, device), iterations=1, warmup_rounds=1)

@@ -50,9 +50,17 @@ Dispatch: ``dispatch.select`` picks Triton for CUDA tensors. On CPU, where
 Every path returns the same ``(out, lse)`` pair (``lse`` = float32 row logsumexp
 of the scaled scores), so any path's backward accepts any path's forward.
 
+The registered custom ops (forward and backward, with ``register_autograd``) are
+what ``torch.compile`` traces; eager calls run the same bodies through an
+``autograd.Function`` (:class:`_BatchAttention`), which skips the Python
+custom-op dispatch (a large share of a small layer's step on CPU).
+
 :class:`BatchFormerLayer` is a post-norm transformer encoder layer over the batch
 with the parameter names and shapes of ``nn.TransformerEncoderLayer`` (its state
-dict loads as is); :class:`BatchFormer` stacks such layers.
+dict loads as is); :class:`BatchFormer` stacks such layers. In training, the three
+feature-dropout masks of a forward are hashed together (one numpy call on CPU) as
+scaled float masks, and each residual dropout is fused with its residual add
+(``addcmul``).
 """
 
 from __future__ import annotations
@@ -137,37 +145,82 @@ def _np_lowbias32_(x: np.ndarray, t: np.ndarray) -> None:
     x ^= t
 
 
-def _hash_chunks(keep: np.ndarray, key: int, start: int, stride: int, threshold: int, jobs, value=None) -> None:
-    """Fill ``keep[row, s:s+m]`` for each ``(row, s, m)`` in ``jobs`` (kept entries = ``value``)."""
-    ch = max(m for _, _, m in jobs)
-    arange = np.arange(ch, dtype=np.uint32)
+_NP_ARANGE = np.arange(_NP_CHUNK, dtype=np.uint32)
+
+
+def _hash_passes(segments, ch: int):
+    """Split ``segments`` (``(key, start, n)``, laid end to end) into passes of at most ``ch`` elements.
+
+    Each pass is a list of pieces ``(key, offset, m)``: ``m`` consecutive counter
+    offsets from ``offset`` under ``key``. Short segments share one pass, so a few
+    small masks (different keys) cost one round of numpy calls, not one each.
+    """
+    passes, cur, size = [], [], 0
+    for key, start, n in segments:
+        s = 0
+        while s < n:
+            m = min(n - s, ch - size)
+            cur.append((key, start + s, m))
+            size, s = size + m, s + m
+            if size == ch:
+                passes.append((cur, size))
+                cur, size = [], 0
+    if cur:
+        passes.append((cur, size))
+    return passes
+
+
+def _hash_segments_cpu(keep: np.ndarray, segments, p: float, value=None) -> None:
+    """``keep[pos:pos+n] = rng.uniform(key, start + arange(n)) >= float32(p)`` for each
+    segment ``(key, start, n)``, the segments laid end to end in the 1-D ``keep``.
+
+    numpy uint32 arithmetic (wrapping products, logical shifts) in cache-sized
+    passes. ``keep``: bool, or float32 (kept entries = ``value``, else 1).
+    """
+    threshold = _threshold24(p)
+    if threshold >= 1 << 24:  # float32(p) == 1: nothing is kept
+        keep[:] = 0
+        return
+    thr = np.uint32(threshold << 8)  # (h >> 8) >= t  <=>  h >= t << 8 (t < 2**24)
+    total = keep.shape[0]
+    ch = max(1, min(_NP_CHUNK, total))
     x = np.empty(ch, dtype=np.uint32)
     t = np.empty(ch, dtype=np.uint32)
-    k = np.uint32(key & _MASK32)
-    thr = np.uint32(threshold)
-    for row, s, m in jobs:
-        xs, ts = x[:m], t[:m]
-        np.add(arange[:m], np.uint32((start + row * stride + s) & _MASK32), out=xs)  # offsets mod 2**32
-        xs ^= k
+    pos = 0
+    for pieces, size in _hash_passes(segments, ch):
+        a = 0
+        for key, offset, m in pieces:
+            xs = x[a : a + m]
+            offset &= _MASK32
+            if offset:
+                np.add(_NP_ARANGE[:m], np.uint32(offset), out=xs)  # offsets mod 2**32
+                xs ^= np.uint32(key & _MASK32)
+            else:
+                np.bitwise_xor(_NP_ARANGE[:m], np.uint32(key & _MASK32), out=xs)
+            a += m
+        xs, ts = x[:size], t[:size]
         _np_lowbias32_(xs, ts)
-        xs += k
+        a = 0
+        for key, _, m in pieces:
+            x[a : a + m] += np.uint32(key & _MASK32)
+            a += m
         _np_lowbias32_(xs, ts)
-        np.right_shift(xs, 8, out=ts)
-        np.greater_equal(ts, thr, out=keep[row, s : s + m])
+        out = keep[pos : pos + size]
+        np.greater_equal(xs, thr, out=out)
         if value is not None:
-            keep[row, s : s + m] *= value
+            out *= value
+        pos += size
 
 
 def _keep_ranges_cpu(key: int, start: int, stride: int, count: int, n: int, p: float, dtype, value=None) -> Tensor:
-    """CPU: numpy uint32 hash (wrapping products, logical shifts) in cache-sized chunks."""
-    rows = count
+    """CPU: the ranges as segments of one :func:`_hash_segments_cpu` call."""
     if count > 1 and stride == n:  # back-to-back ranges: one long range
-        count, n = 1, n * count
-    keep = np.empty((count, n), dtype=np.bool_ if dtype == torch.bool else np.float32)
-    ch = max(1, min(_NP_CHUNK, n))
-    jobs = [(row, s, min(ch, n - s)) for row in range(count) for s in range(0, n, ch)]
-    _hash_chunks(keep, key, start, stride, _threshold24(p), jobs, value)
-    return torch.from_numpy(keep).view(rows, -1)
+        segments = [(key, start, n * count)]
+    else:
+        segments = [(key, start + row * stride, n) for row in range(count)]
+    keep = np.empty(count * n, dtype=np.bool_ if dtype == torch.bool else np.float32)
+    _hash_segments_cpu(keep, segments, p, value)
+    return torch.from_numpy(keep).view(count, n)
 
 
 def _torch_lowbias32_int32_(x: Tensor) -> Tensor:
@@ -304,7 +357,8 @@ def _block_keep(key, keep_mask, h, B, r0, r1, p, device):
     if p <= 0.0:
         return None
     if keep_mask is not None:
-        return keep_mask[:, r0:r1].to(torch.float32)
+        rows = keep_mask[:, r0:r1]  # bool -> float via uint8: the direct bool cast is several times slower
+        return (rows.view(torch.uint8) if rows.dtype == torch.bool else rows).to(torch.float32)
     return _keep_rows(key, h, B, r0, r1, p, device, torch.float32)
 
 
@@ -312,10 +366,9 @@ def _explicit_forward(q, k, v, scale, p, key, keep_mask):
     h, B, d = q.shape
     qs = q.float() * scale  # [h, B, d]: the scale folded into q (small)
     kt, vf = k.float().transpose(1, 2), v.float()
-    out = torch.empty(h, B, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(h, B, dtype=torch.float32, device=q.device)
     inv_keep = 1.0 / (1.0 - p) if p > 0.0 else 1.0
     R = _row_block(h, B, q.device)
+    outs, lses = [], []
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
         s = torch.bmm(qs[:, r0:r1], kt)  # scores [h, R, B]
@@ -326,9 +379,9 @@ def _explicit_forward(q, k, v, scale, p, key, keep_mask):
         if keep is not None:
             s.mul_(keep)
         o = torch.bmm(s, vf)
-        o.mul_(inv_keep / denom)
-        out[:, r0:r1] = o
-        lse[:, r0:r1] = (m + denom.log()).squeeze(-1)
+        lses.append(denom.log().add_(m).squeeze(-1))
+        outs.append(o.mul_(denom.reciprocal_().mul_(inv_keep)))
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 1), torch.cat(lses, 1))
     return out.to(q.dtype), lse
 
 
@@ -344,11 +397,9 @@ def _explicit_backward(grad_out, q, k, v, out, lse, scale, p, key, keep_mask):
     kf, go = k.float(), grad_out.float()
     kt, vt = kf.transpose(1, 2), v.float().transpose(1, 2)
     delta = (go * out.float()).sum(-1, keepdim=True)  # [h, B, 1]
-    dq = torch.empty(h, B, d, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(h, B, d, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(h, B, d, dtype=torch.float32, device=q.device)
     inv_keep = 1.0 / (1.0 - p) if p > 0.0 else 1.0
     R = _row_block(h, B, q.device)
+    dqs, dk, dv = [], None, None
     for r0 in range(0, B, R):
         r1 = min(B, r0 + R)
         probs = torch.bmm(qs[:, r0:r1], kt)
@@ -357,17 +408,23 @@ def _explicit_backward(grad_out, q, k, v, out, lse, scale, p, key, keep_mask):
         ds = torch.bmm(go_blk, vt)  # dP~, the gradient of the dropped probabilities
         keep = _block_keep(key, keep_mask, h, B, r0, r1, p, q.device)
         if keep is None:
-            dv.baddbmm_(probs.transpose(1, 2), go_blk)
+            pd = probs
             ds.sub_(delta[:, r0:r1]).mul_(probs)
         else:
-            pk = keep.mul_(probs)  # P * keep, in the (fresh) mask buffer
-            dv.baddbmm_(pk.transpose(1, 2), go_blk, alpha=inv_keep)
-            ds.mul_(pk).addcmul_(probs, delta[:, r0:r1], value=-(1.0 - p))
-        dq[:, r0:r1] = torch.bmm(ds, kf)
-        dk.baddbmm_(ds.transpose(1, 2), qs[:, r0:r1])
+            pd = keep.mul_(probs)  # P * keep, in the (fresh) mask buffer
+            ds.mul_(pd).addcmul_(probs, delta[:, r0:r1], value=-(1.0 - p))
+        if dv is None:  # first block: plain products (no zero fill)
+            dv = torch.bmm(pd.transpose(1, 2), go_blk)
+            dk = torch.bmm(ds.transpose(1, 2), qs[:, r0:r1])
+        else:
+            dv.baddbmm_(pd.transpose(1, 2), go_blk)
+            dk.baddbmm_(ds.transpose(1, 2), qs[:, r0:r1])
+        dqs.append(torch.bmm(ds, kf))
+    dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, 1)
     dq.mul_(scale * inv_keep)
     if inv_keep != 1.0:
         dk.mul_(inv_keep)
+        dv.mul_(inv_keep)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -422,6 +479,36 @@ if triton is not None:
             keep = tl_uniform(key, offsets) >= dropout_p
         return keep
 
+    @triton.jit
+    def _load_rows(PTR, head, s_h, s_b, s_d, offs_b, offs_d, ok):
+        """The tile ``[offs_b, offs_d]`` of head ``head`` of a ``[h, B, d]`` tensor, as float32 (0 where not ``ok``)."""
+        ptrs = PTR + head * s_h + offs_b[:, None] * s_b + offs_d[None, :] * s_d
+        return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _bwd_tile(
+        q, kb, vb, do, lse, delta, MASK, sm_h, sm_i, sm_j, head, offs_m, offs_n, m_ok, n_ok,
+        B, scale, dropout_p, inv_keep, key, DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
+    ):  # fmt: skip
+        """One ``[BLOCK_M, BLOCK_N]`` tile of the backward, shared by the dK/dV and dQ kernels.
+
+        Recomputes ``P = exp(scale * q k^T - lse)`` (0 outside the ``B x B`` range) and
+        the tile's keep mask; returns ``(P~, dS)``: the dropped probabilities
+        ``keep * P / (1 - p)`` and ``dS = P * (dP - delta)`` with ``dP = keep * (dO v^T) / (1 - p)``.
+        """
+        s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
+        pr = tl.exp(s - lse[:, None])
+        pr = tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision="ieee")  # gradient of the dropped P
+        if DROPOUT:
+            keep = _keep_block(MASK, sm_h, sm_i, sm_j, head, offs_m, offs_n, B, key, dropout_p, HAS_MASK)
+            pd = tl.where(keep, pr * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            pd = pr
+        ds = pr * (dp - delta[:, None])
+        return pd, ds
+
     @triton.jit(do_not_specialize=["key"])  # a key equal to 1 must stay a runtime value
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, MASK,
@@ -436,10 +523,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < B
         d_ok = offs_d < D
-        q = tl.load(
-            Q + head * sq_h + offs_m[:, None] * sq_b + offs_d[None, :] * sq_d,
-            mask=m_ok[:, None] & d_ok[None, :], other=0.0,
-        ).to(tl.float32)
+        q = _load_rows(Q, head, sq_h, sq_b, sq_d, offs_m, offs_d, m_ok[:, None] & d_ok[None, :])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -447,10 +531,8 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < B
             kv_ok = n_ok[:, None] & d_ok[None, :]
-            kb = tl.load(K + head * sk_h + offs_n[:, None] * sk_b + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
-            vb = tl.load(V + head * sv_h + offs_n[:, None] * sv_b + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
-            kb = kb.to(tl.float32)
-            vb = vb.to(tl.float32)
+            kb = _load_rows(K, head, sk_h, sk_b, sk_d, offs_n, offs_d, kv_ok)
+            vb = _load_rows(V, head, sv_h, sv_b, sv_d, offs_n, offs_d, kv_ok)
             s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -481,9 +563,9 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         ok = (offs_m[:, None] < B) & (offs_d[None, :] < D)
-        o = tl.load(O + head * so_h + offs_m[:, None] * so_b + offs_d[None, :] * so_d, mask=ok, other=0.0)
-        do = tl.load(DO + head * sdo_h + offs_m[:, None] * sdo_b + offs_d[None, :] * sdo_d, mask=ok, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        o = _load_rows(O, head, so_h, so_b, so_d, offs_m, offs_d, ok)
+        do = _load_rows(DO, head, sdo_h, sdo_b, sdo_d, offs_m, offs_d, ok)
+        delta = tl.sum(o * do, 1)
         tl.store(DELTA + head * B + offs_m, delta, mask=offs_m < B)
 
     @triton.jit(do_not_specialize=["key"])  # a key equal to 1 must stay a runtime value
@@ -502,34 +584,23 @@ if triton is not None:
         n_ok = offs_n < B
         d_ok = offs_d < D
         kv_ok = n_ok[:, None] & d_ok[None, :]
-        kb = tl.load(K + head * sk_h + offs_n[:, None] * sk_b + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
-        vb = tl.load(V + head * sv_h + offs_n[:, None] * sv_b + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
-        kb = kb.to(tl.float32)
-        vb = vb.to(tl.float32)
+        kb = _load_rows(K, head, sk_h, sk_b, sk_d, offs_n, offs_d, kv_ok)
+        vb = _load_rows(V, head, sv_h, sv_b, sv_d, offs_n, offs_d, kv_ok)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_m in range(0, B, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < B
             q_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + head * sq_h + offs_m[:, None] * sq_b + offs_d[None, :] * sq_d, mask=q_ok, other=0.0)
-            do = tl.load(DO + head * sdo_h + offs_m[:, None] * sdo_b + offs_d[None, :] * sdo_d, mask=q_ok, other=0.0)
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+            q = _load_rows(Q, head, sq_h, sq_b, sq_d, offs_m, offs_d, q_ok)
+            do = _load_rows(DO, head, sdo_h, sdo_b, sdo_d, offs_m, offs_d, q_ok)
             lse = tl.load(LSE + head * B + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + head * B + offs_m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
-            pr = tl.exp(s - lse[:, None])
-            pr = tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
-            dp = tl.dot(do, tl.trans(vb), input_precision="ieee")  # gradient of the dropped P
-            if DROPOUT:
-                keep = _keep_block(MASK, sm_h, sm_i, sm_j, head, offs_m, offs_n, B, key, dropout_p, HAS_MASK)
-                pd = tl.where(keep, pr * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            else:
-                pd = pr
+            pd, ds = _bwd_tile(
+                q, kb, vb, do, lse, delta, MASK, sm_h, sm_i, sm_j, head, offs_m, offs_n, m_ok, n_ok,
+                B, scale, dropout_p, inv_keep, key, DROPOUT, HAS_MASK,
+            )  # fmt: skip
             dv += tl.dot(tl.trans(pd), do, input_precision="ieee")
-            ds = pr * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
         dk = dk * scale
         dk_ptrs = DK + head * sdk_h + offs_n[:, None] * sdk_b + offs_d[None, :] * sdk_d
@@ -553,10 +624,8 @@ if triton is not None:
         m_ok = offs_m < B
         d_ok = offs_d < D
         q_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + head * sq_h + offs_m[:, None] * sq_b + offs_d[None, :] * sq_d, mask=q_ok, other=0.0)
-        do = tl.load(DO + head * sdo_h + offs_m[:, None] * sdo_b + offs_d[None, :] * sdo_d, mask=q_ok, other=0.0)
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+        q = _load_rows(Q, head, sq_h, sq_b, sq_d, offs_m, offs_d, q_ok)
+        do = _load_rows(DO, head, sdo_h, sdo_b, sdo_d, offs_m, offs_d, q_ok)
         lse = tl.load(LSE + head * B + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + head * B + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -564,18 +633,12 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_ok = offs_n < B
             kv_ok = n_ok[:, None] & d_ok[None, :]
-            kb = tl.load(K + head * sk_h + offs_n[:, None] * sk_b + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
-            vb = tl.load(V + head * sv_h + offs_n[:, None] * sv_b + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
-            kb = kb.to(tl.float32)
-            vb = vb.to(tl.float32)
-            s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
-            pr = tl.exp(s - lse[:, None])
-            pr = tl.where(n_ok[None, :], pr, 0.0)
-            dp = tl.dot(do, tl.trans(vb), input_precision="ieee")
-            if DROPOUT:
-                keep = _keep_block(MASK, sm_h, sm_i, sm_j, head, offs_m, offs_n, B, key, dropout_p, HAS_MASK)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
-            ds = pr * (dp - delta[:, None])
+            kb = _load_rows(K, head, sk_h, sk_b, sk_d, offs_n, offs_d, kv_ok)
+            vb = _load_rows(V, head, sv_h, sv_b, sv_d, offs_n, offs_d, kv_ok)
+            _, ds = _bwd_tile(
+                q, kb, vb, do, lse, delta, MASK, sm_h, sm_i, sm_j, head, offs_m, offs_n, m_ok, n_ok,
+                B, scale, dropout_p, inv_keep, key, DROPOUT, HAS_MASK,
+            )  # fmt: skip
             dq += tl.dot(ds, kb, input_precision="ieee")
         dq = dq * scale
         dq_ptrs = DQ + head * sdq_h + offs_m[:, None] * sdq_b + offs_d[None, :] * sdq_d
@@ -732,6 +795,11 @@ def batch_attention_op(
     ``key``: the 32-bit dropout key (ignored when ``keep_mask`` is given or
     ``dropout_p == 0``); ``path``: ``auto``, ``ref``, ``sdpa`` or ``triton``.
     """
+    return _forward_impl(q, k, v, scale, dropout_p, key, keep_mask, path)
+
+
+def _forward_impl(q, k, v, scale, dropout_p, key, keep_mask, path):
+    """The forward of :func:`batch_attention_op` (and of its eager twin :class:`_BatchAttention`)."""
     path = _resolve(path, q.device, q.shape[-1])
     if path == "ref":
         mask = keep_mask
@@ -762,6 +830,11 @@ def batch_attention_backward_op(
     path: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: ``(dq, dk, dv)``, P and the dropout mask recomputed from ``lse`` and ``key``."""
+    return _backward_impl(grad_out, q, k, v, out, lse, scale, dropout_p, key, keep_mask, path)
+
+
+def _backward_impl(grad_out, q, k, v, out, lse, scale, dropout_p, key, keep_mask, path):
+    """The body of :func:`batch_attention_backward_op` (and of :class:`_BatchAttention`'s backward)."""
     path = _resolve(path, q.device, q.shape[-1])
     if path == "ref":
         mask = keep_mask
@@ -796,6 +869,31 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 batch_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BatchAttention(torch.autograd.Function):
+    """Eager twin of :func:`batch_attention_op` with its autograd: the same forward and
+    backward bodies, called directly.
+
+    The registered op pays the Python custom-op dispatch (argument normalisation,
+    redispatch through autograd and the backend) twice per training step, which is
+    a sizeable share of a small layer's time on CPU; eager calls take this class,
+    traced calls (``torch.compile``) the op.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, dropout_p, key, keep_mask, path):
+        out, lse = _forward_impl(q, k, v, scale, dropout_p, key, keep_mask, path)
+        ctx.save_for_backward(q, k, v, out, lse, keep_mask)
+        ctx.args = (scale, dropout_p, key, path)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, keep_mask = ctx.saved_tensors
+        scale, dropout_p, key, path = ctx.args
+        dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, scale, dropout_p, key, keep_mask, path)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- #
@@ -850,8 +948,9 @@ def batch_attention_impl(
         # hash it once here (1 byte per probability), so autograd keeps it.
         h, B, _ = q.shape
         mask = _keep_mask(key, [h, B, B], dropout_p, q.device)
-    out, _ = batch_attention_op(q, k, v, scale, dropout_p, key, mask, path)
-    return out
+    if torch.compiler.is_compiling():
+        return batch_attention_op(q, k, v, scale, dropout_p, key, mask, path)[0]
+    return _BatchAttention.apply(q, k, v, scale, dropout_p, key, mask, path)
 
 
 def _materialize_mask(q: Tensor, path: str) -> bool:
@@ -911,17 +1010,28 @@ def layer_dropout_mask(seed: int, stream: int, shape: tuple[int, ...], p: float,
     return _keep_mask(rng.derive_key(seed, stream), list(shape), float(p), device)
 
 
-def _seeded_dropout(x: Tensor, seed: int, stream: int, p: float) -> Tensor:
-    """``x * keep / (1 - p)`` with the keep mask of :func:`layer_dropout_mask`."""
-    if p <= 0.0:
-        return x
-    key, inv_keep = rng.derive_key(seed, stream), 1.0 / (1.0 - p)
+def _feature_masks(seed: int, shapes, p: float, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """The scaled keep masks ``keep / (1 - p)`` (values 0 or ``1 / (1 - p)``, ``dtype``) of a
+    layer's feature dropouts: ``shapes`` is ``[(stream, shape), ...]``; each mask is
+    :func:`layer_dropout_mask` of its stream.
+
+    On CPU (eager) all of them are hashed by one numpy call, the streams' counter
+    ranges laid end to end, so several small masks cost about what one does.
+    """
+    inv_keep = 1.0 / (1.0 - p)
+    keys = [rng.derive_key(seed, stream) for stream, _ in shapes]
+    sizes = [math.prod(shape) for _, shape in shapes]
     if torch.compiler.is_compiling():
-        keep = keep_mask_op(key, list(x.shape), float(p), x.device)
-        return x * (keep.to(x.dtype) * inv_keep)
-    # eager: the mask built directly as float32 values {0, 1 / (1 - p)}: one multiply
-    scaled = _keep_ranges(key, 0, 0, 1, x.numel(), p, x.device, torch.float32, value=inv_keep).view(x.shape)
-    return x * scaled.to(x.dtype)
+        masks = [keep_mask_op(key, list(shape), float(p), device) for key, (_, shape) in zip(keys, shapes)]
+        return [m.to(dtype) * inv_keep for m in masks]
+    if device.type == "cpu":
+        keep = np.empty(sum(sizes), dtype=np.bool_)
+        _hash_segments_cpu(keep, [(key, 0, n) for key, n in zip(keys, sizes)], p)
+        masks = torch.from_numpy(np.multiply(keep, np.float32(inv_keep), dtype=np.float32)).to(dtype).split(sizes)
+    else:
+        masks = [_keep_ranges(key, 0, 0, 1, n, p, device, torch.float32, inv_keep).to(dtype)
+                 for key, n in zip(keys, sizes)]  # fmt: skip
+    return [m.view(shape) for m, (_, shape) in zip(masks, shapes)]
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
@@ -1015,10 +1125,15 @@ class BatchFormerLayer(nn.Module):
         else:
             seed = 0
         sa = self.self_attn(x, dropout_p=p, seed=seed)
-        x = self.norm1(x + _seeded_dropout(sa, seed, STREAM_RESIDUAL1, p))
-        ff = F.relu(self.linear1(x))
-        ff = self.linear2(_seeded_dropout(ff, seed, STREAM_FFN, p))
-        return self.norm2(x + _seeded_dropout(ff, seed, STREAM_RESIDUAL2, p))
+        if p <= 0.0:  # evaluation (or dropout 0): no masks
+            x = self.norm1(x + sa)
+            return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
+        B, C = x.shape
+        shapes = [(STREAM_RESIDUAL1, (B, C)), (STREAM_FFN, (B, self.linear1.out_features)), (STREAM_RESIDUAL2, (B, C))]
+        drop1, drop_ffn, drop2 = _feature_masks(seed, shapes, p, x.device, x.dtype)
+        x = self.norm1(torch.addcmul(x, sa, drop1))  # x + dropout1(sa): the residual add fused with the mask
+        ff = self.linear2(F.relu(self.linear1(x)) * drop_ffn)
+        return self.norm2(torch.addcmul(x, ff, drop2))
 
 
 class BatchFormer(nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,6 +203,57 @@ def test_fast_masks_bit_identical_to_rng(key, p):
     want = want >= ba._float32(p)
     assert torch.equal(ba._keep_ranges(key, start, stride, 3, 300, p, "cpu"), want)
     assert torch.equal(ba._keep_ranges_torch(key, start, stride, 3, 300, p, "cpu", torch.bool), want)
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 50])
+def test_one_pass_masks_of_several_keys_bit_identical_to_rng(monkeypatch, chunk):
+    """Segments of different keys and starts hashed in shared numpy passes (pieces that
+    straddle passes with a small chunk) equal rng.uniform segment by segment."""
+    monkeypatch.setattr(ba, "_NP_CHUNK", chunk)
+    segments = [(rng.derive_key(5), 0, 77), (2**32 - 1, 2**32 - 30, 61), (0, 0, 3), (rng.derive_key(6), 1000, 240)]
+    for p in (0.5, 0.3):
+        keep = np.empty(sum(n for _, _, n in segments), dtype=np.bool_)
+        ba._hash_segments_cpu(keep, segments, p)
+        want = torch.cat([rng.uniform(key, torch.arange(s, s + n)) >= ba._float32(p) for key, s, n in segments])
+        assert torch.equal(torch.from_numpy(keep), want)
+    # float32(p) == 1: nothing is kept (as rng.uniform < 1 says)
+    assert not ba._keep_ranges(3, 0, 0, 1, 100, 1.0 - 1e-9, "cpu").any()
+
+
+@pytest.mark.parametrize("hash_path", ["numpy", "torch"])
+def test_layer_feature_masks_equal_their_definition(hash_path):
+    """The layer's feature masks (one numpy call on CPU, int32 torch ops elsewhere) are
+    layer_dropout_mask of each stream, scaled by 1 / (1 - p)."""
+    seed, p = 1234, 0.25
+    shapes = [(ba.STREAM_RESIDUAL1, (9, 16)), (ba.STREAM_FFN, (9, 24)), (ba.STREAM_RESIDUAL2, (9, 16))]
+    if hash_path == "numpy":
+        masks = ba._feature_masks(seed, shapes, p, torch.device("cpu"), torch.float32)
+    else:  # the non-CPU branch, run on CPU tensors through the torch hash
+        masks = [
+            ba._keep_ranges_torch(rng.derive_key(seed, s), 0, 0, 1, math.prod(sh), p, "cpu", torch.float32, 1 / (1 - p))
+            .view(sh) for s, sh in shapes
+        ]  # fmt: skip
+    for mask, (stream, shape) in zip(masks, shapes):
+        want = ba.layer_dropout_mask(seed, stream, shape, p).float() / (1.0 - p)
+        assert mask.shape == shape and torch.equal(mask, want)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_eager_autograd_equals_registered_op(p):
+    """Eager calls run the op's bodies through an autograd.Function (no custom-op dispatch):
+    outputs and gradients are bitwise those of the registered op and its autograd."""
+    gen = _gen(56, int(p * 10))
+    q, k, v = _qkv(3, 40, 16, torch.float32, gen)
+    grad = torch.randn(3, 40, 16, generator=gen)
+    out = ba.batch_attention(q, k, v, dropout_p=p, seed=21)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    key = ba.attention_key(21) if p > 0 else 0
+    mask = ba.dropout_keep_mask(key, 3, 40, p) if p > 0 else None
+    op_out, _ = torch.ops.batchkin.batch_attention(q, k, v, 0.25, p, key, mask, "auto")
+    op_grads = torch.autograd.grad(op_out, (q, k, v), grad)
+    assert torch.equal(out, op_out)
+    for g, og in zip(grads, op_grads):
+        assert torch.equal(g, og)
 
 
 def test_layer_feature_mask_definition():
