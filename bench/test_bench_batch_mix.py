@@ -12,9 +12,24 @@ prints one table per group (device, size, operator). Implementations:
 * ``timm``     -- timm's style: ``x.flip(0)``, one lam and one box for the whole batch;
 * ``copy``     -- ``out.copy_(x)``, the device's copy bandwidth for the same bytes.
 
-``extra_info`` records the path, shape, operator, the ideal bytes moved (every
-element read once and written once) and the achieved GB/s from the median.
-The smallest size runs quickly (``-m "not slow"`` leaves out 224x224).
+``extra_info`` records the path, shape, operator, dtype, the thread count, the ideal
+bytes moved (every element read once and written once) and the achieved GB/s from
+the median. The smallest size runs quickly (``-m "not slow"`` leaves out 224x224).
+``test_bench_batch_mix_ssl_views`` times the SSL pipeline's own case: both uint8
+views ``[2, B, 3, H, W]`` mixed in one call.
+
+Every implementation returns a freshly allocated output, and at 224x224 that is
+~150 MB: with 4 KiB pages its first touch is ~37,000 page faults, which can cost
+more than the mixing itself. The C++ path asks for transparent huge pages for
+outputs of 32 MiB and more; the references use PyTorch's default allocation
+(``THP_MEM_ALLOC_ENABLE=1`` in the environment makes PyTorch itself request huge
+pages for every allocation of 2 MiB or more, the references' included).
+
+Timings on a loaded machine: wall time includes the time other processes hold the
+cores, and with more threads than free cores each parallel region of an eager
+reference can stall on a descheduled OpenMP thread. ``OMP_NUM_THREADS=1`` with
+``--benchmark-timer time.process_time`` (CPU time of the process) is the
+load-insensitive comparison.
 """
 
 from __future__ import annotations
@@ -70,12 +85,42 @@ def timm_style(x, op_code, lam, boxes):
     return out
 
 
-def _inputs(shape, name, device):
+def _inputs(shape, name, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    B, C, H, W = shape
-    x = torch.randn(shape, generator=g).to(device)
-    params = bm.sample_mix_params(B, H, W, generator=g, ops=(name,), device=device)
-    return x, params
+    V = shape[0] if len(shape) == 5 else 1
+    B, C, H, W = shape[-4:]
+    x = torch.randn(shape, generator=g)
+    x = (x * 40 + 128).clamp_(0, 255).to(torch.uint8) if dtype == torch.uint8 else x.to(dtype)
+    params = bm.sample_mix_params(B, H, W, generator=g, ops=(name,), num_views=V, device=device)
+    return x.to(device), params
+
+
+def _cuda_synced(fn, device):
+    if device != "cuda":
+        return fn
+
+    def synced():
+        r = fn()
+        torch.cuda.synchronize()
+        return r
+
+    return synced
+
+
+def _record(benchmark, x, impl, name, device):
+    benchmark.extra_info.update(
+        path=impl if impl != "op" else ("triton" if device == "cuda" else "cpp"),
+        shape=list(x.shape),
+        operator=name,
+        dtype=str(x.dtype).removeprefix("torch."),
+        device=device,
+        threads=torch.get_num_threads(),
+        bytes=bm.bytes_moved(x),
+    )
+
+
+def _gbps(benchmark, x):
+    benchmark.extra_info["GBps"] = round(bm.bytes_moved(x) / benchmark.stats.stats.median / 1e9, 3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -103,25 +148,39 @@ def test_bench_batch_mix(benchmark, device, shape, name, impl):
         out = torch.empty_like(x)
         fn = lambda: out.copy_(x)  # noqa: E731
 
-    if device == "cuda":
-        inner = fn
-
-        def fn():
-            r = inner()
-            torch.cuda.synchronize()
-            return r
-
-    nbytes = bm.bytes_moved(x)
+    fn = _cuda_synced(fn, device)
     benchmark.group = f"batch_mix {device} {'x'.join(map(str, shape))} {name}"
-    benchmark.extra_info.update(
-        path=impl if impl != "op" else ("triton" if device == "cuda" else "cpp"),
-        shape=list(shape),
-        operator=name,
-        device=device,
-        bytes=nbytes,
-    )
+    _record(benchmark, x, impl, name, device)
     slow_baseline = big and impl in ("ref", "ref_vec", "loop")
-    rounds = 2 if slow_baseline else (5 if big else 20)
+    rounds = 3 if slow_baseline else (7 if big else 20)
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    benchmark.extra_info["GBps"] = round(nbytes / median / 1e9, 3)
+    _gbps(benchmark, x)
+
+
+SSL_SIZES = [
+    pytest.param((2, 256, 3, 32, 32), id="2x256x3x32x32"),
+    pytest.param((2, 256, 3, 224, 224), id="2x256x3x224x224", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("impl", ["op", "ref", "copy"])
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("shape", SSL_SIZES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_batch_mix_ssl_views(benchmark, device, shape, name, impl):
+    """The SSL pipeline's call: both uint8 global views mixed in one pass."""
+    x, params = _inputs(shape, name, device, torch.uint8)
+    if impl == "op":
+        fn = lambda: bm.batch_mix(x, *params, check_values=False)  # noqa: E731
+    elif impl == "ref":
+        fn = lambda: bm.batch_mix_reference(x, *params)  # noqa: E731
+    else:
+        out = torch.empty_like(x)
+        fn = lambda: out.copy_(x)  # noqa: E731
+    fn = _cuda_synced(fn, device)
+    big = shape[-1] >= 224
+    benchmark.group = f"batch_mix {device} uint8 views {'x'.join(map(str, shape))} {name}"
+    _record(benchmark, x, impl, name, device)
+    rounds = (3 if impl == "ref" else 7) if big else 20
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    _gbps(benchmark, x)

@@ -33,6 +33,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace {
 
 constexpr int64_t kMixup = 0;
@@ -49,102 +53,181 @@ inline T store_f(float v) {
   return static_cast<T>(v);
 }
 
+// floor(v + 0.5) clamped to [0, 255]. After the clamp the value is non-negative, so the
+// truncating conversion is the floor; written this way the loops vectorise (no libm call).
 template <>
 inline uint8_t store_f<uint8_t>(float v) {
-  float r = std::floor(v + 0.5f);
-  r = r < 0.f ? 0.f : (r > 255.f ? 255.f : r);
-  return static_cast<uint8_t>(r);
+  float r = v + 0.5f;
+  r = r < 0.f ? 0.f : r;
+  r = r > 255.f ? 255.f : r;
+  return static_cast<uint8_t>(static_cast<int32_t>(r));
 }
 
-// One output coordinate of a linear resize: two source indices and their weights.
-struct LinearTap {
-  int64_t lo;
-  int64_t hi;
-  float w_lo;
-  float w_hi;
+// Outputs at least this large get transparent huge pages (a hint, see fresh_output).
+// 32 MiB is glibc's largest mmap threshold: a block this size is always a fresh private
+// mapping, so the hint never touches the shared heap.
+constexpr size_t kHugePageMinBytes = size_t{32} << 20;
+
+// The output tensor, uninitialised. Its pages are first touched by the mixing loop
+// itself (in parallel, each thread faulting in the planes it writes). On Linux a large
+// output is advised to use 2 MiB pages: a fresh 150 MB output otherwise costs ~37,000
+// 4 KiB page faults, which take longer than the mixing. madvise is only a hint; when
+// the kernel does not follow it nothing changes but the speed.
+at::Tensor fresh_output(const at::Tensor& x) {
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t nbytes = static_cast<size_t>(out.numel()) * out.element_size();
+  if (nbytes >= kHugePageMinBytes) {
+    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (p + nbytes) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+// Source taps of a linear resize of an axis of length `in` to length `out` (out >= 1),
+// exactly as ATen computes them for bilinear, align_corners=False, no explicit scale:
+// output d reads lo[d] and hi[d] with weights w_lo[d] and w_hi[d].
+struct Taps {
+  std::vector<int32_t> lo, hi;
+  std::vector<float> w_lo, w_hi;
+
+  void build(int64_t in, int64_t out) {
+    const size_t n = static_cast<size_t>(out);
+    lo.resize(n);
+    hi.resize(n);
+    w_lo.resize(n);
+    w_hi.resize(n);
+    const float scale = static_cast<float>(in) / static_cast<float>(out);
+    for (int64_t d = 0; d < out; ++d) {
+      float src = scale * (static_cast<float>(d) + 0.5f) - 0.5f;
+      if (src < 0.f) src = 0.f;
+      int64_t l = static_cast<int64_t>(src);
+      if (l > in - 1) l = in - 1;
+      float frac = src - static_cast<float>(l);
+      frac = std::min(std::max(frac, 0.f), 1.f);
+      const size_t k = static_cast<size_t>(d);
+      lo[k] = static_cast<int32_t>(l);
+      hi[k] = static_cast<int32_t>(l + (l < in - 1 ? 1 : 0));
+      w_lo[k] = 1.f - frac;
+      w_hi[k] = frac;
+    }
+  }
 };
 
-// Taps for resizing an axis of length `in` to length `out` (out >= 1), exactly as
-// ATen computes them for bilinear, align_corners=False, no explicit scale.
-void linear_taps(int64_t in, int64_t out, std::vector<LinearTap>& taps) {
-  taps.resize(static_cast<size_t>(out));
-  const float scale = static_cast<float>(in) / static_cast<float>(out);
-  for (int64_t d = 0; d < out; ++d) {
-    float src = scale * (static_cast<float>(d) + 0.5f) - 0.5f;
-    if (src < 0.f) src = 0.f;
-    int64_t lo = static_cast<int64_t>(src);
-    if (lo > in - 1) lo = in - 1;
-    float frac = src - static_cast<float>(lo);
-    frac = std::min(std::max(frac, 0.f), 1.f);
-    const int64_t hi = lo + (lo < in - 1 ? 1 : 0);
-    taps[static_cast<size_t>(d)] = {lo, hi, 1.f - frac, frac};
+// Per-thread scratch of the resizemix path: the taps of the current (view, sample) and
+// the partner rows resized horizontally (each source row is resized once per plane and
+// reused by the output rows that read it).
+struct ResizeScratch {
+  int64_t vb = -1;
+  Taps ty, tx;
+  std::vector<float> row_a, row_b;
+  int64_t src_a = -1, src_b = -1;
+};
+
+template <typename T>
+inline void resize_row(const T* __restrict src, const Taps& tx, int64_t bw, float* __restrict dst) {
+  const int32_t* lo = tx.lo.data();
+  const int32_t* hi = tx.hi.data();
+  const float* wl = tx.w_lo.data();
+  const float* wh = tx.w_hi.data();
+  for (int64_t d = 0; d < bw; ++d) {
+    dst[d] = load_f(src[lo[d]]) * wl[d] + load_f(src[hi[d]]) * wh[d];
   }
 }
 
+// The partner row `src_row`, resized horizontally, from the two-row cache.
 template <typename T>
-void mix_planes(const T* x, T* out, const int64_t* op, const float* lam, const int64_t* boxes,
-                int64_t V, int64_t B, int64_t C, int64_t H, int64_t W) {
+inline const float* cached_row(ResizeScratch& s, const T* prt, int64_t W, int64_t src_row, int64_t bw,
+                               int64_t keep_row) {
+  if (s.src_a == src_row) return s.row_a.data();
+  if (s.src_b == src_row) return s.row_b.data();
+  // overwrite the slot that does not hold `keep_row` (the other row of this output row)
+  if (s.src_a == keep_row && keep_row >= 0) {
+    resize_row(prt + src_row * W, s.tx, bw, s.row_b.data());
+    s.src_b = src_row;
+    return s.row_b.data();
+  }
+  resize_row(prt + src_row * W, s.tx, bw, s.row_a.data());
+  s.src_a = src_row;
+  return s.row_a.data();
+}
+
+template <typename T>
+void mix_plane(const T* __restrict own, const T* __restrict prt, T* __restrict dst, int64_t code, float l,
+               const int64_t* box, int64_t H, int64_t W, int64_t vb, ResizeScratch& s) {
+  const int64_t HW = H * W;
+  if (code == kMixup) {
+    const float m = 1.0f - l;
+    for (int64_t i = 0; i < HW; ++i) {
+      dst[i] = store_f<T>(l * load_f(own[i]) + m * load_f(prt[i]));
+    }
+    return;
+  }
+  const int64_t y0 = box[0], x0 = box[1], bh = box[2], bw = box[3];
+  if (bh <= 0 || bw <= 0) {  // zero-area box: nothing is pasted
+    std::memcpy(dst, own, sizeof(T) * static_cast<size_t>(HW));
+    return;
+  }
+  // every output element is written once, in address order: rows above the box, then
+  // each box row (x_i's left part, the pasted part, x_i's right part), then rows below
+  const int64_t y1 = y0 + bh;
+  const int64_t x1 = x0 + bw;
+  std::memcpy(dst, own, sizeof(T) * static_cast<size_t>(y0 * W));
+  if (code == kResizemix) {
+    if (s.vb != vb) {  // the taps depend on the (view, sample) only: shared by its channels
+      s.ty.build(H, bh);
+      s.tx.build(W, bw);
+      s.row_a.resize(static_cast<size_t>(bw));
+      s.row_b.resize(static_cast<size_t>(bw));
+      s.vb = vb;
+    }
+    s.src_a = s.src_b = -1;  // a new plane: the cached rows belong to another partner plane
+  }
+  for (int64_t y = y0; y < y1; ++y) {
+    T* drow = dst + y * W;
+    const T* orow = own + y * W;
+    std::memcpy(drow, orow, sizeof(T) * static_cast<size_t>(x0));
+    if (code == kCutmix) {
+      std::memcpy(drow + x0, prt + y * W + x0, sizeof(T) * static_cast<size_t>(bw));
+    } else {
+      // ATen's order: each source row resized horizontally, then the two rows blended
+      const size_t dy = static_cast<size_t>(y - y0);
+      const int64_t r0 = s.ty.lo[dy], r1 = s.ty.hi[dy];
+      const float* top = cached_row(s, prt, W, r0, bw, -1);
+      const float* bot = cached_row(s, prt, W, r1, bw, r0);
+      const float wt = s.ty.w_lo[dy], wb = s.ty.w_hi[dy];
+      T* out = drow + x0;
+      for (int64_t d = 0; d < bw; ++d) {
+        out[d] = store_f<T>(top[d] * wt + bot[d] * wb);
+      }
+    }
+    std::memcpy(drow + x1, orow + x1, sizeof(T) * static_cast<size_t>(W - x1));
+  }
+  std::memcpy(dst + y1 * W, own + y1 * W, sizeof(T) * static_cast<size_t>((H - y1) * W));
+}
+
+template <typename T>
+void mix_planes(const T* x, T* out, const int64_t* op, const float* lam, const int64_t* boxes, int64_t V,
+                int64_t B, int64_t C, int64_t H, int64_t W) {
   const int64_t HW = H * W;
   const int64_t planes = V * B * C;
-  // a few hundred thousand elements per task keeps the scheduling overhead small
+  // tasks of at least ~32k elements keep the scheduling overhead small; the planes of
+  // a task are contiguous in memory, so each thread first-touches its own output pages
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(HW, 1));
   at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
-    std::vector<LinearTap> ty, tx;
+    ResizeScratch scratch;
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t c = plane % C;
       const int64_t vb = plane / C;
       const int64_t b = vb % B;
       const int64_t v = vb / B;
       const int64_t p = B - 1 - b;
-      const T* own = x + plane * HW;
-      const T* prt = x + ((v * B + p) * C + c) * HW;
-      T* dst = out + plane * HW;
-      const int64_t code = op[b];
-      if (code == kMixup) {
-        const float l = lam[b];
-        const float m = 1.0f - l;
-        for (int64_t i = 0; i < HW; ++i) {
-          dst[i] = store_f<T>(l * load_f(own[i]) + m * load_f(prt[i]));
-        }
-        continue;
-      }
-      const int64_t* box = boxes + vb * 4;
-      const int64_t y0 = box[0], x0 = box[1], bh = box[2], bw = box[3];
-      if (bh <= 0 || bw <= 0) {  // zero-area box: nothing is pasted
-        std::memcpy(dst, own, sizeof(T) * static_cast<size_t>(HW));
-        continue;
-      }
-      // rows above and below the box are x_i's, copied in two contiguous runs; inside
-      // the box rows, only the columns left and right of the box are x_i's
-      std::memcpy(dst, own, sizeof(T) * static_cast<size_t>(y0 * W));
-      const int64_t y1 = y0 + bh;
-      std::memcpy(dst + y1 * W, own + y1 * W, sizeof(T) * static_cast<size_t>((H - y1) * W));
-      const int64_t x1 = x0 + bw;
-      for (int64_t y = y0; y < y1; ++y) {
-        std::memcpy(dst + y * W, own + y * W, sizeof(T) * static_cast<size_t>(x0));
-        std::memcpy(dst + y * W + x1, own + y * W + x1, sizeof(T) * static_cast<size_t>(W - x1));
-      }
-      if (code == kCutmix) {
-        for (int64_t y = y0; y < y1; ++y) {
-          std::memcpy(dst + y * W + x0, prt + y * W + x0, sizeof(T) * static_cast<size_t>(bw));
-        }
-        continue;
-      }
-      // resizemix: the whole partner plane resized to (bh, bw), pasted at (y0, x0)
-      linear_taps(H, bh, ty);
-      linear_taps(W, bw, tx);
-      for (int64_t dy = 0; dy < bh; ++dy) {
-        const LinearTap& t = ty[static_cast<size_t>(dy)];
-        const T* r0 = prt + t.lo * W;
-        const T* r1 = prt + t.hi * W;
-        T* drow = dst + (y0 + dy) * W + x0;
-        for (int64_t dx = 0; dx < bw; ++dx) {
-          const LinearTap& s = tx[static_cast<size_t>(dx)];
-          const float top = load_f(r0[s.lo]) * s.w_lo + load_f(r0[s.hi]) * s.w_hi;
-          const float bot = load_f(r1[s.lo]) * s.w_lo + load_f(r1[s.hi]) * s.w_hi;
-          drow[dx] = store_f<T>(top * t.w_lo + bot * t.w_hi);
-        }
-      }
+      mix_plane<T>(x + plane * HW, x + ((v * B + p) * C + c) * HW, out + plane * HW, op[b], lam[b],
+                   boxes + vb * 4, H, W, vb, scratch);
     }
   });
 }
@@ -184,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> batch_mix_cpu(const at::Tensor& x_in, const a
                 "_batch_mix_cpu: box ", i, " is not inside the image");
   }
 
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor out = fresh_output(x);
   at::Tensor lam_eff = at::empty({V, B}, x.options().dtype(at::kFloat));
   float* le = lam_eff.data_ptr<float>();
   const double hw = static_cast<double>(H * W);
