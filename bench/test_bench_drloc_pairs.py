@@ -13,7 +13,12 @@ view of ``[B, H*W, C]`` tokens), compute the targets, apply the head's first lay
 * ``reference`` -- this op's pure-PyTorch reference path (device draw, advanced-index
   gather, ``Linear(cat(e_a, e_b))``);
 * ``ours`` -- ``drloc_positions`` + ``drloc_first_layer`` (C++ on CPU, Triton on CUDA;
-  the token projection when ``m >= H*W``) + ``drloc_targets``.
+  strategy ``auto``: the cost model picks ``gather``, ``project`` or, on CPU, ``unique``)
+  + ``drloc_targets``.
+
+All three return the same values: the ``[B*m, 512]`` output, the targets, and the gradients
+w.r.t. the tokens, the weight and the bias (``test_bench_sides_agree`` checks this on the
+quick size, with both sides drawing the same positions).
 
 Sizes: B = 256, C in {192, 384, 768}, grids 7x7, 14x14, 8x16, plus a small ``quick``
 size (select it with ``-k quick``). Run::
@@ -111,3 +116,26 @@ def test_bench_drloc_pairs(benchmark, device, size, impl):
     )
     small = B * C * H * W <= 1 << 20
     benchmark.pedantic(run, rounds=20 if small else 5, iterations=1, warmup_rounds=1)
+
+
+def test_bench_sides_agree():
+    """The compared implementations compute the same step: outputs, targets and all gradients."""
+    B, C, H, W = 8, 32, 7, 7
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(B, H * W, C, generator=g).requires_grad_(True)
+    linear = torch.nn.Linear(2 * C, HIDDEN)
+    grad_out = torch.randn(B * M, HIDDEN, generator=g)
+    params = [tokens, linear.weight, linear.bias]
+    # the original draws on the CPU: replay its positions through the op's gather
+    gen = torch.Generator().manual_seed(1)
+    out_o, tgt_o = _original_step(tokens, H, W, linear, gen, "cpu")
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(n, (B, M), generator=gen) for n in (H, W, H, W)]
+    pos = torch.stack(rows, -1)
+    grid = tokens.transpose(1, 2).unflatten(2, (H, W))
+    out_u = dp.drloc_first_layer(grid, pos, linear.weight, linear.bias)  # auto
+    torch.testing.assert_close(out_u.reshape(B * M, HIDDEN), out_o, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dp.drloc_targets(pos, H, W), tgt_o)
+    for a, b in zip(torch.autograd.grad(out_u.reshape(B * M, HIDDEN), params, grad_out),
+                    torch.autograd.grad(out_o, params, grad_out)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

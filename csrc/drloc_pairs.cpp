@@ -317,6 +317,248 @@ at::Tensor drloc_scatter_cpu(const at::Tensor& grad_a, const at::Tensor& grad_b,
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// First head layer over the distinct tokens ("unique" strategy)
+//
+//   out[b, j] = Pa[ia(b, j)] + Pb[ib(b, j)] + bias,   Pa = Xa W1a^T,  Pb = Xb W1b^T
+//
+// Xa holds, image by image in increasing token order (t = r * W + c), the distinct tokens
+// that are the a member of some pair of the image (Xb likewise for the b members); ia / ib
+// map every pair to its row. Backward: Ga = segment sum of the output gradient over ia (pairs
+// in order, float32), likewise Gb; grad W1a = Ga^T Xa, grad W1b = Gb^T Xb; the grid gradient
+// of token t is (Ga W1a)[row of t] + (Gb W1b)[row of t] (either term absent when t is not a
+// member on that side), written once per grid element (no separate zero fill).
+// ---------------------------------------------------------------------------------------
+
+struct UniqueIndex {
+  std::vector<int64_t> off_a, off_b;  // [B + 1]: first row of each image, per side
+  std::vector<int64_t> inv;           // [B * m * 2]: row of the a member, row of the b member
+  std::vector<int64_t> tok_a, tok_b;  // token index of every row
+};
+
+UniqueIndex build_unique(const int64_t* pos, int64_t B, int64_t m, int64_t W, int64_t HW) {
+  UniqueIndex ix;
+  ix.off_a.assign(B + 1, 0);
+  ix.off_b.assign(B + 1, 0);
+  ix.inv.resize(static_cast<size_t>(B * m * 2));
+  // pass 1, per image: local row ids in increasing token order, and the counts
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> id(static_cast<size_t>(HW));
+    for (int64_t b = begin; b < end; ++b) {
+      for (int side = 0; side < 2; ++side) {
+        std::fill(id.begin(), id.end(), -1);
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t* p = pos + 4 * (b * m + j) + 2 * side;
+          id[p[0] * W + p[1]] = 0;
+        }
+        int64_t cnt = 0;
+        for (int64_t t = 0; t < HW; ++t) {
+          if (id[t] == 0) id[t] = ++cnt;  // 1-based while marking
+        }
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t* p = pos + 4 * (b * m + j) + 2 * side;
+          ix.inv[2 * (b * m + j) + side] = id[p[0] * W + p[1]] - 1;
+        }
+        (side == 0 ? ix.off_a : ix.off_b)[b + 1] = cnt;
+      }
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    ix.off_a[b + 1] += ix.off_a[b];
+    ix.off_b[b + 1] += ix.off_b[b];
+  }
+  ix.tok_a.resize(static_cast<size_t>(ix.off_a[B]));
+  ix.tok_b.resize(static_cast<size_t>(ix.off_b[B]));
+  // pass 2: global row ids and the token of every row
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t n = b * m + j;
+        const int64_t* p = pos + 4 * n;
+        const int64_t ra = ix.off_a[b] + ix.inv[2 * n], rb = ix.off_b[b] + ix.inv[2 * n + 1];
+        ix.inv[2 * n] = ra;
+        ix.inv[2 * n + 1] = rb;
+        ix.tok_a[ra] = p[0] * W + p[1];
+        ix.tok_b[rb] = p[2] * W + p[3];
+      }
+    }
+  });
+  return ix;
+}
+
+// rows[i, k] = grid[b(i), k, t(i) / W, t(i) % W] for the rows of one side.
+template <typename scalar_t>
+void gather_rows(const at::Tensor& grid, const std::vector<int64_t>& off, const std::vector<int64_t>& tok,
+                 at::Tensor& rows) {
+  const int64_t B = grid.size(0), C = grid.size(1), W = grid.size(3);
+  const int64_t sb = grid.stride(0), sc = grid.stride(1), sh = grid.stride(2), sw = grid.stride(3);
+  const scalar_t* g = grid.const_data_ptr<scalar_t>();
+  scalar_t* o = rows.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const int64_t t = tok[i];
+        const scalar_t* src = g + b * sb + (t / W) * sh + (t % W) * sw;
+        scalar_t* dst = o + i * C;
+        if (sc == 1) {
+          std::copy(src, src + C, dst);
+        } else {
+          for (int64_t k = 0; k < C; ++k) dst[k] = src[k * sc];
+        }
+      }
+    }
+  });
+}
+
+void check_first_layer(const at::Tensor& grid, const at::Tensor& pos, const at::Tensor& weight) {
+  check_grid(grid, "grid");
+  check_pos(pos, grid.size(0), grid.size(2), grid.size(3));
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == 2 * grid.size(1), "weight must have shape [hidden, 2C]");
+  TORCH_CHECK(weight.scalar_type() == grid.scalar_type() && weight.device().is_cpu(),
+              "weight must be a CPU tensor of the grid's dtype");
+}
+
+at::Tensor drloc_first_layer_unique_cpu(const at::Tensor& grid, const at::Tensor& pos, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias) {
+  check_first_layer(grid, pos, weight);
+  const int64_t B = grid.size(0), C = grid.size(1), W = grid.size(3), HW = grid.size(2) * W;
+  const int64_t hidden = weight.size(0);
+  const auto p = pos.contiguous();
+  const int64_t m = p.size(1);
+  at::Tensor bc;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == hidden, "bias must have shape [hidden]");
+    TORCH_CHECK(bias->scalar_type() == grid.scalar_type() && bias->device().is_cpu(),
+                "bias must be a CPU tensor of the grid's dtype");
+    bc = bias->contiguous();
+  }
+  const UniqueIndex ix = build_unique(p.data_ptr<int64_t>(), B, m, W, HW);
+  auto xa = at::empty({ix.off_a[B], C}, grid.options());
+  auto xb = at::empty({ix.off_b[B], C}, grid.options());
+  auto out = at::empty({B, m, hidden}, grid.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grid.scalar_type(), "drloc_first_layer_unique_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    gather_rows<scalar_t>(grid, ix.off_a, ix.tok_a, xa);
+    gather_rows<scalar_t>(grid, ix.off_b, ix.tok_b, xb);
+    const auto pa = at::mm(xa, weight.narrow(1, 0, C).t());  // [U_a, hidden]
+    const auto pb = at::mm(xb, weight.narrow(1, C, C).t());  // [U_b, hidden]
+    const scalar_t* pa_d = pa.const_data_ptr<scalar_t>();
+    const scalar_t* pb_d = pb.const_data_ptr<scalar_t>();
+    const scalar_t* bias_d = bc.defined() ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / hidden);
+    at::parallel_for(0, B * m, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* a = pa_d + ix.inv[2 * n] * hidden;
+        const scalar_t* b = pb_d + ix.inv[2 * n + 1] * hidden;
+        scalar_t* d = o + n * hidden;
+        if (bias_d != nullptr) {
+          for (int64_t k = 0; k < hidden; ++k) {
+            d[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) + static_cast<acc_t>(b[k]) +
+                                         static_cast<acc_t>(bias_d[k]));
+          }
+        } else {
+          for (int64_t k = 0; k < hidden; ++k) {
+            d[k] = static_cast<scalar_t>(static_cast<acc_t>(a[k]) + static_cast<acc_t>(b[k]));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> drloc_first_layer_unique_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& grid, const at::Tensor& pos, const at::Tensor& weight, bool has_bias,
+    bool channels_last) {
+  check_first_layer(grid, pos, weight);
+  const int64_t B = grid.size(0), C = grid.size(1), H = grid.size(2), W = grid.size(3), HW = H * W;
+  const int64_t hidden = weight.size(0);
+  const auto p = pos.contiguous();
+  const int64_t m = p.size(1);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == m && grad.size(2) == hidden,
+              "grad must have shape [B, m, hidden]");
+  TORCH_CHECK(grad.scalar_type() == grid.scalar_type(), "grad must have the grid's dtype");
+  const auto g = grad.contiguous();
+  const UniqueIndex ix = build_unique(p.data_ptr<int64_t>(), B, m, W, HW);
+  const int64_t ua = ix.off_a[B], ub = ix.off_b[B];
+  // segment sums of the output gradient, in float32, pairs in order (a side, then b side)
+  auto ga = at::empty({ua, hidden}, grid.options().dtype(at::kFloat));
+  auto gb = at::empty({ub, hidden}, grid.options().dtype(at::kFloat));
+  auto grad_weight = at::empty({hidden, 2 * C}, grid.options());
+  auto grad_grid = channels_last ? at::empty({B, H, W, C}, grid.options()) : at::empty({B, C, H, W}, grid.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grid.scalar_type(), "drloc_first_layer_unique_backward_cpu", [&] {
+        const scalar_t* gd = g.const_data_ptr<scalar_t>();
+        float* ga_d = ga.data_ptr<float>();
+        float* gb_d = gb.data_ptr<float>();
+        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            std::fill(ga_d + ix.off_a[b] * hidden, ga_d + ix.off_a[b + 1] * hidden, 0.0f);
+            std::fill(gb_d + ix.off_b[b] * hidden, gb_d + ix.off_b[b + 1] * hidden, 0.0f);
+            for (int side = 0; side < 2; ++side) {
+              float* acc = side == 0 ? ga_d : gb_d;
+              for (int64_t j = 0; j < m; ++j) {
+                const int64_t n = b * m + j;
+                add_row<scalar_t>(acc + ix.inv[2 * n + side] * hidden, gd + n * hidden, 1, hidden);
+              }
+            }
+          }
+        });
+        const auto ga_s = grid.scalar_type() == at::kFloat ? ga : ga.to(grid.scalar_type());
+        const auto gb_s = grid.scalar_type() == at::kFloat ? gb : gb.to(grid.scalar_type());
+        auto xa = at::empty({ua, C}, grid.options());
+        auto xb = at::empty({ub, C}, grid.options());
+        gather_rows<scalar_t>(grid, ix.off_a, ix.tok_a, xa);
+        gather_rows<scalar_t>(grid, ix.off_b, ix.tok_b, xb);
+        auto gw_a = grad_weight.narrow(1, 0, C);
+        auto gw_b = grad_weight.narrow(1, C, C);
+        at::mm_out(gw_a, ga_s.t(), xa);
+        at::mm_out(gw_b, gb_s.t(), xb);
+        const auto dxa = at::mm(ga_s, weight.narrow(1, 0, C));  // [U_a, C]
+        const auto dxb = at::mm(gb_s, weight.narrow(1, C, C));  // [U_b, C]
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* da = dxa.const_data_ptr<scalar_t>();
+        const scalar_t* db = dxb.const_data_ptr<scalar_t>();
+        scalar_t* o = grad_grid.data_ptr<scalar_t>();
+        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+          std::vector<int64_t> row_a(static_cast<size_t>(HW)), row_b(static_cast<size_t>(HW));
+          for (int64_t b = begin; b < end; ++b) {
+            std::fill(row_a.begin(), row_a.end(), -1);
+            std::fill(row_b.begin(), row_b.end(), -1);
+            for (int64_t i = ix.off_a[b]; i < ix.off_a[b + 1]; ++i) row_a[ix.tok_a[i]] = i;
+            for (int64_t i = ix.off_b[b]; i < ix.off_b[b + 1]; ++i) row_b[ix.tok_b[i]] = i;
+            scalar_t* ob = o + b * HW * C;
+            for (int64_t t = 0; t < HW; ++t) {
+              const scalar_t* sa = row_a[t] >= 0 ? da + row_a[t] * C : nullptr;
+              const scalar_t* sb = row_b[t] >= 0 ? db + row_b[t] * C : nullptr;
+              const int64_t os = channels_last ? 1 : HW;
+              scalar_t* d = channels_last ? ob + t * C : ob + t;
+              if (sa != nullptr && sb != nullptr) {
+                for (int64_t k = 0; k < C; ++k) {
+                  d[k * os] = static_cast<scalar_t>(static_cast<acc_t>(sa[k]) + static_cast<acc_t>(sb[k]));
+                }
+              } else if (sa != nullptr || sb != nullptr) {
+                const scalar_t* s = sa != nullptr ? sa : sb;
+                if (channels_last) {
+                  std::copy(s, s + C, d);
+                } else {
+                  for (int64_t k = 0; k < C; ++k) d[k * os] = s[k];
+                }
+              } else if (channels_last) {
+                std::fill(d, d + C, scalar_t(0));
+              } else {
+                for (int64_t k = 0; k < C; ++k) d[k * os] = scalar_t(0);
+              }
+            }
+          }
+        });
+      });
+  at::Tensor grad_bias = has_bias ? g.sum(at::IntArrayRef{0, 1}) : at::zeros({hidden}, grid.options());
+  return {grad_grid, grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(batchkin, m) {
@@ -330,6 +572,10 @@ TORCH_LIBRARY_FRAGMENT(batchkin, m) {
   m.def(
       "_drloc_scatter_cpu(Tensor grad_a, Tensor grad_b, Tensor pos, int channels, int H, int W, int off_b,"
       " bool channels_last) -> Tensor");
+  m.def("_drloc_first_layer_unique_cpu(Tensor grid, Tensor pos, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "_drloc_first_layer_unique_backward_cpu(Tensor grad, Tensor grid, Tensor pos, Tensor weight, bool has_bias,"
+      " bool channels_last) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(batchkin, CPU, m) {
@@ -338,6 +584,8 @@ TORCH_LIBRARY_IMPL(batchkin, CPU, m) {
   m.impl("_drloc_gather_sum_cpu", &drloc_gather_sum_cpu);
   m.impl("_drloc_pairs_cpu", &drloc_pairs_cpu);
   m.impl("_drloc_scatter_cpu", &drloc_scatter_cpu);
+  m.impl("_drloc_first_layer_unique_cpu", &drloc_first_layer_unique_cpu);
+  m.impl("_drloc_first_layer_unique_backward_cpu", &drloc_first_layer_unique_backward_cpu);
 }
 
 // The position draw has no tensor argument to dispatch on: it always builds a CPU tensor.

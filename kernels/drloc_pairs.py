@@ -43,15 +43,29 @@ Gather
 
 First head layer
     ``drloc_first_layer(grid, pos, weight, bias)`` equals
-    ``F.linear(cat(e_a, e_b, -1), weight, bias)``. Because ``weight @ [e_a; e_b] =
-    W1a @ e_a + W1b @ e_b`` (``W1a = weight[:, :C]``, ``W1b = weight[:, C:]``), when
-    ``m >= H * W`` it projects every token once (``P = tokens @ [W1a; W1b]^T``,
-    ``[B, H*W, 2 * hidden]``) and gathers rows: ``out = P_a[b, idx_a] + P_b[b, idx_b] + bias``
-    (the op ``batchkin::drloc_gather_sum`` fuses the gather, the sum and the bias; fewer
-    multiply-adds when ``m > H * W``, equal at ``m == H * W``).
-    Otherwise it gathers both members straight into one ``[B, m, 2C]`` buffer
-    (:func:`drloc_gather_cat`, no separate concatenation) and applies the layer as one
-    matrix product.
+    ``F.linear(cat(e_a, e_b, -1), weight, bias)``, by one of three strategies:
+
+    * ``gather``: gather both members straight into one ``[B, m, 2C]`` buffer
+      (:func:`drloc_gather_cat`, no separate concatenation) and apply the layer as one
+      matrix product;
+    * ``project``: because ``weight @ [e_a; e_b] = W1a @ e_a + W1b @ e_b`` (``W1a =
+      weight[:, :C]``, ``W1b = weight[:, C:]``), project every token once (``P = tokens @
+      [W1a; W1b]^T``, ``[B, H*W, 2 * hidden]``) and gather rows: ``out = P_a[b, idx_a] +
+      P_b[b, idx_b] + bias`` (``batchkin::drloc_gather_sum`` fuses the gather, the sum and the
+      bias);
+    * ``unique`` (CPU tensors; ``ref`` and ``cpp`` paths): project only the distinct tokens
+      each side uses, ``P_a = X_a @ W1a^T`` over the distinct ``a`` members ``X_a`` (image
+      by image, tokens in increasing order), ``P_b`` likewise, ``out = P_a[inv_a] +
+      P_b[inv_b] + bias``. Backward: the output gradient is summed per distinct row (pairs in
+      order, float32) into ``G_a``, ``G_b``; ``grad W1a = G_a^T X_a``; the grid gradient of a
+      token is ``(G_a W1a)[its a row] + (G_b W1b)[its b row]``, every grid element written
+      once. Its products run over ``D = H*W (1 - (1 - 1/(H*W))^m)`` rows per side and image
+      in expectation (``m`` for ``gather``, ``H*W`` for ``project``). The row counts are
+      data-dependent, so accelerators (no host synchronisation) do not use it.
+
+    ``"auto"`` picks the cheapest by :func:`choose_first_layer_strategy`: the matrix
+    products' FLOPs plus ``FLOPS_PER_BYTE[device]`` times the bytes the other steps move
+    (:func:`first_layer_costs`, from ``B``, ``C``, ``hidden``, ``m`` and ``H*W``).
 
 Paths (see :mod:`batchkin.kernels.dispatch`): Triton on CUDA tensors, the C++ ops
 ``batchkin::_drloc_*_cpu`` on CPU tensors, the PyTorch reference otherwise. All accept
@@ -64,6 +78,8 @@ supported.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -73,7 +89,7 @@ INFO = dispatch.register_op("drloc_pairs", cpp_library="drloc_pairs", cpp_source
 
 MODES = ("abs", "signed")
 GRID_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STRATEGIES = ("auto", "gather", "project")
+STRATEGIES = ("auto", "gather", "project", "unique")
 #: Draw counters are 32-bit: B * m * 4 may not exceed this.
 MAX_DRAWS = 2**32
 
@@ -172,6 +188,65 @@ def drloc_first_layer_reference(grid, pos, weight, bias=None) -> torch.Tensor:
     """``Linear(cat(e_a, e_b))``: the plain first head layer on the gathered pairs."""
     e_a, e_b = drloc_gather_reference(grid, pos)
     return F.linear(torch.cat([e_a, e_b], dim=-1), weight, bias)
+
+
+def drloc_unique_rows_reference(pos: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct tokens of each side: ``(rows_a, rows_b, inv)``.
+
+    ``rows_a`` (int64 ``[U_a]``) lists the flat tokens ``b * H * W + r * W + c`` that are the
+    ``a`` member of some pair, in increasing order (image by image, tokens in increasing
+    ``r * W + c``); ``rows_b`` likewise for the ``b`` members; ``inv[b, j]`` (``[B, m, 2]``)
+    is the row of pair ``j``'s ``a`` member in ``rows_a`` and of its ``b`` member in ``rows_b``.
+    """
+    B = pos.shape[0]
+    base = torch.arange(B, device=pos.device).view(B, 1) * (H * W)
+    flat_a = base + pos[..., 0] * W + pos[..., 1]
+    flat_b = base + pos[..., 2] * W + pos[..., 3]
+    rows_a, inv_a = torch.unique(flat_a, sorted=True, return_inverse=True)
+    rows_b, inv_b = torch.unique(flat_b, sorted=True, return_inverse=True)
+    return rows_a, rows_b, torch.stack([inv_a, inv_b], dim=-1)
+
+
+def drloc_first_layer_unique_reference(grid, pos, weight, bias=None) -> torch.Tensor:
+    """``Linear(cat(e_a, e_b))`` computed over the distinct tokens of each side (differentiable).
+
+    ``P_a = X_a @ W1a^T`` over the distinct ``a`` tokens ``X_a`` (``P_b`` likewise), then
+    ``out[b, j] = P_a[inv_a] + P_b[inv_b] + bias``.
+    """
+    B, C, H, W = grid.shape
+    rows_a, rows_b, inv = drloc_unique_rows_reference(pos, H, W)
+    tokens = grid.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    p_a = tokens.index_select(0, rows_a) @ weight[:, :C].t()
+    p_b = tokens.index_select(0, rows_b) @ weight[:, C:].t()
+    out = (p_a[inv[..., 0]].float() + p_b[inv[..., 1]].float())
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(grid.dtype)
+
+
+def drloc_first_layer_unique_backward_reference(grad, grid, pos, weight, has_bias: bool, channels_last: bool):
+    """``(grad_grid, grad_weight, grad_bias)`` of :func:`drloc_first_layer_unique_reference`.
+
+    The grid gradient is laid out ``[B, H, W, C]`` if ``channels_last`` else ``[B, C, H, W]``
+    (contiguous); ``grad_bias`` is zeros without a bias.
+    """
+    B, C, H, W = grid.shape
+    hidden = weight.shape[0]
+    rows_a, rows_b, inv = drloc_unique_rows_reference(pos, H, W)
+    g = grad.reshape(-1, hidden).float()
+    g_a = torch.zeros(rows_a.numel(), hidden, device=grad.device).index_add_(0, inv[..., 0].reshape(-1), g)
+    g_b = torch.zeros(rows_b.numel(), hidden, device=grad.device).index_add_(0, inv[..., 1].reshape(-1), g)
+    g_a, g_b = g_a.to(grid.dtype), g_b.to(grid.dtype)
+    tokens = grid.permute(0, 2, 3, 1).reshape(B * H * W, C)
+    grad_weight = torch.cat([g_a.t() @ tokens.index_select(0, rows_a), g_b.t() @ tokens.index_select(0, rows_b)], 1)
+    acc = torch.zeros(B * H * W, C, dtype=torch.float32, device=grad.device)
+    acc.index_add_(0, rows_a, (g_a @ weight[:, :C]).float())
+    acc.index_add_(0, rows_b, (g_b @ weight[:, C:]).float())
+    grad_grid = acc.to(grid.dtype).view(B, H, W, C)
+    if not channels_last:
+        grad_grid = grad_grid.permute(0, 3, 1, 2).contiguous()
+    grad_bias = grad.sum(dim=(0, 1)) if has_bias else grad.new_zeros(hidden)
+    return grad_grid, grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------- #
@@ -473,6 +548,29 @@ def drloc_scatter_impl(grad_a, grad_b, pos, channels, H, W, off_b, channels_last
     return drloc_scatter_reference(grad_a, grad_b, pos, channels, H, W, off_b, channels_last)
 
 
+def drloc_first_layer_unique_impl(grid, pos, weight, bias, path: str) -> torch.Tensor:
+    """The ``unique`` first layer on one path (forward only; ``ref`` or ``cpp``)."""
+    if _check_path(path) == "triton":
+        raise dispatch.KernelUnavailable(
+            "op 'drloc_pairs': the 'unique' first layer has no Triton kernel (its row counts are only known "
+            "on the host); use strategy 'gather' or 'project' on accelerators"
+        )
+    if path == "cpp":
+        return _cpp_ops()._drloc_first_layer_unique_cpu(grid, pos, weight, bias)
+    return drloc_first_layer_unique_reference(grid, pos, weight, bias)
+
+
+def drloc_first_layer_unique_backward_impl(grad, grid, pos, weight, has_bias, channels_last, path: str):
+    """The ``unique`` first layer's backward on one path: ``(grad_grid, grad_weight, grad_bias)``."""
+    if _check_path(path) == "triton":
+        raise dispatch.KernelUnavailable("op 'drloc_pairs': the 'unique' first layer has no Triton kernel")
+    if path == "cpp":
+        return tuple(
+            _cpp_ops()._drloc_first_layer_unique_backward_cpu(grad, grid, pos, weight, has_bias, channels_last)
+        )
+    return drloc_first_layer_unique_backward_reference(grad, grid, pos, weight, has_bias, channels_last)
+
+
 def _select(device: torch.device) -> str:
     return dispatch.select("drloc_pairs", device)
 
@@ -635,6 +733,56 @@ def _pairs_backward(ctx, grad_a, grad_b, grad_targets, grad_pos):
 drloc_pairs_op.register_autograd(_pairs_backward, setup_context=_pairs_setup)
 
 
+@torch.library.custom_op("batchkin::drloc_first_layer_unique", mutates_args=())
+def drloc_first_layer_unique_op(
+    grid: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    _check_pos_range(pos, grid.shape[2], grid.shape[3])
+    return drloc_first_layer_unique_impl(grid, pos, weight, bias, _select(grid.device))
+
+
+@drloc_first_layer_unique_op.register_fake
+def _(grid, pos, weight, bias=None):
+    return grid.new_empty(grid.shape[0], pos.shape[1], weight.shape[0])
+
+
+@torch.library.custom_op("batchkin::drloc_first_layer_unique_backward", mutates_args=())
+def drloc_first_layer_unique_backward_op(
+    grad: torch.Tensor, grid: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return drloc_first_layer_unique_backward_impl(
+        grad, grid, pos, weight, has_bias, channels_last, _select(grid.device)
+    )
+
+
+@drloc_first_layer_unique_backward_op.register_fake
+def _(grad, grid, pos, weight, has_bias, channels_last):
+    B, C, H, W = grid.shape
+    shape = (B, H, W, C) if channels_last else (B, C, H, W)
+    return grid.new_empty(shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _unique_setup(ctx, inputs, output):
+    grid, pos, weight, bias = inputs
+    ctx.save_for_backward(grid, pos, weight)
+    ctx.has_bias = bias is not None
+    ctx.channels_last = _channels_last(grid)
+
+
+def _unique_backward(ctx, grad):
+    grid, pos, weight = ctx.saved_tensors
+    grad_grid, grad_weight, grad_bias = drloc_first_layer_unique_backward_op(
+        grad, grid, pos, weight, ctx.has_bias, ctx.channels_last
+    )
+    if ctx.channels_last:
+        grad_grid = grad_grid.permute(0, 3, 1, 2)
+    return grad_grid, None, grad_weight, grad_bias if ctx.has_bias else None
+
+
+drloc_first_layer_unique_op.register_autograd(_unique_backward, setup_context=_unique_setup)
+
+
 # --------------------------------------------------------------------------- #
 # Public API (argument checks, then the ops)
 # --------------------------------------------------------------------------- #
@@ -756,6 +904,78 @@ def _project(grid: torch.Tensor, w_ab: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,kc->bkhw", grid, w_ab)
 
 
+#: The cost model's exchange rate: how many GEMM FLOPs take as long as moving one byte through
+#: a gather, scatter or sum (per device type). On the CPU a fp32 GEMM runs at tens of GFLOP/s
+#: per core while the index-driven copies move a few GB/s, and the two half-width products of
+#: ``unique`` run somewhat below the full-width one: 16 reproduces the measured crossovers of
+#: the benchmark sizes (B = 256, m = 64, hidden = 512) on a 2-core AVX2 machine. On a GPU the
+#: gap between compute and memory is wider.
+FLOPS_PER_BYTE = {"cpu": 16.0, "cuda": 24.0}
+_DEFAULT_FLOPS_PER_BYTE = 16.0
+
+
+def expected_distinct(m: int, n: int) -> float:
+    """Expected number of distinct values among ``m`` uniform draws from ``n``: ``n (1 - (1 - 1/n)^m)``."""
+    return n * -math.expm1(m * math.log1p(-1.0 / n)) if n > 1 else 1.0
+
+
+def first_layer_costs(B: int, C: int, hidden: int, m: int, HW: int, elem_size: int = 4) -> dict:
+    """The cost model of the first layer's strategies, forward + backward: ``{strategy: (flops, bytes)}``.
+
+    ``flops`` counts the three matrix products (output, grid gradient, weight gradient) at
+    2 FLOPs per multiply-add; ``bytes`` the memory traffic of everything else (gathers,
+    scatters, sums, ``elem_size`` bytes per element), per step:
+
+    * ``gather``: products over ``2m`` rows of ``C`` per image; gather the pairs into
+      ``[B, m, 2C]`` (read + write), read that gradient back and write the grid gradient;
+    * ``project``: products over all ``2 H*W`` token rows; write and read the token table
+      ``[B, H*W, 2 hidden]`` (forward: gather-sum reads ``2m`` rows, writes ``m``; backward:
+      reads the output gradient twice, writes the table's gradient);
+    * ``unique``: products over the distinct tokens of each side, ``2 D`` rows with
+      ``D = expected_distinct(m, H*W)``; gather those rows twice (forward and backward),
+      the gather-sum and the segment sum over ``hidden``, write the grid gradient.
+    """
+    D = expected_distinct(m, HW)
+    mm = 3 * 2 * C * hidden  # FLOPs per row of one side (C inputs, hidden outputs), three products
+    costs = {
+        "gather": (B * 2 * m * mm, B * (2 * m * 2 * C + m * 2 * C + HW * C)),
+        "project": (B * 2 * HW * mm, B * (3 * m * hidden + 2 * m * hidden + 2 * HW * hidden)),
+        "unique": (
+            B * 2 * D * mm,
+            B * (2 * 2 * (2 * D * C) + 3 * m * hidden + 2 * m * hidden + 2 * D * hidden + 2 * D * C + HW * C),
+        ),
+    }
+    return {k: (flops, nbytes * elem_size) for k, (flops, nbytes) in costs.items()}
+
+
+def choose_first_layer_strategy(
+    B: int, C: int, hidden: int, m: int, HW: int, *, device_type: str = "cpu", elem_size: int = 4,
+    allow_unique: bool = True,
+) -> str:
+    """The strategy ``"auto"`` runs: the cheapest of :func:`first_layer_costs` at
+    ``flops + FLOPS_PER_BYTE[device_type] * bytes`` (ties go to ``gather``, then ``project``).
+
+    ``unique`` competes only where ``allow_unique`` (CPU tensors on a non-Triton path: its row
+    counts are data-dependent, known for free only on the host).
+    """
+    rate = FLOPS_PER_BYTE.get(device_type, _DEFAULT_FLOPS_PER_BYTE)
+    costs = first_layer_costs(B, C, hidden, m, HW, elem_size)
+    best, best_cost = None, math.inf
+    for name in ("gather", "project", "unique"):
+        if name == "unique" and not allow_unique:
+            continue
+        flops, nbytes = costs[name]
+        cost = flops + rate * nbytes
+        if cost < best_cost:
+            best, best_cost = name, cost
+    return best
+
+
+def _unique_allowed(grid: torch.Tensor) -> bool:
+    """``unique`` runs on CPU tensors unless the Triton path is forced (it has no Triton kernel)."""
+    return grid.device.type == "cpu" and dispatch.requested_mode() != "triton"
+
+
 def drloc_first_layer(
     grid: torch.Tensor,
     pos: torch.Tensor,
@@ -767,9 +987,10 @@ def drloc_first_layer(
     """The DRLoc head's first layer on the pairs ``pos``: ``[B, m, hidden]``.
 
     Equals ``F.linear(cat(e_a, e_b, -1), weight, bias)`` with ``weight [hidden, 2C]``.
-    ``strategy="auto"`` projects every token once and gathers rows when ``m >= H*W``
-    (``"project"``), else gathers the pairs into ``[B, m, 2C]`` and applies the layer
-    (``"gather"``).
+    Strategies: ``"gather"`` gathers the pairs into ``[B, m, 2C]`` and applies the layer;
+    ``"project"`` projects every token once and gathers rows; ``"unique"`` (CPU tensors,
+    ``ref`` / ``cpp`` paths) projects only the distinct tokens each side uses.
+    ``"auto"`` picks the cheapest by the cost model :func:`choose_first_layer_strategy`.
     Differentiable w.r.t. ``grid``, ``weight`` and ``bias``.
     """
     _check_grid(grid)
@@ -785,7 +1006,14 @@ def drloc_first_layer(
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     m = pos.shape[1]
     if strategy == "auto":
-        strategy = "project" if m >= H * W else "gather"
+        strategy = choose_first_layer_strategy(
+            B, C, hidden, m, H * W, device_type=grid.device.type, elem_size=grid.element_size(),
+            allow_unique=_unique_allowed(grid),
+        )
+    if strategy == "unique":
+        if grid.device.type != "cpu":
+            raise ValueError(f"strategy 'unique' needs CPU tensors (data-dependent row counts); got {grid.device}")
+        return drloc_first_layer_unique_op(grid, pos, weight, bias)
     if strategy == "project":
         # [W1a; W1b]: [2 * hidden, C]; the table's channels [0, hidden) project the a
         # members, channels [hidden, 2 * hidden) the b members; the bias joins in the gather

@@ -29,11 +29,13 @@ Heads (``[drloc] head``) and their losses:
 integer bins, so ``normalize = true`` with ``ce`` or ``cbr`` is refused
 (``drloc.normalize``) instead of being silently ignored.
 
-The head's first layer runs through the op's ``drloc_first_layer``: because
-``W1 [e_a; e_b] = W1a e_a + W1b e_b``, it projects every token once and gathers rows
-when ``m >= H * W`` (``first_layer = "auto"`` or ``"project"``), or gathers the pairs
-straight into one ``[B, m, 2C]`` buffer (``"gather"``); both equal the plain
-``Linear(cat(e_a, e_b))``.
+The head's first layer runs through the op's ``drloc_first_layer``, which equals the plain
+``Linear(cat(e_a, e_b))`` for every ``first_layer``: ``"gather"`` gathers the pairs straight
+into one ``[B, m, 2C]`` buffer; ``"project"`` uses ``W1 [e_a; e_b] = W1a e_a + W1b e_b`` to
+project every token once and gather rows; ``"unique"`` (CPU) projects only the distinct
+tokens each side uses; ``"auto"`` picks the cheapest by the op's cost model
+(``choose_first_layer_strategy``: matrix-product FLOPs plus weighted memory traffic, from
+``B``, ``C``, ``hidden``, ``m`` and ``H * W``).
 
 Multi-scale (``multiscale = true``, "very dense" in the paper): one head per stage of
 ``outputs["grids"]`` (a hierarchical model, e.g. ``vit_hier`` below), the stages'
@@ -86,7 +88,7 @@ from batchkin.plugin import Method
 HEADS = ("l1", "ce", "cbr")
 MODES = ("abs", "signed")
 SCHEDULES = ("warmup_decay", "constant")
-FIRST_LAYER = ("auto", "project", "gather")
+FIRST_LAYER = ("auto", "project", "gather", "unique")
 #: ``var`` floor of the cbr loss and the weight of its ``log var`` term.
 CBR_EPS = 1e-8
 CBR_LOG_VAR_WEIGHT = 0.001
@@ -236,7 +238,7 @@ class DRLocHead(nn.Module):
         """Predictions for the pairs ``pos`` (``[B, m, 4]``, rows/cols of both members) of ``grid``.
 
         The first layer runs through ``drloc_first_layer`` (``first_layer``: ``auto``,
-        ``project`` or ``gather``); the result equals ``predict(cat(e_a, e_b))``.
+        ``project``, ``gather`` or ``unique``); the result equals ``predict(cat(e_a, e_b))``.
         """
         if grid.dim() != 4 or grid.shape[1] != self.channels:
             raise ValueError(f"grid must be [B, {self.channels}, H, W]; got {tuple(grid.shape)}")
@@ -477,9 +479,9 @@ class DRLoc(Method):
                                                       "end, or constant"})
         lambda0: float = field(default=0.1, metadata={"ge": 0.0, "help": "peak (or constant) weight of the loss"})
         warmup_epochs: int = field(default=20, metadata={"ge": 0, "help": "warm-up length (clipped to epochs)"})
-        first_layer: Literal["auto", "project", "gather"] = field(
+        first_layer: Literal["auto", "project", "gather", "unique"] = field(
             default="auto", metadata={"help": "first head layer: project every token once, gather the pairs, "
-                                              "or auto (project when m >= H*W)"})
+                                              "project the distinct tokens (CPU), or auto (cost model)"})
 
         def validate(self):
             if self.normalize and self.head != "l1":

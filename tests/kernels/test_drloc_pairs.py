@@ -4,6 +4,8 @@ the first head layer, their gradients, parity of the ref/cpp/triton paths, distr
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -458,11 +460,13 @@ def test_first_layer_parity(force_path, path, dtype, H, W, strategy):
 @pytest.mark.parametrize("strategy", dp.STRATEGIES)
 def test_first_layer_without_bias_and_auto_choice(monkeypatch, strategy):
     B, C, H, W, hidden = 2, 5, 3, 4, 7
-    calls = []
-    real = dp.drloc_gather_sum_op
-    monkeypatch.setattr(dp, "drloc_gather_sum_op", lambda *a: calls.append(1) or real(*a))
-    for m in (H * W - 1, H * W, H * W + 5):
-        calls.clear()
+    calls = {"project": [], "unique": []}
+    real_sum, real_unique = dp.drloc_gather_sum_op, dp.drloc_first_layer_unique_op
+    monkeypatch.setattr(dp, "drloc_gather_sum_op", lambda *a: calls["project"].append(1) or real_sum(*a))
+    monkeypatch.setattr(dp, "drloc_first_layer_unique_op", lambda *a: calls["unique"].append(1) or real_unique(*a))
+    for m in (1, H * W - 1, H * W, H * W + 5, 200):
+        for v in calls.values():
+            v.clear()
         leaf, grid, weight, _, pos, grad_out = _first_layer_case(B, C, H, W, m, hidden, torch.float32, "tokens", 3)
         got = dp.drloc_first_layer(grid, pos, weight, strategy=strategy)
         want = dp.drloc_first_layer_reference(grid, pos, weight)
@@ -471,8 +475,160 @@ def test_first_layer_without_bias_and_auto_choice(monkeypatch, strategy):
             torch.autograd.grad(got, [leaf, weight], grad_out), torch.autograd.grad(want, [leaf, weight], grad_out)
         ):
             _assert_close(a, b, torch.float32)
-        projected = strategy == "project" or (strategy == "auto" and m >= H * W)
-        assert bool(calls) == projected
+        ran = strategy
+        if strategy == "auto":
+            ran = dp.choose_first_layer_strategy(B, C, hidden, m, H * W, device_type="cpu")
+        assert bool(calls["project"]) == (ran == "project")
+        assert bool(calls["unique"]) == (ran == "unique")
+
+
+# --------------------------------------------------------------------------- #
+# The "unique" strategy and the cost model
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("B,m,H,W", [(3, 40, 4, 5), (2, 7, 1, 1), (4, 1, 6, 3), (2, 300, 14, 14)])
+def test_unique_rows_reference(B, m, H, W):
+    pos = dp.drloc_positions(B, m, H, W, rng.derive_key(B, m))
+    rows_a, rows_b, inv = dp.drloc_unique_rows_reference(pos, H, W)
+    for side, rows in ((0, rows_a), (1, rows_b)):
+        flat = torch.arange(B).view(B, 1) * H * W + pos[..., 2 * side] * W + pos[..., 2 * side + 1]
+        want = sorted(set(flat.flatten().tolist()))
+        assert rows.tolist() == want  # distinct, increasing (image by image)
+        assert torch.equal(rows[inv[..., side]], flat)  # every pair maps to its own token
+
+
+@pytest.mark.parametrize("path", ["ref", "cpp"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,W", GRIDS)
+@pytest.mark.parametrize("layout", ["tokens", "contiguous", "strided"])
+def test_unique_first_layer_parity(force_path, path, dtype, H, W, layout):
+    B, C, hidden = 3, 6, 10
+    for m, with_bias in ((5, True), (H * W + 7, False)):
+        leaf, grid, weight, bias, pos, grad_out = _first_layer_case(B, C, H, W, m, hidden, dtype, layout, seed=m)
+        bias = bias if with_bias else None
+        inputs = [leaf, weight] + ([bias] if with_bias else [])
+        want = dp.drloc_first_layer_reference(grid, pos, weight, bias)
+        want_grads = torch.autograd.grad(want, inputs, grad_out)
+        force_path(path)
+        got = dp.drloc_first_layer(grid, pos, weight, bias, strategy="unique")
+        assert got.shape == (B, m, hidden) and got.dtype == dtype
+        _assert_close(got, want, dtype)
+        got_grads = torch.autograd.grad(got, inputs, grad_out)
+        for a, b in zip(got_grads, want_grads):
+            assert a.dtype == b.dtype
+            _assert_close(a, b, dtype)
+        if layout == "tokens":  # the gradient is laid out like the token view: no copy back
+            assert got_grads[0].is_contiguous()
+        force_path("auto")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unique_cpp_matches_its_reference(dtype):
+    """The C++ op and the reference of the same algorithm, forward and backward, both layouts."""
+    B, C, H, W, m, hidden = 4, 7, 5, 6, 50, 9
+    for channels_last, layout in ((True, "tokens"), (False, "contiguous")):
+        _, grid, weight, bias, pos, grad_out = _first_layer_case(B, C, H, W, m, hidden, dtype, layout, seed=4)
+        grid, weight, bias = grid.detach(), weight.detach(), bias.detach()
+        got = dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "cpp")
+        want = dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "ref")
+        _assert_close(got, want, dtype)
+        gb = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, True, channels_last, "cpp")
+        wb = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, True, channels_last, "ref")
+        shape = (B, H, W, C) if channels_last else (B, C, H, W)
+        assert gb[0].shape == wb[0].shape == shape and gb[0].is_contiguous()
+        for a, b in zip(gb, wb):
+            _assert_close(a, b, dtype)
+    # untouched tokens get an exact zero gradient, no bias gives no bias gradient
+    pos = torch.zeros(B, m, 4, dtype=torch.int64)  # every pair is (0, 0) - (0, 0)
+    grid = torch.randn(B, C, H, W, generator=_gen(1)).to(dtype)
+    g = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, False, False, "cpp")
+    assert torch.count_nonzero(g[0][:, :, 1:]) == 0 and torch.count_nonzero(g[0][:, :, 0, 1:]) == 0
+    assert torch.count_nonzero(g[2]) == 0
+
+
+def test_unique_is_refused_off_the_host(force_path):
+    _, grid, weight, bias, pos, _ = _first_layer_case(2, 3, 4, 4, 5, 6, torch.float32, "tokens", 1)
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        dp.drloc_first_layer(grid.to("meta"), pos.to("meta"), weight.to("meta"), bias.to("meta"), strategy="unique")
+    force_path("triton")
+    with pytest.raises(dispatch.KernelUnavailable, match="no Triton kernel"):
+        dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "triton")
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (1, 49), (64, 49), (64, 196), (1000, 10), (5, 2)])
+def test_expected_distinct_matches_simulation(m, n):
+    want = dp.expected_distinct(m, n)
+    assert want == pytest.approx(n * (1 - (1 - 1 / n) ** m), rel=1e-12)
+    draws = torch.randint(n, (4000, m), generator=_gen(m * n))
+    distinct = torch.tensor([float(len(set(row.tolist()))) for row in draws])
+    # the sample mean of 4000 images is within 5 standard errors of the expectation
+    assert abs(float(distinct.mean()) - want) <= 5 * float(distinct.std()) / 4000**0.5 + 1e-9
+
+
+def test_cost_model_terms():
+    B, C, hidden, m, HW = 256, 384, 512, 64, 196
+    costs = dp.first_layer_costs(B, C, hidden, m, HW)
+    D = dp.expected_distinct(m, HW)
+    assert costs["gather"][0] == 3 * 2 * B * m * 2 * C * hidden
+    assert costs["project"][0] == 3 * 2 * B * HW * C * 2 * hidden
+    assert costs["unique"][0] == pytest.approx(3 * 2 * B * 2 * D * C * hidden)
+    # unique never multiplies more than the cheaper of the other two
+    for m2, hw2 in ((1, 1), (64, 49), (64, 196), (500, 49), (3, 1000)):
+        c = dp.first_layer_costs(8, 16, 32, m2, hw2)
+        assert c["unique"][0] <= min(c["gather"][0], c["project"][0]) * (1 + 1e-12)
+    bytes16 = dp.first_layer_costs(B, C, hidden, m, HW, elem_size=2)
+    for k in costs:
+        assert bytes16[k] == (costs[k][0], pytest.approx(costs[k][1] / 2))
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_auto_picks_the_cheapest_by_the_model(device_type):
+    rate = dp.FLOPS_PER_BYTE[device_type]
+    seen = set()
+    for B in (1, 256):
+        for C in (8, 192, 768):
+            for hidden in (16, 512):
+                for m in (1, 16, 64, 500):
+                    for HW in (1, 49, 128, 196, 3136):
+                        for allow in (True, False):
+                            costs = dp.first_layer_costs(B, C, hidden, m, HW)
+                            names = [k for k in ("gather", "project", "unique") if allow or k != "unique"]
+                            total = {k: costs[k][0] + rate * costs[k][1] for k in names}
+                            got = dp.choose_first_layer_strategy(
+                                B, C, hidden, m, HW, device_type=device_type, allow_unique=allow
+                            )
+                            assert total[got] == min(total.values())
+                            seen.add(got)
+    assert seen == {"gather", "project", "unique"}  # every strategy wins somewhere
+    # the benchmark's sizes on the CPU: few repeats on a 14x14 grid with narrow tokens gather
+    pick = functools.partial(dp.choose_first_layer_strategy, 256, hidden=512, m=64)
+    assert pick(C=192, HW=196) == "gather"
+    assert all(pick(C=c, HW=49) == "unique" for c in (192, 384, 768))
+    assert pick(C=768, HW=128) == "unique"
+    assert pick(C=768, HW=49, allow_unique=False) == "project"
+    assert pick(C=768, HW=196, allow_unique=False) == "gather"
+
+
+def test_auto_never_runs_unique_on_the_triton_path(force_path, monkeypatch):
+    calls = []
+    real = dp.drloc_first_layer_unique_op
+    monkeypatch.setattr(dp, "drloc_first_layer_unique_op", lambda *a: calls.append(1) or real(*a))
+    B, C, H, W, m, hidden = 2, 192, 7, 7, 64, 512
+    _, grid, weight, bias, pos, _ = _first_layer_case(B, C, H, W, m, hidden, torch.float32, "tokens", 2)
+    assert dp.choose_first_layer_strategy(B, C, hidden, m, H * W) == "unique"
+    dp.drloc_first_layer(grid, pos, weight, bias)
+    assert calls == [1]
+    force_path("ref")
+    dp.drloc_first_layer(grid, pos, weight, bias)
+    assert calls == [1, 1]
+    force_path("triton")
+    calls.clear()
+    try:
+        dp.drloc_first_layer(grid, pos, weight, bias)
+    except dispatch.KernelUnavailable:
+        pass  # no Triton here: the point is which strategy was chosen
+    assert calls == []
 
 
 # --------------------------------------------------------------------------- #
@@ -499,6 +655,15 @@ def test_opcheck(layout):
         (ops.drloc_scatter.default, (g[..., :C], g[..., C:], pos, C, H, W, 0, layout == "tokens")),
         (ops.drloc_positions.default, (B, m, H, W, 77, torch.device("cpu"))),
     ]
+    weight = torch.randn(5, 2 * C, generator=_gen(12), requires_grad=True)
+    bias = torch.randn(5, generator=_gen(13), requires_grad=True)
+    grad = torch.randn(B, m, 5, generator=_gen(14))
+    cases += [
+        (ops.drloc_first_layer_unique.default, (grid, pos, weight, bias)),
+        (ops.drloc_first_layer_unique.default, (grid, pos, weight, None)),
+        (ops.drloc_first_layer_unique_backward.default,
+         (grad, grid.detach(), pos, weight.detach(), True, layout == "tokens")),
+    ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
@@ -510,7 +675,7 @@ def test_torch_compile_fullgraph():
     def step(tokens, weight, bias, w2, key):
         grid = tokens.transpose(1, 2).unflatten(2, (H, W))
         e_a, e_b, targets, pos = dp.drloc_pairs(grid, m, key, "abs", True)
-        hidden_a = dp.drloc_first_layer(grid, pos, weight, bias)  # m >= H*W: the projection
+        hidden_a = dp.drloc_first_layer(grid, pos, weight, bias)  # auto: the cost model's choice
         hidden_b = F.linear(torch.cat([e_a, e_b], -1), weight, bias)
         pred = F.relu(hidden_a + hidden_b) @ w2
         return F.l1_loss(pred, targets)

@@ -337,10 +337,13 @@ def test_drloc_loss_bad_arguments():
 # ------------------------------------------------------------------------------ fused first layer
 
 
-@pytest.mark.parametrize("m,strategy", [(40, "auto"), (40, "project"), (5, "auto"), (5, "gather"), (5, "project")])
+@pytest.mark.parametrize(
+    "m,strategy",
+    [(40, "auto"), (40, "project"), (40, "unique"), (5, "auto"), (5, "gather"), (5, "project"), (5, "unique")],
+)
 @pytest.mark.parametrize("kind", ["l1", "ce"])
 def test_fused_first_layer_equals_the_plain_head(kind, m, strategy):
-    B, C, H, W = 2, 5, 4, 6  # H * W = 24: m = 40 projects every token, m = 5 gathers (auto)
+    B, C, H, W = 2, 5, 4, 6  # H * W = 24: m = 40 repeats tokens, m = 5 mostly does not
     pos = drloc_positions_reference(B, m, H, W, key=99)
     outs, grads = [], []
     for fused in (True, False):
@@ -365,7 +368,7 @@ def test_drloc_loss_is_the_same_for_every_first_layer_strategy():
     head = drloc.DRLocHead(4, "cbr", "signed", (3, 5), hidden=8, generator=gen(0))
     _, grid = token_grid(2, 4, 3, 5)
     losses = [val(drloc.drloc_loss(grid, head, 20, 5, first_layer=s)) for s in drloc.FIRST_LAYER]
-    assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)
+    assert losses == pytest.approx([losses[0]] * len(drloc.FIRST_LAYER), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------ the draw
@@ -592,7 +595,7 @@ def test_token_grid_probe_keeps_batchnorm_statistics_and_mode():
     ({"lambda0": -0.5}, r"drloc\.lambda0 must be >= 0.0"),
     ({"warmup_epochs": -1}, r"drloc\.warmup_epochs must be >= 0"),
     ({"schedule": "cosine"}, r"drloc\.schedule must be one of 'warmup_decay', 'constant'"),
-    ({"first_layer": "fused"}, r"drloc\.first_layer must be one of 'auto', 'project', 'gather'"),
+    ({"first_layer": "fused"}, r"drloc\.first_layer must be one of 'auto', 'project', 'gather', 'unique'"),
     ({"normalize": "yes"}, r"drloc\.normalize must be true or false"),
     ({"head": "ce", "normalize": True}, r"drloc\.normalize = true applies to the l1 head only"),
     ({"head": "cbr", "normalize": True}, r"drloc\.normalize = true applies to the l1 head only"),
