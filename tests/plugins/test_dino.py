@@ -329,3 +329,66 @@ def test_dino_digits_config_trains_a_step():
     assert len(step.q) == 2 + n and step.keys.shape[0] == 2
     assert state.hooks.methods["dino"].local == LocalCrops(n=n, size=(size, size), scale=(0.05, 0.4))
     assert math.isfinite(float(state.loss_terms["dino"].detach()))
+
+
+def test_gradient_reaches_the_student_and_never_the_teacher():
+    state = run_plugin(["dino"], steps=1, config=dino_config(epochs=2), plugin_modules=MODULES)
+    net = state.unwrapped_model
+    train_step(state, next(iter(state.sampler)))
+    step = state.outputs["ssl"]
+    assert not step.keys.requires_grad and all(q[0].requires_grad for q in step.q)
+    classifier = {id(p) for p in net.encoder.classifier.parameters()}
+    student = [(n, p) for n, p in list(net.encoder.named_parameters()) + list(net.head.named_parameters())
+               if id(p) not in classifier and n != "last_g"]
+    for name, p in student:
+        assert p.requires_grad and p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    # the weight-normalised last layer keeps g = 1 frozen; the teacher gets no gradient at all
+    assert not net.head.last_g.requires_grad and net.head.last_g.grad is None
+    assert torch.equal(net.head.last_g, torch.ones_like(net.head.last_g))
+    for name, p in net.momentum.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    optimized = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in net.momentum.parameters()}
+
+
+def test_head_outputs_are_cosines_to_unit_prototypes():
+    # L2-normalised bottleneck times a weight-normalised last layer with g = 1: every output
+    # is the cosine between the bottleneck and one prototype row of last_v, at any scale of v
+    head = dino.DINOHead(6, 5, hidden_dim=8, bottleneck_dim=4)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head.last_v.mul_(torch.tensor([0.1, 1.0, 7.0, 0.5, 3.0]).view(5, 1))
+        out = head(x)
+        z = head.mlp(x)
+    cos = F.cosine_similarity(z.unsqueeze(1), head.last_v.unsqueeze(0), dim=-1)
+    torch.testing.assert_close(out, cos)
+    assert float(out.abs().max()) <= 1.0 + 1e-6
+
+
+def test_centering_is_on_the_teacher_logits_before_the_temperature():
+    # hand example: center 0 -> 0.9 * 0 + 0.1 * mean(raw teacher outputs), not of t / T nor of probs
+    t = torch.tensor([[[1.0, 3.0], [3.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]])  # [V=2, B=2, K=2]
+    center = update_center(torch.zeros(1, 2), t, 0.9)
+    torch.testing.assert_close(center, torch.tensor([[0.25, 0.15]]))
+    # the next step's teacher distribution: softmax((t - c) / T), here T = 0.05
+    p = teacher_probs(torch.tensor([[1.0, 1.0]]), center, 0.05)
+    e = torch.exp(torch.tensor([0.75, 0.85]) / 0.05)
+    torch.testing.assert_close(p, (e / e.sum()).view(1, 2))
+    # sharper than the student at the same logits: T_t = 0.04 < T_s = 0.1
+    s = F.softmax(torch.tensor([[0.75, 0.85]]) / 0.1, dim=-1)
+    assert float(p.max()) > float(s.max())
+
+
+def test_run_uses_each_epochs_teacher_temperature():
+    # 10 epochs, warm-up of 3: the step's temperature is linspace(0.04, 0.07, 3)[e - 1], then 0.07
+    state = run_plugin(["dino"], steps=1, config=dino_config(epochs=10), plugin_modules=MODULES)
+    plugin = state.hooks.methods["dino"]
+    seen = []
+    for epoch in (1, 2, 3, 4, 10):
+        state.epoch = epoch
+        state.sampler.set_epoch(epoch)
+        state.hooks.on_epoch_start(state=state)
+        train_step(state, next(iter(state.sampler)))
+        seen.append(state.outputs["ssl"].teacher_temp)
+        assert plugin.temp == seen[-1]
+    assert seen == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
