@@ -19,7 +19,9 @@
 // rows weighted outermost as in ATen's CPU kernel.
 //
 // The work is split with at::parallel_for over the V*B*C image planes; every
-// output element is written exactly once into one freshly allocated tensor.
+// output element is written exactly once into one new, uninitialised tensor. On Linux
+// outputs of 32 MiB and more are huge-page blocks, and freed ones are cached for reuse
+// (see fresh_output).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,11 +32,17 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <utility>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -63,29 +71,92 @@ inline uint8_t store_f<uint8_t>(float v) {
   return static_cast<uint8_t>(static_cast<int32_t>(r));
 }
 
-// Outputs at least this large get transparent huge pages (a hint, see fresh_output).
-// 32 MiB is glibc's largest mmap threshold: a block this size is always a fresh private
-// mapping, so the hint never touches the shared heap.
-constexpr size_t kHugePageMinBytes = size_t{32} << 20;
+// Outputs at least this large are allocated here (see fresh_output); smaller ones come
+// from PyTorch's allocator. 32 MiB is glibc's largest mmap threshold: a block this size
+// would be a fresh private mapping there too, returned to the system when freed.
+constexpr size_t kLargeMinBytes = size_t{32} << 20;
+// Freed large outputs kept for reuse (a training loop mixes batches of one shape, and
+// the previous step's output may still be alive when the next one is made).
+constexpr size_t kCachedBlocks = 2;
 
-// The output tensor, uninitialised. Its pages are first touched by the mixing loop
-// itself (in parallel, each thread faulting in the planes it writes). On Linux a large
-// output is advised to use 2 MiB pages: a fresh 150 MB output otherwise costs ~37,000
-// 4 KiB page faults, which take longer than the mixing. madvise is only a hint; when
-// the kernel does not follow it nothing changes but the speed.
+#if defined(__linux__)
+constexpr size_t kHugePage = size_t{2} << 20;
+
+// Large output blocks: 2 MiB-aligned anonymous mappings advised to use transparent huge
+// pages, and a small cache of freed ones. A fresh 150 MB output costs ~37,000 4 KiB page
+// faults (longer than the mixing); with huge pages it costs 75 faults, but the kernel
+// still zeroes every page, and a 2 MiB block that was free for a while may have been
+// handed back to the hypervisor (free page reporting works on 2 MiB blocks), so faulting
+// it in again can take most of a second. A reused block has none of these costs: its
+// pages are resident, and the mixing overwrites every element.
+struct BlockCache {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> blocks;  // (address, mapped bytes), oldest first
+};
+
+BlockCache& block_cache() {
+  static BlockCache* cache = new BlockCache();  // never destroyed: outputs may outlive statics
+  return *cache;
+}
+
+void* map_block(size_t bytes) {
+  {
+    BlockCache& c = block_cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    for (size_t i = c.blocks.size(); i-- > 0;) {
+      if (c.blocks[i].second == bytes) {
+        void* p = c.blocks[i].first;
+        c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(i));
+        return p;
+      }
+    }
+  }
+  // over-map by one huge page and trim, so that the block starts on a 2 MiB boundary
+  const size_t span = bytes + kHugePage;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t r = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t a = (r + kHugePage - 1) & ~(uintptr_t{kHugePage} - 1);
+  if (a > r) munmap(raw, a - r);
+  const uintptr_t tail = r + span - (a + bytes);
+  if (tail > 0) munmap(reinterpret_cast<void*>(a + bytes), tail);
+#if defined(MADV_HUGEPAGE)
+  (void)madvise(reinterpret_cast<void*>(a), bytes, MADV_HUGEPAGE);  // a hint only
+#endif
+  return reinterpret_cast<void*>(a);
+}
+
+void release_block(void* p, size_t bytes) {
+  BlockCache& c = block_cache();
+  std::pair<void*, size_t> evicted{nullptr, 0};
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    c.blocks.emplace_back(p, bytes);
+    if (c.blocks.size() > kCachedBlocks) {
+      evicted = c.blocks.front();
+      c.blocks.erase(c.blocks.begin());
+    }
+  }
+  if (evicted.first != nullptr) munmap(evicted.first, evicted.second);
+}
+#endif
+
+// The output tensor, contiguous and uninitialised (the mixing loop writes every element;
+// its pages are first touched there, in parallel, each thread faulting in the planes it
+// writes).
 at::Tensor fresh_output(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t nbytes = static_cast<size_t>(out.numel()) * out.element_size();
-  if (nbytes >= kHugePageMinBytes) {
-    constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (p + nbytes) & ~(kHuge - 1);
-    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#if defined(__linux__)
+  const size_t nbytes = static_cast<size_t>(x.numel()) * x.element_size();
+  if (nbytes >= kLargeMinBytes) {
+    const size_t bytes = (nbytes + kHugePage - 1) & ~(kHugePage - 1);
+    void* p = map_block(bytes);
+    if (p != nullptr) {
+      return at::from_blob(
+          p, x.sizes(), [bytes](void* q) { release_block(q, bytes); }, x.options());
+    }
   }
 #endif
-  return out;
+  return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
 // Source taps of a linear resize of an axis of length `in` to length `out` (out >= 1),
@@ -156,15 +227,91 @@ inline const float* cached_row(ResizeScratch& s, const T* prt, int64_t W, int64_
   return s.row_a.data();
 }
 
+// dst = l * own + m * prt, elementwise. The same loop is also compiled for AVX2 and
+// picked at run time where the CPU has it (the extension is built for baseline x86-64):
+// the same float32 operations in the same order (no FMA contraction), so the same results,
+// but the upcasts, above all float16's, and uint8's rounding vectorise far better.
+#if defined(__GNUC__)
+#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define BK_ALWAYS_INLINE inline
+#endif
+
+template <typename T>
+BK_ALWAYS_INLINE void mixup_loop(const T* __restrict own, const T* __restrict prt,
+                                                      T* __restrict dst, int64_t n, float l, float m) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = store_f<T>(l * load_f(own[i]) + m * load_f(prt[i]));
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2"))) void mixup_loop_avx2(const T* __restrict own, const T* __restrict prt,
+                                                      T* __restrict dst, int64_t n, float l, float m) {
+  mixup_loop<T>(own, prt, dst, n, l, m);
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+// float16's scalar conversions branch, so that loop does not vectorise: with F16C the
+// conversions are single instructions, exact both ways (round to nearest even, as c10's).
+// c10 stores every NaN as the quiet NaN 0x7E00 with its sign; F16C keeps the payload's
+// top bits, so NaN lanes are rewritten to match.
+__attribute__((target("avx2,f16c"))) void mixup_half_f16c(const c10::Half* own, const c10::Half* prt,
+                                                           c10::Half* dst, int64_t n, float l, float m) {
+  const __m256 vl = _mm256_set1_ps(l);
+  const __m256 vm = _mm256_set1_ps(m);
+  const __m128i abs_mask = _mm_set1_epi16(0x7FFF);
+  const __m128i inf = _mm_set1_epi16(0x7C00);
+  const __m128i sign_mask = _mm_set1_epi16(static_cast<short>(0x8000));
+  const __m128i qnan = _mm_set1_epi16(0x7E00);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(own + i)));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(prt + i)));
+    const __m256 r = _mm256_add_ps(_mm256_mul_ps(vl, a), _mm256_mul_ps(vm, b));
+    __m128i h = _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m128i is_nan = _mm_cmpgt_epi16(_mm_and_si128(h, abs_mask), inf);
+    const __m128i canon = _mm_or_si128(_mm_and_si128(h, sign_mask), qnan);
+    h = _mm_or_si128(_mm_andnot_si128(is_nan, h), _mm_and_si128(is_nan, canon));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  mixup_loop<c10::Half>(own + i, prt + i, dst + i, n - i, l, m);
+}
+
+inline bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+template <typename T>
+void mixup_span(const T* __restrict own, const T* __restrict prt, T* __restrict dst, int64_t n, float l, float m) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (cpu_has_f16c()) {
+      mixup_half_f16c(own, prt, dst, n, l, m);
+      return;
+    }
+  }
+  if (cpu_has_avx2()) {
+    mixup_loop_avx2<T>(own, prt, dst, n, l, m);
+    return;
+  }
+#endif
+  mixup_loop<T>(own, prt, dst, n, l, m);
+}
+
 template <typename T>
 void mix_plane(const T* __restrict own, const T* __restrict prt, T* __restrict dst, int64_t code, float l,
                const int64_t* box, int64_t H, int64_t W, int64_t vb, ResizeScratch& s) {
   const int64_t HW = H * W;
   if (code == kMixup) {
-    const float m = 1.0f - l;
-    for (int64_t i = 0; i < HW; ++i) {
-      dst[i] = store_f<T>(l * load_f(own[i]) + m * load_f(prt[i]));
-    }
+    mixup_span<T>(own, prt, dst, HW, l, 1.0f - l);
     return;
   }
   const int64_t y0 = box[0], x0 = box[1], bh = box[2], bw = box[3];

@@ -30,10 +30,17 @@ Paths (see :mod:`batchkin.kernels.dispatch`): a Triton kernel for CUDA tensors,
 a C++ extension (``csrc/batch_mix.cpp``) for CPU tensors, and the PyTorch
 references below. The C++ path writes every output element once, in one parallel
 pass over the image planes (so each thread first-touches the output pages it
-writes), resizes each partner row once per plane from per-sample tap tables, and
-asks for transparent huge pages for outputs of 32 MiB or more: at 224x224 a fresh
-output is ~150 MB, and its ~37,000 4 KiB page faults otherwise cost more than the
-mixing. The random parameters are drawn on the host by
+writes) and resizes each partner row once per plane from per-sample tap tables. At
+224x224 an output is ~150 MB, and a fresh one costs more than the mixing: ~37,000
+4 KiB page faults, or with transparent huge pages the zeroing of every page, plus (in a
+virtual machine with free page reporting) up to ~1 s when the host has reclaimed the
+free 2 MiB blocks. So on Linux outputs of 32 MiB or more are 2 MiB-aligned blocks
+advised to use huge pages, and the C++ path keeps the two most recently freed ones
+and hands them to the next outputs of the same size (a training loop mixes batches
+of one shape): the process holds up to two such blocks after their tensors are gone.
+The mixup loop is also compiled for AVX2 (float16 with F16C conversions) and chosen at
+run time; non-NaN results are bit-identical to the baseline loop (NaN stays NaN, its
+sign and payload bits may differ). The random parameters are drawn on the host by
 :func:`sample_mix_params` from an explicit ``torch.Generator`` (they are tiny)
 and then moved to the image's device.
 

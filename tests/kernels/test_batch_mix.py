@@ -7,6 +7,8 @@ semantics; distribution tests check the drawn parameters.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -448,6 +450,31 @@ def test_cpp_large_output_matches_reference(dtype):
         _assert_close(out, ref, dtype)
     else:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the block cache is Linux only")
+def test_cpp_large_output_blocks_are_reused_and_fully_overwritten():
+    """A freed large output's block is handed to the next output of the same size; its
+    stale values must all be overwritten (cutmix and mixup are exact, so bit for bit)."""
+    shape = (8, 3, 600, 600)  # 33 MB of float32
+    first = _case(shape, torch.float32, 61, ops=bm.MIXUP)
+    second = _case(shape, torch.float32, 62, ops=bm.CUTMIX)
+    a, _ = bm.batch_mix_impl(*first, path="cpp")
+    b, _ = bm.batch_mix_impl(*second, path="cpp")  # a is alive: another block
+    assert a.data_ptr() != b.data_ptr()
+    assert torch.equal(a, bm.batch_mix_impl(*first, path="ref")[0])
+    freed = b.data_ptr()
+    del b
+    c, _ = bm.batch_mix_impl(*first, path="cpp")
+    assert c.data_ptr() == freed  # the cached block, holding the cutmix result
+    assert torch.equal(c, a)
+    del a
+    d, _ = bm.batch_mix_impl(*second, path="cpp")
+    assert torch.equal(d, bm.batch_mix_impl(*second, path="ref")[0])
+    # the cached blocks back ordinary tensors: views, in-place ops and clones work
+    e = d.clone()
+    d[1:3].mul_(2)
+    assert torch.equal(d[1:3], 2 * e[1:3]) and torch.equal(d[3:], e[3:])
 
 
 def test_cpp_resizemix_reuses_rows_correctly_across_planes_and_samples():
