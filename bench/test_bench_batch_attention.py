@@ -116,7 +116,7 @@ def test_bench_layer(benchmark, device, impl, B, C):
 
     step()  # warm-up (and the first-use costs)
     benchmark.group = f"layer-B{B}-C{C}-{device}"
-    benchmark.extra_info.update(path=impl, device=device, B=B, C=C, heads=4, dropout=0.5)
+    benchmark.extra_info.update(path=impl, device=device, B=B, C=C, heads=4, dropout=0.5, baseline="torch")
     benchmark.extra_info["threads"] = torch.get_num_threads()
     if impl == "batchkin":
         benchmark.extra_info["attention_path"] = ba.explain_path(device, C // 4)[0]

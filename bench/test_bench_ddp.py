@@ -148,7 +148,8 @@ def test_ddp_throughput(benchmark, name, world):
         benchmark.extra_info.update({
             "impl": f"{world} process" + ("es" if world > 1 else ""), "world": world, "steps": STEPS,
             "global_batch": pool.global_batch, "threads_per_process": THREADS,
-            "allreduce_bytes_per_step": 4 * pool.params if world > 1 else 0,
+            "allreduce_bytes_per_step": 4 * pool.params if world > 1 else 0, "baseline": "1 process",
+            "images": STEPS * pool.global_batch,
         })
         benchmark.pedantic(pool.steps, args=(STEPS,), rounds=3 if QUICK else 5, warmup_rounds=1)
         benchmark.extra_info["images_per_s"] = STEPS * pool.global_batch / benchmark.stats.stats.median

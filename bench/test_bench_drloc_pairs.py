@@ -112,7 +112,8 @@ def test_bench_drloc_pairs(benchmark, device, size, impl):
     run()  # compile/load the kernels outside the timing
     benchmark.group = f"drloc_pairs {device} B{B} C{C} {H}x{W} m{M}"
     benchmark.extra_info.update(
-        {"impl": impl, "device": device, "B": B, "C": C, "H": H, "W": W, "m": M, "hidden": HIDDEN}
+        {"impl": impl, "device": device, "B": B, "C": C, "H": H, "W": W, "m": M, "hidden": HIDDEN,
+         "baseline": "original", "threads": torch.get_num_threads()}
     )
     small = B * C * H * W <= 1 << 20
     benchmark.pedantic(run, rounds=20 if small else 5, iterations=1, warmup_rounds=1)

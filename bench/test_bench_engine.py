@@ -13,7 +13,11 @@ ResNet-32 and the small vision transformer, batch 128:
   rounds because the timer synchronises the device at every phase boundary.
 
 Run with ``batchkin bench e2e`` (or ``pytest bench/test_bench_engine.py --benchmark-only``);
-``-m "not slow"`` keeps the ``ce`` / ResNet-32 case only.
+``-m "not slow"`` keeps the ``ce`` / ResNet-32 case only. On a shared machine the
+engine-vs-plain ratio is best read from interleaved rounds (engine and plain
+alternating in one process, the median of the per-pair ratios):
+
+    python bench/test_bench_engine.py --case ce-resnet32 --rounds 7
 """
 
 import copy
@@ -128,3 +132,45 @@ def test_step_breakdown(benchmark, case):
     benchmark.pedantic(_engine_steps, args=(state, batches), rounds=2, warmup_rounds=0)
     benchmark.extra_info["phases"] = {k: round(v, 4) for k, v in state.timer.fractions().items()}
     assert abs(sum(benchmark.extra_info["phases"].values()) - 1.0) < 1e-3
+
+
+def interleaved(case: str, rounds: int, compile_: bool = False) -> dict:
+    """Engine and plain rounds alternating on the same batches; per-pair ratios plain / engine."""
+    import statistics
+    import time
+
+    state = _state(case, compile_)
+    batches = [b for _, b in zip(range(STEPS), iter(state.sampler))]
+    model = copy.deepcopy(state.unwrapped_model)
+    if compile_:
+        model.forward_features = torch.compile(model.forward_features)
+    cfg = state.config
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, state.steps_per_epoch))
+    gen = torch.Generator(device=state.device).manual_seed(0)
+    plain_args = (model, opt, sched, state.train_data, batches, gen, cfg, state.splits.hflip)
+    _engine_steps(state, batches)  # warm-up both
+    _plain_steps(*plain_args)
+    times = {"engine": [], "plain": []}
+    for i in range(rounds):
+        for impl in (("engine", "plain") if i % 2 == 0 else ("plain", "engine")):
+            t0 = time.perf_counter()
+            _engine_steps(state, batches) if impl == "engine" else _plain_steps(*plain_args)
+            times[impl].append(time.perf_counter() - t0)
+    ratios = [p / e for p, e in zip(times["plain"], times["engine"])]
+    return {"case": case, "compile": compile_, "rounds": rounds, "threads": torch.get_num_threads(),
+            "engine_s": statistics.median(times["engine"]), "plain_s": statistics.median(times["plain"]),
+            "ratio_plain_over_engine": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios]}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="engine vs plain loop, interleaved rounds")
+    ap.add_argument("--case", default=QUICK, choices=[c for c in CASES if CASES[c][0] == ["ce"]])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    print(json.dumps(interleaved(args.case, args.rounds, args.compile), indent=2))

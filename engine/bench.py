@@ -100,8 +100,15 @@ def summarize(raw: dict, peaks: dict | None = None) -> list[dict]:
         by_group.setdefault(r["group"], []).append(r)
     for group in by_group.values():
         ref = next((r for r in group if r["impl"] in ("ref", "reference", "plain")), None)
+        # a benchmark may name the implementation its target is stated against (extra_info["baseline"])
+        base_name = next((r["extra"]["baseline"] for r in group if r["extra"].get("baseline")), None)
+        base = next((r for r in group if r["impl"] == base_name), None)
+        ref = ref or base
         for r in group:
             r["speedup_vs_ref"] = (ref["median_ms"] / r["median_ms"]) if ref and r["median_ms"] > 0 else None
+            if base is not None and base is not ref and r["median_ms"] > 0:
+                r["speedup_vs_baseline"] = base["median_ms"] / r["median_ms"]
+                r["baseline"] = base_name
             nbytes = r["extra"].get("bytes")
             if nbytes and r["median_ms"] > 0:
                 r["GBps"] = nbytes / (r["median_ms"] / 1e3) / 1e9
@@ -112,17 +119,20 @@ def summarize(raw: dict, peaks: dict | None = None) -> list[dict]:
 
 def markdown_table(rows: list[dict], title: str, meta: dict) -> str:
     lines = [f"### {title}", "", f"Device: {meta['device']}; torch {meta['torch']}, triton {meta.get('triton')}; "
-             f"{meta['date']}. Command: `{meta['command']}`.", ""]
+             f"{meta.get('threads', '?')} torch thread(s); {meta['date']}. Command: `{meta['command']}`.", ""]
     if meta.get("peaks"):
         lines += [f"Measured peaks: {meta['peaks']}", ""]
     timed = [r for r in rows if "phases" not in r["extra"]]
     rate = any(r.get("images_per_s") for r in timed)
     last, unit = ("images/s", "images_per_s") if rate else ("GB/s", "GBps")
-    lines += [f"| group | implementation | median (ms) | IQR (ms) | vs reference | {last} |", "|---|---|---|---|---|---|"]
+    lines += [f"| group | implementation | median (ms) | IQR (ms) | vs reference | vs target baseline | {last} |",
+              "|---|---|---|---|---|---|---|"]
     for r in sorted(timed, key=lambda r: (r["group"], r["median_ms"])):
         speed = f"{r['speedup_vs_ref']:.2f}x" if r.get("speedup_vs_ref") else "-"
+        vs_base = f"{r['speedup_vs_baseline']:.2f}x vs {r['baseline']}" if r.get("speedup_vs_baseline") else "-"
         value = f"{r[unit]:.1f}" if r.get(unit) else "-"
-        lines.append(f"| {r['group']} | {r['impl']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {speed} | {value} |")
+        lines.append(f"| {r['group']} | {r['impl']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {speed} | {vs_base} "
+                     f"| {value} |")
     phased = [r for r in rows if "phases" in r["extra"]]
     if phased:
         names = list(phased[0]["extra"]["phases"])
@@ -151,6 +161,7 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
     meta = {
         "device": device_name(device), "torch": str(torch.__version__), "triton": triton_version,
         "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
         "command": "batchkin bench " + " ".join([kind, "--device", device] + (["--quick"] if quick else [])),
     }
     env = {**os.environ, "BATCHKIN_BENCH_QUICK": "1" if quick else "0"}

@@ -126,3 +126,15 @@ def test_step_timer_measures_every_phase_without_changing_training():
     assert set(seconds) == set(StepTimer.PHASES)
     assert all(seconds[p] > 0 for p in ("data", "forward", "loss", "backward", "optimizer"))
     assert sum(timed[0].timer.fractions().values()) == pytest.approx(1.0)
+
+
+def test_summary_ratio_against_a_named_target_baseline():
+    raw = {"benchmarks": [
+        {"group": "g", "name": n, "extra_info": {"impl": n, "baseline": "original"},
+         "stats": {"median": m, "iqr": 0.0, "rounds": 3}} for n, m in (("reference", 0.3), ("original", 0.4), ("ours", 0.1))
+    ]}
+    rows = {r["impl"]: r for r in bench.summarize(raw)}
+    assert rows["ours"]["speedup_vs_ref"] == pytest.approx(3.0)
+    assert rows["ours"]["speedup_vs_baseline"] == pytest.approx(4.0) and rows["ours"]["baseline"] == "original"
+    table = bench.markdown_table(list(rows.values()), "t", {"device": "d", "torch": "t", "date": "x", "command": "c"})
+    assert "| g | ours | 100.000 | 0.000 | 3.00x | 4.00x vs original | - |" in table
