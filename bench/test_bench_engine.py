@@ -89,6 +89,19 @@ def _plain_steps(model, opt, sched, data, batches, gen, cfg, hflip):
     _sync(x.device)
 
 
+def _plain_args(state, batches, compile_: bool) -> tuple:
+    """The plain loop's model (a copy of the engine's initial weights), optimizer, schedule and inputs."""
+    model = copy.deepcopy(state.unwrapped_model)
+    if compile_:
+        model.forward_features = torch.compile(model.forward_features)
+    cfg = state.config
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, state.steps_per_epoch))
+    gen = torch.Generator(device=state.device).manual_seed(0)
+    return model, opt, sched, state.train_data, batches, gen, cfg, state.splits.hflip
+
+
 def _marks(case, impl="engine", compile_=False):
     return () if (case, impl, compile_) in ((QUICK, "engine", False), (QUICK, "plain", False)) else pytest.mark.slow
 
@@ -109,16 +122,7 @@ def test_train_steps(benchmark, case, impl, compile_):
     if impl == "engine":
         benchmark.pedantic(_engine_steps, args=(state, batches), rounds=3, warmup_rounds=1)
         return
-    model = copy.deepcopy(state.unwrapped_model)
-    if compile_:
-        model.forward_features = torch.compile(model.forward_features)
-    cfg = state.config
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, state.steps_per_epoch))
-    gen = torch.Generator(device=state.device).manual_seed(0)
-    benchmark.pedantic(_plain_steps, args=(model, opt, sched, state.train_data, batches, gen, cfg, state.splits.hflip),
-                       rounds=3, warmup_rounds=1)
+    benchmark.pedantic(_plain_steps, args=_plain_args(state, batches, compile_), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=() if c == QUICK else pytest.mark.slow) for c in CASES])
@@ -141,15 +145,7 @@ def interleaved(case: str, rounds: int, compile_: bool = False) -> dict:
 
     state = _state(case, compile_)
     batches = [b for _, b in zip(range(STEPS), iter(state.sampler))]
-    model = copy.deepcopy(state.unwrapped_model)
-    if compile_:
-        model.forward_features = torch.compile(model.forward_features)
-    cfg = state.config
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, state.steps_per_epoch))
-    gen = torch.Generator(device=state.device).manual_seed(0)
-    plain_args = (model, opt, sched, state.train_data, batches, gen, cfg, state.splits.hflip)
+    plain_args = _plain_args(state, batches, compile_)
     _engine_steps(state, batches)  # warm-up both
     _plain_steps(*plain_args)
     times = {"engine": [], "plain": []}
