@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -39,32 +38,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 STEPS_PER_EPOCH = 6  # synthetic: 4 classes x 24 images = 96 images, 80 in the training split -> 5 + 1 batches of 16
-ARGS = ["--set", "data.name=synthetic", "--set", "model.name=tiny", "--set", f"epochs={EPOCHS}", "--set", "device=cpu",
-        "--set", "data.synthetic_per_class=24", "--set", "data.batch_size=16", "--set", "schedule.warmup_epochs=1",
-        "--set", "train.log_every=1000"]
-
-
-def killer_args():
-    from batchkin import faults
-
-    return ["--plugin", faults.PLUGIN_FILE, "--set", 'methods=["ce","killer"]']
-
-
-def epoch_lines(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    for r in lines:
-        r.pop("images_per_s", None)  # wall-clock dependent
-    return lines
-
-
-def checkpoint(run: Path) -> dict | None:
-    from batchkin.rundir import load_checkpoint
-
-    path = run / "checkpoints" / "last.pt"
-    return load_checkpoint(path) if path.is_file() else None
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -80,7 +53,7 @@ def one_cycle(run: Path, rng: np.random.Generator, step_now: int, max_delay: flo
     if (run / "checkpoints" / "last.pt").is_file():
         cli = ["train", "--quiet", "--resume", str(run), "--plugin", faults.PLUGIN_FILE]
     else:
-        cli = ["train", "--quiet", "--overwrite", "--out", str(run), *ARGS, *killer_args()]
+        cli = ["train", "--quiet", "--overwrite", "--out", str(run), *faults.tiny_run_args(EPOCHS), *faults.KILLER_ARGS]
     kind = str(rng.choice(["step", "write", "signal"], p=[0.5, 0.25, 0.25]))
     if kind == "step":
         at = step_now + int(rng.integers(1, 2 * STEPS_PER_EPOCH + 1))
@@ -105,10 +78,11 @@ def soak(cycles: int, out: Path, seed: int, max_delay: float, verbose: bool = Fa
     from batchkin import faults
 
     ref_dir = out / "reference"
-    r = faults.run("none", 0, ["train", "--quiet", "--overwrite", "--out", str(ref_dir), *ARGS, *killer_args()])
+    r = faults.run("none", 0, ["train", "--quiet", "--overwrite", "--out", str(ref_dir), *faults.tiny_run_args(EPOCHS),
+                               *faults.KILLER_ARGS])
     if r.returncode != 0:
         raise SystemExit(f"the reference run failed: {r.stderr[-2000:]}")
-    ref_weights, ref_lines = checkpoint(ref_dir)["model"], epoch_lines(ref_dir)
+    ref_weights, ref_lines = faults.checkpoint(ref_dir)["model"], faults.epoch_lines(ref_dir)
     stats = {"cycles": 0, "completed_runs": 0, "divergences": 0, "lost_epochs": 0, "unloadable_checkpoints": 0,
              "prefix_mismatches": 0, "failures": 0, "stale_temp_files": 0, "kills": {"step": 0, "write": 0, "signal": 0}}
     problems: list[str] = []
@@ -117,7 +91,7 @@ def soak(cycles: int, out: Path, seed: int, max_delay: float, verbose: bool = Fa
     shutil.rmtree(run, ignore_errors=True)
     committed = 0
     while stats["cycles"] < cycles:
-        ck = checkpoint(run)
+        ck = faults.checkpoint(run)
         kind, at, code, err = one_cycle(run, rng, ck["step"] if ck else 0, max_delay)
         stats["cycles"] += 1
         stats["kills"][kind] += 1
@@ -126,7 +100,7 @@ def soak(cycles: int, out: Path, seed: int, max_delay: float, verbose: bool = Fa
             stats["failures"] += 1
             problems.append(f"{where}: exit {code}: {err.strip().splitlines()[-1:] if err.strip() else ''}")
         try:
-            ck = checkpoint(run)
+            ck = faults.checkpoint(run)
         except Exception as e:  # a checkpoint on disk that does not load is a bug
             stats["unloadable_checkpoints"] += 1
             problems.append(f"{where}: last.pt does not load: {e}")
@@ -136,14 +110,14 @@ def soak(cycles: int, out: Path, seed: int, max_delay: float, verbose: bool = Fa
             stats["lost_epochs"] += committed - epoch
             problems.append(f"{where}: checkpoint went back from epoch {committed} to {epoch}")
         committed = max(committed, epoch)
-        kept = [x for x in epoch_lines(run) if x.get("kind") != "final" and x.get("epoch", 0) <= epoch]
+        kept = [x for x in faults.epoch_lines(run) if x.get("kind") != "final" and x.get("epoch", 0) <= epoch]
         want = [x for x in ref_lines if x.get("kind") != "final" and x.get("epoch", 0) <= epoch]
         if kept[: len(want)] != want:
             stats["prefix_mismatches"] += 1
             problems.append(f"{where}: metrics of the checkpointed epochs differ from the reference")
         if code == 0:
             stats["completed_runs"] += 1
-            if not same_weights(ck["model"], ref_weights) or epoch_lines(run) != ref_lines:
+            if not same_weights(ck["model"], ref_weights) or faults.epoch_lines(run) != ref_lines:
                 stats["divergences"] += 1
                 problems.append(f"{where}: the finished run differs from the uninterrupted reference")
             if list((run / "checkpoints").glob(".*.tmp-*")):

@@ -28,6 +28,39 @@ from batchkin.plugin import Method
 ENV_STEP = "BATCHKIN_KILL_AT_STEP"
 KINDS = ("none", "step", "write")
 PLUGIN_FILE = os.path.abspath(__file__)
+#: CLI arguments that enable the killer next to ``ce``
+KILLER_ARGS = ["--plugin", PLUGIN_FILE, "--set", 'methods=["ce","killer"]']
+
+
+def tiny_run_args(epochs: int) -> list[str]:
+    """CLI ``--set`` arguments of a tiny deterministic CPU run (synthetic data, 6 steps per epoch)."""
+    sets = ["data.name=synthetic", "model.name=tiny", f"epochs={epochs}", "device=cpu", "data.synthetic_per_class=24",
+            "data.batch_size=16", "schedule.warmup_epochs=1", "train.log_every=1000"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def checkpoint(run) -> dict | None:
+    """The run folder's ``last.pt`` (loaded with ``weights_only``), or None when there is none yet."""
+    from pathlib import Path
+
+    from batchkin.rundir import load_checkpoint
+
+    path = Path(run) / "checkpoints" / "last.pt"
+    return load_checkpoint(path) if path.is_file() else None
+
+
+def epoch_lines(run) -> list[dict]:
+    """The run's metrics.jsonl lines without their wall-clock fields (``[]`` when there is no file yet)."""
+    import json
+    from pathlib import Path
+
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    for r in lines:
+        r.pop("images_per_s", None)
+    return lines
 
 
 class Killer(Method):

@@ -2,7 +2,6 @@
 
 import errno
 import io
-import json
 
 import pytest
 import torch
@@ -17,22 +16,12 @@ from batchkin.rundir import load_checkpoint
 from batchkin.testing import tiny_config
 from batchkin.trainer import fit
 
-ARGS = ["--set", "data.name=synthetic", "--set", "model.name=tiny", "--set", "epochs=4", "--set", "device=cpu",
-        "--set", "data.synthetic_per_class=24", "--set", "data.batch_size=16", "--set", "schedule.warmup_epochs=1",
-        "--set", "train.log_every=1000"]
-
-KILLER = ["--plugin", faults.PLUGIN_FILE, "--set", 'methods=["ce","killer"]']
+ARGS = faults.tiny_run_args(epochs=4)
+KILLER = faults.KILLER_ARGS
 
 
 def _weights(run):
-    return load_checkpoint(run / "checkpoints" / "last.pt")["model"]
-
-
-def _epoch_lines(run):
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in lines:
-        r.pop("images_per_s", None)
-    return lines
+    return faults.checkpoint(run)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +56,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, reference, kind, at):
     want, got = _weights(reference), _weights(run)
     for k in want:
         assert torch.equal(want[k], got[k]), k
-    assert _epoch_lines(run) == _epoch_lines(reference)
+    assert faults.epoch_lines(run) == faults.epoch_lines(reference)
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
