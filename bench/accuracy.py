@@ -215,7 +215,8 @@ def finished(folder: Path, raw: dict) -> dict | None:
     if not res.is_file():
         return None
     stored = json.loads(res.read_text())
-    resolved = tomllib.loads(cfg.read_text()) if cfg.is_file() else None
+    # the resolved config.toml is only needed for runs that did not record their raw config
+    resolved = tomllib.loads(cfg.read_text()) if stored.get("raw") is None and cfg.is_file() else None
     return stored if made_with(raw, stored.get("raw"), resolved) else None
 
 
