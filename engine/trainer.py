@@ -299,6 +299,19 @@ def _autocast(state: State):
     return torch.autocast(state.device.type, dtype=state.amp_dtype)
 
 
+def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[bool]]:
+    """The loss value and whether each term is all-finite, read from the device at once.
+
+    One small tensor, [loss, isfinite(term_1), ..., isfinite(term_k)], crosses to the
+    host: one wait for the device instead of one per term plus one for the loss. The
+    value is None when the loss has more than one element (``float`` would refuse it).
+    """
+    finite = torch.stack([torch.isfinite(t.detach()).all().to(loss.device) for t in terms.values()]).float()
+    scalar = loss.numel() == 1
+    values = (torch.cat([loss.detach().float().reshape(1), finite]) if scalar else finite).tolist()
+    return (values[0] if scalar else None), [v != 0 for v in values[scalar:]]
+
+
 def train_step(state: State, indices: dict) -> float:
     cfg = state.config
     state.training = True
@@ -330,7 +343,8 @@ def train_step(state: State, indices: dict) -> float:
     state.loss_terms = terms
     loss = sum(t.float() for t in terms.values())
     state.step_skipped = False
-    bad = [k for k, t in terms.items() if not torch.isfinite(t.detach()).all()]
+    loss_value, finite = _read_loss(loss, terms)
+    bad = [k for k, ok in zip(terms, finite) if not ok]
     with state.phase("backward"):
         state.optimizer.zero_grad(set_to_none=True)
         if not bad:
@@ -370,7 +384,7 @@ def train_step(state: State, indices: dict) -> float:
     state.step += 1
     with state.phase("hooks"):
         state.hooks.after_step(state=state)
-    return float(loss.detach())
+    return loss_value if loss_value is not None else float(loss.detach())
 
 
 @torch.no_grad()

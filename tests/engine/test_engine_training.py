@@ -325,3 +325,120 @@ def test_non_finite_loss_skips_steps_when_asked(nan_setup, tmp_path, capfd, metr
     params = {n for n, _ in result.state.model.named_parameters()}
     assert_same_tensors({k: final[k] for k in params}, {k: after_epoch_1[k] for k in params})
     assert math.isnan(metrics_lines(run)[1]["train/bad"])
+
+
+NAN_GRAD_PLUGIN = """
+    from batchkin.hookspecs import hookimpl
+    from batchkin.plugin import Method
+
+
+    class NanGrad(Method):
+        @hookimpl
+        def loss_terms(self, state, outputs):
+            # sqrt at 0: the term is 0, its gradient is inf * 0 = nan
+            return {"root": (outputs["logits"].float() * 0).sum().sqrt()}
+
+
+    @hookimpl
+    def register_methods(register):
+        register("nan_grad", NanGrad)
+"""
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # a skipped first step: the scheduler steps alone
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_non_finite_gradients_of_finite_terms(plugin_file, capfd, mode):
+    from batchkin.testing import tiny_config
+    from batchkin.trainer import train_step
+
+    plugins = Plugins(extra_files=[plugin_file("nan_grad", NAN_GRAD_PLUGIN)])
+    state = prepare(tiny_config(["ce", "nan_grad"], train={"on_nonfinite": mode}), plugins)
+    state.epoch = 1
+    state.sampler.set_epoch(1)
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    indices = next(iter(state.sampler))
+    if mode == "stop":
+        with pytest.raises(NonFiniteError) as info:
+            train_step(state, indices)
+        message = str(info.value)
+    else:
+        loss = train_step(state, indices)
+        assert state.step_skipped and state.step == 1
+        assert loss == float(state.loss_terms["ce"].detach()) and math.isfinite(loss)
+        message = capfd.readouterr().err
+        assert message.startswith("batchkin: skipping ")
+    assert "epoch 1 step 1: non-finite gradients; loss terms: ce=" in message
+    assert "root=0 (from nan_grad)" in message
+    assert_same_tensors({n: p.detach() for n, p in state.model.named_parameters()}, before)
+
+
+# ------------------------------------------------------------------------------ device synchronisation
+
+# the ways a tensor's value reaches the host (each one waits for the device on CUDA)
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+EXTRA_TERMS_PLUGIN = """
+    from batchkin.hookspecs import hookimpl
+    from batchkin.plugin import Method
+
+
+    class ExtraTerms(Method):
+        @hookimpl
+        def loss_terms(self, state, outputs):
+            logits = outputs["logits"].float()
+            return {"l2": 1e-3 * logits.pow(2).mean(), "l1": 1e-3 * logits.abs().mean()}
+
+
+    @hookimpl
+    def register_methods(register):
+        register("extra_terms", ExtraTerms)
+"""
+
+
+@pytest.mark.parametrize(("methods", "grad_clip"), [(["ce"], 0.0), (["ce"], 0.5), (["ce", "extra_terms"], 0.0)])
+def test_train_step_reads_the_device_twice(monkeypatch, plugin_file, methods, grad_clip):
+    """A finite step reads one small tensor before backward (the loss and every term's
+    finiteness, which decides whether backward runs) and one after it (the gradient
+    norm's finiteness, which decides whether the optimizer steps): two waits for the
+    device per step, whatever the number of loss terms."""
+    from batchkin.testing import tiny_config
+    from batchkin.trainer import train_step
+
+    plugins = Plugins(extra_files=[plugin_file("extra_terms", EXTRA_TERMS_PLUGIN)])
+    raw = tiny_config(methods, train={"grad_clip": grad_clip})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        state = prepare(raw, plugins)
+        state.hooks.on_fit_start(state=state)
+        state.epoch = 1
+        state.sampler.set_epoch(1)
+        state.hooks.on_epoch_start(state=state)
+        state.model.train()
+        batches = iter(state.sampler)
+        train_step(state, next(batches))  # a first step outside the count (lazy initialisation)
+        reads = []
+
+        def counting(name):
+            original = getattr(torch.Tensor, name)
+
+            def read(self, *args, **kwargs):
+                reads.append(name)
+                return original(self, *args, **kwargs)
+
+            return read
+
+        with monkeypatch.context() as patch:
+            for name in HOST_READS:
+                patch.setattr(torch.Tensor, name, counting(name))
+            losses, counts = [], []
+            for _ in range(2):
+                before = len(reads)
+                losses.append(train_step(state, next(batches)))
+                counts.append(len(reads) - before)
+    assert len(state.loss_terms) == (3 if "extra_terms" in methods else 1)
+    assert counts == [2, 2], reads
+    assert not state.step_skipped and state.step == 3
+    for loss in losses:
+        assert type(loss) is float and math.isfinite(loss)
+    # the value returned is the float32 sum of the terms, as logged
+    assert losses[-1] == float(sum(t.detach().float() for t in state.loss_terms.values()))
