@@ -21,7 +21,7 @@
 // The work is split with at::parallel_for over the V*B*C image planes; every
 // output element is written exactly once into one new, uninitialised tensor. On Linux
 // outputs of 32 MiB and more are huge-page blocks, and freed ones are cached for reuse
-// (see fresh_output).
+// (large_blocks.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -32,15 +32,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <utility>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "large_blocks.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -69,94 +67,6 @@ inline uint8_t store_f<uint8_t>(float v) {
   r = r < 0.f ? 0.f : r;
   r = r > 255.f ? 255.f : r;
   return static_cast<uint8_t>(static_cast<int32_t>(r));
-}
-
-// Outputs at least this large are allocated here (see fresh_output); smaller ones come
-// from PyTorch's allocator. 32 MiB is glibc's largest mmap threshold: a block this size
-// would be a fresh private mapping there too, returned to the system when freed.
-constexpr size_t kLargeMinBytes = size_t{32} << 20;
-// Freed large outputs kept for reuse (a training loop mixes batches of one shape, and
-// the previous step's output may still be alive when the next one is made).
-constexpr size_t kCachedBlocks = 2;
-
-#if defined(__linux__)
-constexpr size_t kHugePage = size_t{2} << 20;
-
-// Large output blocks: 2 MiB-aligned anonymous mappings advised to use transparent huge
-// pages, and a small cache of freed ones. A fresh 150 MB output costs ~37,000 4 KiB page
-// faults (longer than the mixing); with huge pages it costs 75 faults, but the kernel
-// still zeroes every page, and a 2 MiB block that was free for a while may have been
-// handed back to the hypervisor (free page reporting works on 2 MiB blocks), so faulting
-// it in again can take most of a second. A reused block has none of these costs: its
-// pages are resident, and the mixing overwrites every element.
-struct BlockCache {
-  std::mutex mu;
-  std::vector<std::pair<void*, size_t>> blocks;  // (address, mapped bytes), oldest first
-};
-
-BlockCache& block_cache() {
-  static BlockCache* cache = new BlockCache();  // never destroyed: outputs may outlive statics
-  return *cache;
-}
-
-void* map_block(size_t bytes) {
-  {
-    BlockCache& c = block_cache();
-    std::lock_guard<std::mutex> lock(c.mu);
-    for (size_t i = c.blocks.size(); i-- > 0;) {
-      if (c.blocks[i].second == bytes) {
-        void* p = c.blocks[i].first;
-        c.blocks.erase(c.blocks.begin() + static_cast<std::ptrdiff_t>(i));
-        return p;
-      }
-    }
-  }
-  // over-map by one huge page and trim, so that the block starts on a 2 MiB boundary
-  const size_t span = bytes + kHugePage;
-  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  const uintptr_t r = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t a = (r + kHugePage - 1) & ~(uintptr_t{kHugePage} - 1);
-  if (a > r) munmap(raw, a - r);
-  const uintptr_t tail = r + span - (a + bytes);
-  if (tail > 0) munmap(reinterpret_cast<void*>(a + bytes), tail);
-#if defined(MADV_HUGEPAGE)
-  (void)madvise(reinterpret_cast<void*>(a), bytes, MADV_HUGEPAGE);  // a hint only
-#endif
-  return reinterpret_cast<void*>(a);
-}
-
-void release_block(void* p, size_t bytes) {
-  BlockCache& c = block_cache();
-  std::pair<void*, size_t> evicted{nullptr, 0};
-  {
-    std::lock_guard<std::mutex> lock(c.mu);
-    c.blocks.emplace_back(p, bytes);
-    if (c.blocks.size() > kCachedBlocks) {
-      evicted = c.blocks.front();
-      c.blocks.erase(c.blocks.begin());
-    }
-  }
-  if (evicted.first != nullptr) munmap(evicted.first, evicted.second);
-}
-#endif
-
-// The output tensor, contiguous and uninitialised (the mixing loop writes every element;
-// its pages are first touched there, in parallel, each thread faulting in the planes it
-// writes).
-at::Tensor fresh_output(const at::Tensor& x) {
-#if defined(__linux__)
-  const size_t nbytes = static_cast<size_t>(x.numel()) * x.element_size();
-  if (nbytes >= kLargeMinBytes) {
-    const size_t bytes = (nbytes + kHugePage - 1) & ~(kHugePage - 1);
-    void* p = map_block(bytes);
-    if (p != nullptr) {
-      return at::from_blob(
-          p, x.sizes(), [bytes](void* q) { release_block(q, bytes); }, x.options());
-    }
-  }
-#endif
-  return at::empty_like(x, at::MemoryFormat::Contiguous);
 }
 
 // Source taps of a linear resize of an axis of length `in` to length `out` (out >= 1),
@@ -414,7 +324,9 @@ std::tuple<at::Tensor, at::Tensor> batch_mix_cpu(const at::Tensor& x_in, const a
                 "_batch_mix_cpu: box ", i, " is not inside the image");
   }
 
-  at::Tensor out = fresh_output(x);
+  // contiguous and uninitialised: the mixing loop writes every element, and a fresh block's
+  // pages are first touched there, in parallel, each thread faulting in the planes it writes
+  at::Tensor out = batchkin::large_empty(x.sizes(), x.options());
   at::Tensor lam_eff = at::empty({V, B}, x.options().dtype(at::kFloat));
   float* le = lam_eff.data_ptr<float>();
   const double hw = static_cast<double>(H * W);

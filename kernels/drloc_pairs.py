@@ -60,8 +60,12 @@ First head layer
       order, float32) into ``G_a``, ``G_b``; ``grad W1a = G_a^T X_a``; the grid gradient of a
       token is ``(G_a W1a)[its a row] + (G_b W1b)[its b row]``, every grid element written
       once. Its products run over ``D = H*W (1 - (1 - 1/(H*W))^m)`` rows per side and image
-      in expectation (``m`` for ``gather``, ``H*W`` for ``project``). The row counts are
-      data-dependent, so accelerators (no host synchronisation) do not use it.
+      in expectation (``m`` for ``gather``, ``H*W`` for ``project``). The C++ op works
+      through chunks of consecutive images (about 2,048 rows each, chunks in parallel): it
+      gathers a chunk's rows, multiplies and writes that chunk's output or grid gradient, so
+      ``X``, ``P`` and ``G`` never exist at full size; its products and sums are float32
+      for every grid dtype. The row counts are data-dependent, so accelerators (no host
+      synchronisation) do not use it.
 
     ``"auto"`` picks the cheapest by :func:`choose_first_layer_strategy`: the matrix
     products' FLOPs plus ``FLOPS_PER_BYTE[device]`` times the bytes the other steps move
@@ -906,10 +910,11 @@ def _project(grid: torch.Tensor, w_ab: torch.Tensor) -> torch.Tensor:
 
 #: The cost model's exchange rate: how many GEMM FLOPs take as long as moving one byte through
 #: a gather, scatter or sum (per device type). On the CPU a fp32 GEMM runs at tens of GFLOP/s
-#: per core while the index-driven copies move a few GB/s, and the two half-width products of
-#: ``unique`` run somewhat below the full-width one: 16 reproduces the measured crossovers of
-#: the benchmark sizes (B = 256, m = 64, hidden = 512) on a 2-core AVX2 machine. On a GPU the
-#: gap between compute and memory is wider.
+#: per core while the index-driven copies move a few GB/s: 16 reproduces the measured
+#: gather/project crossovers of the benchmark sizes (B = 256, m = 64, hidden = 512) on a 2-core
+#: AVX2 machine. ``unique`` never multiplies more than either and, with its chunked C++ op,
+#: moves fewer bytes, so on the host it wins wherever it may run. On a GPU the gap between
+#: compute and memory is wider.
 FLOPS_PER_BYTE = {"cpu": 16.0, "cuda": 24.0}
 _DEFAULT_FLOPS_PER_BYTE = 16.0
 
@@ -927,23 +932,22 @@ def first_layer_costs(B: int, C: int, hidden: int, m: int, HW: int, elem_size: i
     scatters, sums, ``elem_size`` bytes per element), per step:
 
     * ``gather``: products over ``2m`` rows of ``C`` per image; gather the pairs into
-      ``[B, m, 2C]`` (read + write), read that gradient back and write the grid gradient;
+      ``[B, m, 2C]`` (read + write), write the output, read its gradient, read the pairs'
+      gradient back and write the grid gradient;
     * ``project``: products over all ``2 H*W`` token rows; write and read the token table
       ``[B, H*W, 2 hidden]`` (forward: gather-sum reads ``2m`` rows, writes ``m``; backward:
       reads the output gradient twice, writes the table's gradient);
     * ``unique``: products over the distinct tokens of each side, ``2 D`` rows with
-      ``D = expected_distinct(m, H*W)``; gather those rows twice (forward and backward),
-      the gather-sum and the segment sum over ``hidden``, write the grid gradient.
+      ``D = expected_distinct(m, H*W)``; read those rows twice (forward and backward), write
+      the output, read its gradient, write the grid gradient (the C++ op keeps every
+      intermediate of a chunk in cache).
     """
     D = expected_distinct(m, HW)
     mm = 3 * 2 * C * hidden  # FLOPs per row of one side (C inputs, hidden outputs), three products
     costs = {
-        "gather": (B * 2 * m * mm, B * (2 * m * 2 * C + m * 2 * C + HW * C)),
+        "gather": (B * 2 * m * mm, B * (2 * m * 2 * C + m * 2 * C + 2 * m * hidden + HW * C)),
         "project": (B * 2 * HW * mm, B * (3 * m * hidden + 2 * m * hidden + 2 * HW * hidden)),
-        "unique": (
-            B * 2 * D * mm,
-            B * (2 * 2 * (2 * D * C) + 3 * m * hidden + 2 * m * hidden + 2 * D * hidden + 2 * D * C + HW * C),
-        ),
+        "unique": (B * 2 * D * mm, B * (2 * (2 * D * C) + 2 * m * hidden + HW * C)),
     }
     return {k: (flops, nbytes * elem_size) for k, (flops, nbytes) in costs.items()}
 

@@ -5,6 +5,7 @@ the first head layer, their gradients, parity of the ref/cpp/triton paths, distr
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import pytest
@@ -547,6 +548,48 @@ def test_unique_cpp_matches_its_reference(dtype):
     assert torch.count_nonzero(g[2]) == 0
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unique_cpp_over_several_chunks_and_thread_counts(dtype, threads):
+    """Enough images for several chunks of consecutive images (about 2,048 distinct rows each),
+    split over 1-3 threads: the same values as the reference, and repeatable."""
+    B, C, H, W, m, hidden = 70, 5, 7, 7, 64, 6  # ~71 distinct rows per image: 3 chunks
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for channels_last, layout in ((True, "tokens"), (False, "contiguous")):
+            _, grid, weight, bias, pos, grad_out = _first_layer_case(B, C, H, W, m, hidden, dtype, layout, seed=7)
+            grid, weight, bias = grid.detach(), weight.detach(), bias.detach()
+            got = dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "cpp")
+            _assert_close(got, dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "ref"), dtype)
+            got_b = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, True, channels_last, "cpp")
+            want_b = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, True, channels_last, "ref")
+            for a, b in zip(got_b, want_b):
+                _assert_close(a, b, dtype)
+            again = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, True, channels_last, "cpp")
+            assert all(torch.equal(a, b) for a, b in zip(got_b, again))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the block cache is Linux only")
+def test_unique_cpp_large_outputs_reuse_blocks_and_overwrite_them():
+    """Outputs and grid gradients of 32 MiB and more come from the cached huge-page blocks
+    (csrc/large_blocks.h): a freed one is reused and every element of it rewritten."""
+    B, C, H, W, m, hidden = 64, 8, 2, 2, 128, 1024  # output 64*128*1024*4 B = 32 MiB
+    _, grid, weight, bias, pos, _ = _first_layer_case(B, C, H, W, m, hidden, torch.float32, "tokens", seed=3)
+    grid, weight, bias = grid.detach(), weight.detach(), bias.detach()
+    want = dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "ref")
+    first = dp.drloc_first_layer_unique_impl(grid, pos, weight, bias, "cpp")
+    _assert_close(first, want, torch.float32)
+    freed = first.data_ptr()
+    first.fill_(float("nan"))  # stale values the next output must overwrite
+    del first
+    second = dp.drloc_first_layer_unique_impl(grid, pos, weight, None, "cpp")
+    assert second.data_ptr() == freed
+    _assert_close(second, want - bias, torch.float32)
+
+
 def test_unique_is_refused_off_the_host(force_path):
     _, grid, weight, bias, pos, _ = _first_layer_case(2, 3, 4, 4, 5, 6, torch.float32, "tokens", 1)
     with pytest.raises(ValueError, match="needs CPU tensors"):
@@ -601,11 +644,9 @@ def test_auto_picks_the_cheapest_by_the_model(device_type):
                             assert total[got] == min(total.values())
                             seen.add(got)
     assert seen == {"gather", "project", "unique"}  # every strategy wins somewhere
-    # the benchmark's sizes on the CPU: few repeats on a 14x14 grid with narrow tokens gather
+    # the benchmark's sizes on the CPU: unique everywhere (never more products, fewer bytes)
     pick = functools.partial(dp.choose_first_layer_strategy, 256, hidden=512, m=64)
-    assert pick(C=192, HW=196) == "gather"
-    assert all(pick(C=c, HW=49) == "unique" for c in (192, 384, 768))
-    assert pick(C=768, HW=128) == "unique"
+    assert all(pick(C=c, HW=hw) == "unique" for c in (192, 384, 768) for hw in (49, 128, 196, 3136))
     assert pick(C=768, HW=49, allow_unique=False) == "project"
     assert pick(C=768, HW=196, allow_unique=False) == "gather"
 
