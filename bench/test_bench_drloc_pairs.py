@@ -83,10 +83,8 @@ def _ours_step(tokens, H, W, linear, key):
     return out, dp.drloc_targets(pos, H, W)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("device", DEVICES)
-def test_bench_drloc_pairs(benchmark, device, size, impl):
+def _steps(size, device="cpu"):
+    """One no-argument step per implementation on shared inputs (the benchmark's step)."""
     B, C, H, W = size
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(B, H * W, C, generator=g).to(device).requires_grad_(True)
@@ -96,19 +94,29 @@ def test_bench_drloc_pairs(benchmark, device, size, impl):
     draw_gen = torch.Generator().manual_seed(1)
     step = [0]
 
-    def run():
-        step[0] += 1
-        if impl == "original":
-            out, targets = _original_step(tokens, H, W, linear, draw_gen, device)
-        elif impl == "reference":
-            out, targets = _reference_step(tokens, H, W, linear, rng.derive_key(1, step[0]))
-        else:
-            out, targets = _ours_step(tokens, H, W, linear, rng.derive_key(1, step[0]))
-        grads = torch.autograd.grad(out.reshape(B * M, HIDDEN), params, grad_out)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return grads, targets
+    def make(impl):
+        def run():
+            step[0] += 1
+            if impl == "original":
+                out, _ = _original_step(tokens, H, W, linear, draw_gen, device)
+            elif impl == "reference":
+                out, _ = _reference_step(tokens, H, W, linear, rng.derive_key(1, step[0]))
+            else:
+                out, _ = _ours_step(tokens, H, W, linear, rng.derive_key(1, step[0]))
+            torch.autograd.grad(out.reshape(B * M, HIDDEN), params, grad_out)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return run
 
+    return {impl: make(impl) for impl in IMPLS}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bench_drloc_pairs(benchmark, device, size, impl):
+    B, C, H, W = size
+    run = _steps(size, device)[impl]
     run()  # compile/load the kernels outside the timing
     benchmark.group = f"drloc_pairs {device} B{B} C{C} {H}x{W} m{M}"
     benchmark.extra_info.update(
@@ -141,3 +149,41 @@ def test_bench_sides_agree():
     for a, b in zip(torch.autograd.grad(out_u.reshape(B * M, HIDDEN), params, grad_out),
                     torch.autograd.grad(out_o, params, grad_out)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def interleaved(rounds: int, device: str = "cpu", quick: bool = False) -> list[dict]:
+    """Every benchmark size, the three implementations alternating round by round
+    (:func:`batchkin.bench.interleave`): the median per-round ratio original / ours is the
+    figure a drifting shared machine cannot bias."""
+    from batchkin.bench import interleave
+
+    rows = []
+    for p in SIZES[:1] if quick else SIZES[1:]:
+        B, C, H, W = p.values[0]
+        fns = _steps(p.values[0], device)
+        for fn in fns.values():  # warm-up: load the kernels, fill the block cache
+            fn()
+        res = interleave(fns, rounds, baseline="original")
+        rows.append({"size": f"B{B} C{C} {H}x{W}", **{f"{k}_ms": round(v * 1e3, 1) for k, v in res["median_s"].items()},
+                     "ours_vs_original": round(res["median_ratio"]["ours"], 2),
+                     "ratios": res["ratios"]["ours"]})
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="DRLoc pairs + first layer: original / reference / ours, interleaved; "
+                                 "prints a table, then the rows as JSON on the last line")
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="the smallest benchmark size only")
+    args = ap.parse_args()
+    rows = interleaved(args.rounds, args.device, args.quick)
+    print(f"threads {torch.get_num_threads()}, rounds {args.rounds}")
+    print("| size | original (ms) | reference (ms) | ours (ms) | ours vs original (median of per-round ratios) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['size']} | {r['original_ms']} | {r['reference_ms']} | {r['ours_ms']} | {r['ours_vs_original']:.2f}x |")
+    print(json.dumps(rows))

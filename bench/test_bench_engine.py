@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from batchkin.bench import interleave
 from batchkin.data import random_crop_flip
 from batchkin.state import StepTimer
 from batchkin.trainer import lr_factor, prepare, train_step
@@ -140,24 +141,17 @@ def test_step_breakdown(benchmark, case):
 
 def interleaved(case: str, rounds: int, compile_: bool = False) -> dict:
     """Engine and plain rounds alternating on the same batches; per-pair ratios plain / engine."""
-    import statistics
-    import time
-
     state = _state(case, compile_)
     batches = [b for _, b in zip(range(STEPS), iter(state.sampler))]
     plain_args = _plain_args(state, batches, compile_)
-    _engine_steps(state, batches)  # warm-up both
-    _plain_steps(*plain_args)
-    times = {"engine": [], "plain": []}
-    for i in range(rounds):
-        for impl in (("engine", "plain") if i % 2 == 0 else ("plain", "engine")):
-            t0 = time.perf_counter()
-            _engine_steps(state, batches) if impl == "engine" else _plain_steps(*plain_args)
-            times[impl].append(time.perf_counter() - t0)
-    ratios = [p / e for p, e in zip(times["plain"], times["engine"])]
+    fns = {"plain": lambda: _plain_steps(*plain_args), "engine": lambda: _engine_steps(state, batches)}
+    for fn in fns.values():  # warm-up both
+        fn()
+    res = interleave(fns, rounds, baseline="plain")
     return {"case": case, "compile": compile_, "rounds": rounds, "threads": torch.get_num_threads(),
-            "engine_s": statistics.median(times["engine"]), "plain_s": statistics.median(times["plain"]),
-            "ratio_plain_over_engine": statistics.median(ratios), "ratios": [round(r, 3) for r in ratios]}
+            "steps": STEPS, "batch": BATCH,
+            "engine_s": res["median_s"]["engine"], "plain_s": res["median_s"]["plain"],
+            "ratio_plain_over_engine": res["median_ratio"]["engine"], "ratios": res["ratios"]["engine"]}
 
 
 if __name__ == "__main__":
@@ -169,4 +163,4 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
-    print(json.dumps(interleaved(args.case, args.rounds, args.compile), indent=2))
+    print(json.dumps(interleaved(args.case, args.rounds, args.compile)))  # one line: `batchkin bench interleaved` reads it

@@ -5,7 +5,10 @@ implementation of an op timed in the same process on the same inputs after
 warm-up) and turn pytest-benchmark's JSON into a table: median, interquartile
 range and the speed-up against the group's reference row (``path = "ref"``, or
 ``impl = "plain"`` for the end-to-end loop). ``accuracy`` runs ``bench/accuracy.py``
-(every method's baseline-vs-method table, 3 seeds, into docs/results/). Results go to ``bench/results/<device-name>/``
+(every method's baseline-vs-method table, 3 seeds, into docs/results/). ``interleaved``
+measures the ratio targets that sequential timing on a shared machine blurs (DRLoc against
+the original style, the engine against the plain loop) with the implementations alternating
+round by round (:func:`interleave`). Results go to ``bench/results/<device-name>/``
 as JSON and Markdown, and :func:`update_readme` regenerates the README's
 performance section from every results folder. On CUDA the run first measures
 the device's copy bandwidth and a large matmul, so rows that record the bytes
@@ -78,6 +81,35 @@ def measure_peaks() -> dict:
     copy_s = timed(lambda: y.copy_(x), 20)
     mm_s = timed(lambda: a @ a, 10)
     return {"copy_GBps": round(2 * x.numel() / copy_s / 1e9, 1), "matmul_bf16_TFLOPs": round(2 * 8192**3 / mm_s / 1e12, 1)}
+
+
+def interleave(fns: dict, rounds: int, baseline: str) -> dict:
+    """Time the callables ``fns`` (name -> no-argument function) in alternating order.
+
+    Every round runs each callable once, the order reversed on odd rounds, so a machine
+    whose speed drifts over minutes (a shared VM) slows every implementation alike; the
+    ratio ``baseline time / name time`` is taken within each round and its median reported
+    (``median_ratio[name]``), with the median seconds per callable and every ratio. Call
+    each function once before (warm-up) if it compiles or caches anything.
+    """
+    import statistics
+
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if baseline not in fns:
+        raise ValueError(f"baseline {baseline!r} is not one of {', '.join(fns)}")
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    ratios = {n: [b / t for b, t in zip(times[baseline], times[n])] for n in names}
+    return {"rounds": rounds, "baseline": baseline,
+            "median_s": {n: statistics.median(times[n]) for n in names},
+            "median_ratio": {n: statistics.median(ratios[n]) for n in names},
+            "ratios": {n: [round(r, 3) for r in ratios[n]] for n in names}}
 
 
 def summarize(raw: dict, peaks: dict | None = None) -> list[dict]:
@@ -172,6 +204,8 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
         if r.returncode != 0:
             raise BatchkinError(f"the accuracy benchmark failed (exit {r.returncode}): {' '.join(cmd)}")
         return root / "docs" / "results"
+    if kind == "interleaved":
+        return _run_interleaved(root, out, device, quick, meta, env)
     if device == "cuda":
         meta["peaks"] = measure_peaks()
         if kind == "kernels":  # the Triton paths must pass parity on the GPU in the same call
@@ -197,6 +231,50 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
     json_path.unlink()
     update_readme(root)
     return out / f"{kind}.md"
+
+
+#: the engine-vs-plain cases the interleaved run measures (``--quick``: the first)
+INTERLEAVED_ENGINE_CASES = ("ce-resnet32", "ce-vit")
+
+
+def _json_of(cmd: list[str], root: Path, env: dict) -> object:
+    """Run a benchmark script that prints its result as JSON on its last line."""
+    r = subprocess.run(cmd, cwd=root, env=env, text=True, capture_output=True)
+    if r.returncode != 0:
+        raise BatchkinError(f"{' '.join(cmd)} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _run_interleaved(root: Path, out: Path, device: str, quick: bool, meta: dict, env: dict) -> Path:
+    """The ratio targets measured round by round (:func:`interleave`): DRLoc pairs + first
+    layer (original / reference / ours, every size) and the engine against the plain loop
+    (one torch thread on the CPU, as the end-to-end benchmark)."""
+    rounds = "3" if quick else "9"
+    drloc = _json_of([sys.executable, "bench/test_bench_drloc_pairs.py", "--rounds", rounds, "--device", device,
+                      *(["--quick"] if quick else [])], root, env)
+    engine_env = {**env, "OMP_NUM_THREADS": "1"} if device == "cpu" else env
+    cases = INTERLEAVED_ENGINE_CASES[:1] if quick else INTERLEAVED_ENGINE_CASES
+    engine = [_json_of([sys.executable, "bench/test_bench_engine.py", "--case", c, "--rounds", rounds], root,
+                       engine_env) for c in cases]
+    (out / "interleaved.json").write_text(json.dumps({"meta": meta, "drloc": drloc, "engine": engine}, indent=2))
+    lines = ["### Interleaved ratios", "",
+             f"Device: {meta['device']}; torch {meta['torch']}, triton {meta.get('triton')}; {meta['date']}. "
+             f"Command: `{meta['command']}`. Each round runs every implementation once (order reversed on odd "
+             f"rounds); a ratio is taken within a round and the median over {rounds} rounds is reported, so a "
+             "machine whose speed drifts slows both sides alike.", "",
+             f"DRLoc pairs + first layer, forward + backward ({meta['threads']} torch threads):", "",
+             "| size | original (ms) | reference (ms) | ours (ms) | ours vs original |", "|---|---|---|---|---|"]
+    lines += [f"| {r['size']} | {r['original_ms']} | {r['reference_ms']} | {r['ours_ms']} | "
+              f"{r['ours_vs_original']:.2f}x |" for r in drloc]
+    lines += ["", f"Engine vs the plain loop, {engine[0]['steps']} training steps of batch {engine[0]['batch']} on "
+              "Fashion-MNIST "
+              f"({'1 torch thread' if device == 'cpu' else 'CUDA'}):", "",
+              "| case | plain (s) | engine (s) | plain time / engine time | per-round ratios |", "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['plain_s']:.3f} | {r['engine_s']:.3f} | {r['ratio_plain_over_engine']:.3f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['ratios'])} |" for r in engine]
+    (out / "interleaved.md").write_text("\n".join(lines) + "\n")
+    update_readme(root)
+    return out / "interleaved.md"
 
 
 def update_readme(root: Path | None = None) -> None:

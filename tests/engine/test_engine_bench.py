@@ -138,3 +138,60 @@ def test_summary_ratio_against_a_named_target_baseline():
     assert rows["ours"]["speedup_vs_baseline"] == pytest.approx(4.0) and rows["ours"]["baseline"] == "original"
     table = bench.markdown_table(list(rows.values()), "t", {"device": "d", "torch": "t", "date": "x", "command": "c"})
     assert "| g | ours | 100.000 | 0.000 | 3.00x | 4.00x vs original | - |" in table
+
+
+def test_interleave_alternates_the_order_and_takes_per_round_ratios(monkeypatch):
+    """Each round runs every callable once, reversed on odd rounds; the ratio baseline /
+    callable is taken within a round, so a machine that slows down mid-run (here: round 2
+    runs everything 10x slower) leaves the median ratios exact."""
+    clock, order = [0.0], []
+    speed = {0: 1.0, 1: 1.0, 2: 10.0}
+    rnd = [0]
+
+    def fn(name, cost):
+        def run():
+            order.append(name)
+            clock[0] += cost * speed[rnd[0]]
+            if len(order) % 3 == 0:
+                rnd[0] += 1
+        return run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    res = bench.interleave({"orig": fn("orig", 4.0), "ref": fn("ref", 2.0), "ours": fn("ours", 1.0)}, 3, "orig")
+    assert order == ["orig", "ref", "ours", "ours", "ref", "orig", "orig", "ref", "ours"]
+    assert res["median_ratio"] == {"orig": 1.0, "ref": 2.0, "ours": 4.0}
+    assert res["ratios"]["ours"] == [4.0, 4.0, 4.0]
+    assert res["median_s"] == {"orig": 4.0, "ref": 2.0, "ours": 1.0}  # rounds 0, 1 at speed 1
+    with pytest.raises(ValueError, match="baseline 'x' is not one of orig"):
+        bench.interleave({"orig": fn("orig", 1.0)}, 1, "x")
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench.interleave({"orig": fn("orig", 1.0)}, 0, "orig")
+
+
+def test_interleaved_run_writes_both_tables(monkeypatch, tmp_path):
+    """`batchkin bench interleaved` runs the DRLoc and engine scripts (engine on one CPU thread)
+    and writes their rows as JSON and Markdown into the device's results folder."""
+    calls = []
+    drloc = [{"size": "B8 C32 7x7", "original_ms": 2.0, "reference_ms": 1.5, "ours_ms": 1.0, "ours_vs_original": 2.01,
+              "ratios": [2.0, 2.01, 2.02]}]
+
+    def fake(cmd, root, env):
+        calls.append((cmd, env.get("OMP_NUM_THREADS")))
+        if "bench/test_bench_drloc_pairs.py" in cmd:
+            return drloc
+        return {"case": cmd[cmd.index("--case") + 1], "plain_s": 1.0, "engine_s": 1.02, "steps": 10, "batch": 128,
+                "ratio_plain_over_engine": 0.98, "ratios": [0.97, 0.98, 0.99]}
+
+    monkeypatch.setattr(bench, "_json_of", fake)
+    (tmp_path / "README.md").write_text("x\n")  # no performance markers: left alone
+    meta = {"device": "dev", "torch": "t", "triton": None, "date": "d", "threads": 2, "command": "c"}
+    md = bench._run_interleaved(tmp_path, tmp_path, "cpu", True, meta, {})
+    assert [c[0][1] for c in calls] == ["bench/test_bench_drloc_pairs.py", "bench/test_bench_engine.py"]
+    assert "--quick" in calls[0][0] and calls[1][1] == "1"
+    text = md.read_text()
+    assert "| B8 C32 7x7 | 2.0 | 1.5 | 1.0 | 2.01x |" in text
+    assert "| ce-resnet32 | 1.000 | 1.020 | 0.980 | 0.97, 0.98, 0.99 |" in text
+    assert "10 training steps of batch 128" in text
+    saved = json.loads((tmp_path / "interleaved.json").read_text())
+    assert saved["drloc"] == drloc and saved["engine"][0]["case"] == "ce-resnet32"
+    assert (tmp_path / "README.md").read_text() == "x\n"
