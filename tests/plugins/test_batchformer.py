@@ -5,6 +5,7 @@ composition with ce / bbn / moco, exact resume with dropout, the global-batch al
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -234,6 +235,7 @@ def _capture_step(raw, extra_modules=(), steps=1):
     seen = {}
     orig = bf.BatchFormerMethod.transform_features
 
+    @functools.wraps(orig)  # a method's name and signature, as pluggy reads them (self is implicit)
     def spy(self, state, outputs):
         if state.training:
             seen["gen"] = state.generator("batchformer", "cpu").get_state()
