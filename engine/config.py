@@ -5,7 +5,10 @@ A config is one TOML document. Top-level keys are the run's own (``seed``,
 ``[model]``, ``[optim]``, ``[schedule]``, ``[train]``, ``[metrics]``) and each
 method has its own table named after it (``[bbn]``, ``[drloc]``, ...), checked
 by that method's own schema. ``[model]`` holds ``name`` plus the options of the
-chosen model, checked by the model's schema.
+chosen model, checked by the model's schema. Likewise ``[data]`` holds the
+engine's data keys (:class:`DataConfig`) plus the options of the chosen dataset,
+if it registered any: those are kept in ``DataConfig.options`` and checked by the
+dataset's schema (:func:`dataset_options`) when the dataset is loaded.
 
 Decisions written down here:
 
@@ -13,6 +16,10 @@ Decisions written down here:
   and ignored (so ``--set methods=[...]`` can toggle methods without editing the
   file); a table whose name is neither an engine table nor a registered method is
   an error, with a close-match suggestion.
+* A ``[data]`` key that is neither an engine key nor an option of the selected
+  dataset is an error, listing the valid keys; an option of another registered
+  dataset is refused too (it would be ignored silently otherwise). A dataset's
+  options may not reuse an engine key's name (refused when the plugin loads).
 * Evaluation during training uses a validation split held out of the training
   data; the test split is only evaluated once, at the end, and never selects
   a checkpoint.
@@ -22,7 +29,8 @@ from __future__ import annotations
 
 import copy
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -56,6 +64,10 @@ class DataConfig:
     synthetic_classes: int = field(default=4, metadata={"ge": 1, "help": "synthetic set: number of classes"})
     synthetic_per_class: int = field(default=48, metadata={"ge": 1, "help": "synthetic set: images per class"})
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8], metadata={"help": "synthetic set: [C, H, W]"})
+    # The selected dataset's own keys, written in [data] next to the engine's (inline:
+    # config.toml writes them there too). Filled by build_config with every [data] key
+    # that is not an engine key; checked against the dataset's Options when it is loaded.
+    options: dict = field(default_factory=dict, init=False, metadata={"inline": True})
 
     def validate(self):
         if self.image_size and (len(self.image_size) != 2 or min(self.image_size) < 1):
@@ -126,6 +138,9 @@ class MetricsConfig:
 
 
 ENGINE_TABLES = ("data", "model", "optim", "schedule", "train", "metrics")
+
+# the engine's own [data] keys; every other key of [data] belongs to the selected dataset
+DATA_KEYS = tuple(f.name for f in fields(DataConfig) if f.init)
 
 
 @dataclass
@@ -218,7 +233,12 @@ def build_config(raw: dict, known_methods) -> Config:
     model = raw.pop("model", {"name": "resnet8"})
     if not isinstance(model, dict):
         raise ConfigError(f"model must be a table, got {type(model).__name__}")
+    dataset_keys = {}
+    if isinstance(raw.get("data"), dict):
+        dataset_keys = {k: v for k, v in raw["data"].items() if k not in DATA_KEYS}
+        raw["data"] = {k: v for k, v in raw["data"].items() if k in DATA_KEYS}
     cfg = parse(Config, raw)
+    cfg.data.options = dataset_keys
     cfg.model = {"name": "resnet8", **model}
     if not isinstance(cfg.model["name"], str):
         raise ConfigError(f"model.name must be a string, got {cfg.model['name']!r}")
@@ -228,3 +248,39 @@ def build_config(raw: dict, known_methods) -> Config:
                               f"registered: {', '.join(sorted(known_methods))}")
     cfg.method_options = method_options
     return cfg
+
+
+def _option_names(options) -> list[str]:
+    return [f.name for f in fields(options) if f.init] if options is not None else []
+
+
+def dataset_options(name: str, options, given: dict, registered: Mapping[str, type | None]):
+    """Check the dataset keys of ``[data]`` against dataset ``name``'s schema.
+
+    ``options`` is the dataset's Options dataclass (None when it registered none),
+    ``given`` the ``[data]`` keys that are not engine keys (``DataConfig.options``)
+    and ``registered`` every registered dataset's Options (to name the dataset a
+    stray key belongs to). Returns the parsed Options instance, or None for a
+    dataset without options (which then accepts no key of its own).
+    """
+    own = _option_names(options)
+    engine = f"the engine's {', '.join(DATA_KEYS)}"
+    for key in given:
+        if key in own:
+            continue
+        owners = sorted(n for n, o in registered.items() if n != name and key in _option_names(o))
+        if owners:
+            mine = f"whose own options are {', '.join(own)}" if own else "which has no options of its own"
+            raise ConfigError(
+                f"data.{key} is an option of dataset {', '.join(map(repr, owners))}, not of the selected "
+                f"data.name = {name!r} ({mine})"
+            )
+        valid = f"{', '.join(own)} (the dataset's own) and {engine}" if own else \
+            f"{engine} (the dataset has no options of its own)"
+        raise ConfigError(
+            f"unknown config key data.{key}{suggest(key, own + list(DATA_KEYS))}; "
+            f"valid [data] keys for data.name = {name!r}: {valid}"
+        )
+    if options is None:
+        return None
+    return parse(options, given, "data")

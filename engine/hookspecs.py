@@ -96,8 +96,15 @@ def register_models(register):
 def register_datasets(register):
     """Register datasets.
 
-    Fires once when plugins are loaded. Call ``register(name, loader)``; the loader
-    is called as ``loader(data_config)`` and returns a
+    Fires once when plugins are loaded. Call
+    ``register(name, loader, options=OptionsDataclass)``: the Options dataclass is
+    the schema of the dataset's own keys, which sit in ``[data]`` next to the
+    engine's keys (``data.name = "npz"``, ``data.path = "..."``) and are checked
+    like any other table's; their names may not be engine ``[data]`` keys. The
+    loader is called as ``loader(options, data=data_config)``, ``options`` the
+    parsed instance and ``data_config`` the engine's ``[data]`` table. Without
+    ``options`` the loader is called as ``loader(data_config)`` and ``[data]`` may
+    hold no keys but the engine's. Either way it returns a
     :class:`batchkin.data.ImageDataset` (uint8 images, int64 labels, an optional
     official test split).
     """

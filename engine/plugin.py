@@ -3,7 +3,9 @@
 Plugins are modules. The built-in ones (``batchkin.plugins.*``) and every module
 listed in the ``batchkin`` entry-point group of an installed distribution are
 loaded into one pluggy manager, whose registration hooks fill three registries:
-methods, models and datasets. Switches:
+methods, models and datasets. A dataset's entry holds a :class:`DatasetLoader`,
+which checks the dataset's own ``[data]`` keys and calls the plugin's loader.
+Switches:
 
 * ``BATCHKIN_DISABLE_PLUGIN_AUTOLOAD=1`` — load no entry points except batchkin's
   own built-ins;
@@ -32,8 +34,9 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
+from .config import DATA_KEYS, DataConfig, dataset_options
 from .errors import ConfigError, PluginError
-from .schema import parse
+from .schema import parse, to_dict
 
 ENTRY_POINT_GROUP = "batchkin"
 ENV_NO_AUTOLOAD = "BATCHKIN_DISABLE_PLUGIN_AUTOLOAD"
@@ -97,6 +100,39 @@ class Entry:
     obj: object
     origin: str  # "builtin", "package <dist> <version>", or "file <path>"
     options: type | None = None
+
+
+class DatasetLoader:
+    """A registered dataset as the engine calls it: ``loader(data_config) -> ImageDataset``.
+
+    ``data_config`` is the run's ``[data]`` table (:class:`batchkin.config.DataConfig`).
+    Its dataset keys (``data_config.options``) are checked against the dataset's
+    Options dataclass first; then the plugin's function (``self.loader``) is called:
+
+    * registered with ``options=``: ``loader(options, data=data_config)``, ``options``
+      the parsed Options instance (as a model builder gets its options first). The
+      parsed options, every default filled in, replace ``data_config.options``, so
+      the run's config.toml records them;
+    * registered without: ``loader(data_config)``, and ``[data]`` may hold no key
+      beyond the engine's.
+    """
+
+    def __init__(self, name: str, loader: Callable, options: type | None, registered: dict[str, Entry]):
+        self.name, self.loader, self.options = name, loader, options
+        self._registered = registered  # the datasets registry, to name the owner of a stray key
+
+    def __call__(self, data_config):
+        given = getattr(data_config, "options", None) or {}
+        others = {n: e.options for n, e in self._registered.items()}
+        options = dataset_options(self.name, self.options, given, others)
+        if options is None:
+            return self.loader(data_config)
+        if isinstance(data_config, DataConfig):
+            data_config.options = to_dict(options)
+        return self.loader(options, data=data_config)
+
+    def __repr__(self):
+        return f"DatasetLoader({self.name!r}, {self.loader!r}, options={self.options!r})"
 
 
 @dataclass
@@ -274,6 +310,16 @@ def _make_register(hook: str, table: dict, origin: str, plugin: str) -> Callable
             _validate_method_class(name, obj, origin)
         if options is not None and not dataclasses.is_dataclass(options):
             raise PluginError(f"{kind} {name!r} ({origin}): its options must be a dataclass, got {options!r}")
+        if kind == "dataset":
+            if not callable(obj):
+                raise PluginError(f"dataset {name!r} ({origin}): the loader must be callable, got {obj!r}")
+            clash = [f.name for f in dataclasses.fields(options) if f.name in DATA_KEYS] if options else []
+            if clash:
+                raise PluginError(
+                    f"dataset {name!r} ({origin}): option {', '.join(map(repr, clash))} reuses the name of the "
+                    f"engine's data.{clash[0]}; a dataset's options sit next to the engine's keys in [data]"
+                )
+            obj = DatasetLoader(name, obj, options, table)
         table[name] = Entry(name, obj, origin, options)
 
     return register
@@ -326,6 +372,7 @@ class RunHooks:
         self.names = list(names)
         self.methods: dict[str, object] = {}
         self.origins = {name: plugins.method(name).origin for name in self.names}
+        self.registry = plugins.registry  # where the run's dataset and model come from (run.json)
         for name in self.names:
             entry = plugins.method(name)
             options = parse(entry.options, method_options.get(name, {}), name) if entry.options else None
@@ -362,7 +409,7 @@ class RunHooks:
                 raise PluginError(f"method {name!r} needs one of {', '.join(repr(n) for n in needs)} in methods")
 
     def __getattr__(self, hook):  # state.hooks.transform_features(...) -> pm.hook call
-        if hook.startswith("_") or hook in ("hook", "pm", "methods", "names", "origins"):
+        if hook.startswith("_") or hook in ("hook", "pm", "methods", "names", "origins", "registry"):
             raise AttributeError(hook)
         return getattr(self.hook, hook)
 

@@ -3,7 +3,7 @@
 Layout of a run folder::
 
     config.toml        the resolved config (every default filled in)
-    run.json           method order, versions, seed, device
+    run.json           method order, versions, seed, device; where the methods, dataset and model came from
     metrics.jsonl      one JSON object per epoch (and the final test line)
     checkpoints/last.pt   latest epoch;  checkpoints/best.pt  best validation top-1
     report.md, *.png   the report

@@ -170,13 +170,20 @@ def parse(cls, data: dict | None, where: str = ""):
 
 
 def to_dict(obj) -> dict:
-    """A dataclass instance as plain TOML-able data (None values dropped)."""
+    """A dataclass instance as plain TOML-able data (None values dropped).
+
+    A field marked ``metadata={"inline": True}`` holds a table whose keys belong to
+    the enclosing table (``[data]`` holds the selected dataset's own options next
+    to the engine's keys): its keys are written into the parent, not as a sub-table.
+    """
     out = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             value = to_dict(value)
-        if value is not None:
+        if f.metadata.get("inline"):
+            out.update({k: v for k, v in (value or {}).items() if v is not None})
+        elif value is not None:
             out[f.name] = value
     return out
 

@@ -483,9 +483,13 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
             run.truncate_metrics(state.epoch)
     elif rank0:
         run.write_text("config.toml", dump_toml(resolved_config(state)))
+        registry = state.hooks.registry
         run.write_json("run.json", {
             "methods": state.hooks.names, "seed": cfg.seed, "device": str(state.device),
             "world_size": state.world_size, "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
+            # where the dataset and the model came from, written as the methods' origins are
+            "dataset": {"name": cfg.data.name, "origin": registry.datasets[cfg.data.name].origin},
+            "model": {"name": cfg.model["name"], "origin": registry.models[cfg.model["name"]].origin},
             **system_info(),
         })
     dist_ctx.wrap(state)

@@ -89,7 +89,10 @@ def test_trains_a_short_run_combined_with_batchformer(site, tmp_path):
     assert "train/balanced_softmax" in lines[0]
     assert json.loads((out / "run.json").read_text())["methods"] == ["balanced_softmax", "batchformer"]
     assert lines[-1]["kind"] == "final"
-    assert json.loads((out / "run.json").read_text())["plugins"]["balanced_softmax"].startswith("package ")
+    info = json.loads((out / "run.json").read_text())
+    assert info["plugins"] == {"balanced_softmax": "package batchkin-balanced-softmax 0.1.0", "batchformer": "builtin"}
+    assert info["model"] == {"name": "mlp", "origin": "package batchkin-balanced-softmax 0.1.0"}
+    assert info["dataset"] == {"name": "synthetic", "origin": "builtin"}
 
 
 # ------------------------------------------------------------------------------ npz dataset (a dataset)
@@ -132,7 +135,7 @@ def test_npz_trains_a_short_run_combined_with_batchformer(npz_site, tmp_path):
     path, out = _write_npz(tmp_path / "trees.npz"), tmp_path / "run"
     r = _run(npz_site, "-m", "batchkin", "train", "--quiet", "--out", str(out),
              "--set", 'methods=["ce", "batchformer"]', "--set", "epochs=1", "--set", "data.name=npz",
-             "--set", f"data.root={path}", "--set", "data.batch_size=16", "--set", "model.name=tiny",
+             "--set", f"data.path={path}", "--set", "data.batch_size=16", "--set", "model.name=tiny",
              "--set", "model.width=8")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -142,16 +145,35 @@ def test_npz_trains_a_short_run_combined_with_batchformer(npz_site, tmp_path):
     assert final["kind"] == "final" and len(final["test/per_class"]) == 5
     # the file's 10 test images, 2 per class: every per-class accuracy is a multiple of 1/2
     assert all(a in (0.0, 0.5, 1.0) for a in final["test/per_class"])
-    assert json.loads((out / "run.json").read_text())["methods"] == ["ce", "batchformer"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["methods"] == ["ce", "batchformer"]
+    assert info["dataset"] == {"name": "npz", "origin": NPZ_ORIGIN}
+    assert info["model"] == {"name": "tiny", "origin": "builtin"}
+    # the dataset's own option is saved in [data], next to the engine's keys
     saved = tomllib.loads((out / "config.toml").read_text())["data"]
-    assert saved["name"] == "npz" and saved["root"] == str(path)
+    assert saved["name"] == "npz" and saved["path"] == str(path) and saved["root"] == ""
+
+
+def test_npz_options_are_checked_by_the_cli(npz_site, tmp_path):
+    path = _write_npz(tmp_path / "trees.npz")
+    r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", "data.name=npz",
+             "--set", f"data.pth={path}")
+    assert r.returncode == 2
+    assert "unknown config key data.pth (did you mean 'path'?); valid [data] keys for data.name = 'npz': path" in r.stderr
+    r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", "data.name=npz",
+             "--set", "data.path=3")
+    assert r.returncode == 2 and "data.path must be a string, got int 3" in r.stderr
+    r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", f"data.path={path}")
+    assert r.returncode == 2
+    assert "data.path is an option of dataset 'npz', not of the selected data.name = 'digits'" in r.stderr
+    assert not (tmp_path / "unused").exists()
 
 
 def test_npz_errors_stop_the_cli_before_training(npz_site, tmp_path):
     good = _write_npz(tmp_path / "good.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])
     r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", "data.name=npz",
-             "--set", f"data.root={tmp_path / 'cut.npz'}")
+             "--set", f"data.path={tmp_path / 'cut.npz'}")
     assert r.returncode == 2 and "cut.npz is not a readable .npz archive (truncated or corrupt?)" in r.stderr
     assert not (tmp_path / "unused" / "metrics.jsonl").exists()
 
@@ -165,7 +187,7 @@ def test_disable_switch_hides_npz(npz_site, tmp_path):
     assert "digits" in data["datasets"]  # built-ins stay
     path = _write_npz(tmp_path / "trees.npz")
     r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", "data.name=npz",
-             "--set", f"data.root={path}", env_extra=env)
+             "--set", f"data.path={path}", env_extra=env)
     assert r.returncode == 2 and "unknown data.name 'npz'" in r.stderr
 
 

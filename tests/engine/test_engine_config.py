@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tomllib
 
 import pytest
@@ -49,10 +50,8 @@ def test_values_reach_the_config(methods):
 @pytest.mark.parametrize(
     "raw, message",
     [
-        ({"data": {"batchsize": 3}}, "unknown config key data.batchsize (did you mean 'batch_size'?)"),
         ({"epoch": 3}, "unknown config key epoch (did you mean 'epochs'?)"),
         ({"optim": {"lr": 0.1, "wieght_decay": 0}}, "unknown config key optim.wieght_decay (did you mean 'weight_decay'?)"),
-        ({"data": {"zzz": 3}}, "unknown config key data.zzz"),
     ],
 )
 def test_unknown_keys_are_named_with_a_suggestion(methods, raw, message):
@@ -60,6 +59,30 @@ def test_unknown_keys_are_named_with_a_suggestion(methods, raw, message):
     assert msg == message or msg.startswith(message)
     if "did you mean" not in message:
         assert "did you mean" not in msg
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"batchsize": 3}, "unknown config key data.batchsize (did you mean 'batch_size'?)"),
+        ({"zzz": 3}, "unknown config key data.zzz"),
+    ],
+)
+def test_unknown_data_keys_are_named_with_the_valid_ones(methods, tiny, data, message):
+    """[data] also holds the selected dataset's own options, so a key that is not the
+    engine's is kept by build_config and refused when the dataset is picked."""
+    from batchkin.trainer import prepare
+
+    cfg = build_config({"data": data}, methods)
+    assert cfg.data.options == data
+    with pytest.raises(ConfigError) as info:
+        prepare(tiny(data=data))
+    msg = str(info.value)
+    assert msg.startswith(message)
+    if "did you mean" not in message:
+        assert "did you mean" not in msg
+    assert ("; valid [data] keys for data.name = 'synthetic': the engine's name, root, val_fraction, "
+            in msg) and msg.endswith("synthetic_shape (the dataset has no options of its own)")
 
 
 @pytest.mark.parametrize(
@@ -133,6 +156,160 @@ def test_method_and_model_tables_are_checked_by_their_own_schema(tiny):
         prepare(tiny(model={"name": "resnet9"}))
     with pytest.raises(ConfigError, match=r"unknown data\.name 'digit' \(did you mean 'digits'\?\)"):
         prepare(tiny(data={"name": "digit"}))
+
+
+# ------------------------------------------------------------------------------ dataset options
+
+
+DATASET_PLUGIN = """
+    from dataclasses import dataclass, field
+    from typing import Literal
+
+    import torch
+
+    from batchkin.data import ImageDataset
+    from batchkin.hookspecs import hookimpl
+
+    CALLS = []
+
+
+    @dataclass
+    class BlobOptions:
+        blobs: int = field(default=3, metadata={"ge": 1, "help": "number of classes"})
+        per_blob: int = field(default=12, metadata={"ge": 4, "help": "images per class"})
+        scale: float = field(default=1.0, metadata={"gt": 0.0, "help": "pixel spread"})
+        mode: Literal["dense", "sparse"] = "dense"
+
+
+    @dataclass
+    class OtherOptions:
+        level: int = 1
+
+
+    def blobs(k, n, scale=1.0):
+        gen = torch.Generator().manual_seed(0)
+        x = (torch.rand(k * n, 3, 6, 6, generator=gen) * 255 * min(scale, 1.0)).to(torch.uint8)
+        return ImageDataset(x, torch.arange(k).repeat_interleave(n), [f"b{i}" for i in range(k)], name="blobs")
+
+
+    def load_blobs(options, data):
+        CALLS.append(("blobs", options, data))
+        return blobs(options.blobs, options.per_blob, options.scale)
+
+
+    def load_plain(data):
+        CALLS.append(("plain", data))
+        return blobs(3, 12)
+
+
+    @hookimpl
+    def register_datasets(register):
+        register("blobs", load_blobs, options=BlobOptions)
+        register("other", lambda options, data: blobs(2, 12), options=OtherOptions)
+        register("plain", load_plain)
+"""
+
+
+@pytest.fixture
+def dataset_plugins(plugin_file):
+    return Plugins(extra_files=[plugin_file("dataset_options", DATASET_PLUGIN)])
+
+
+def _calls(plugins) -> list:
+    return sys.modules[plugins.dataset("blobs").obj.loader.__module__].CALLS
+
+
+def test_dataset_options_are_parsed_and_passed_to_the_loader(dataset_plugins, tiny):
+    from batchkin.trainer import prepare, resolved_config
+
+    state = prepare(tiny(data={"name": "blobs", "blobs": 4, "scale": 2}), dataset_plugins)
+    kind, options, data = _calls(dataset_plugins)[-1]
+    assert kind == "blobs" and data is state.config.data
+    assert (options.blobs, options.per_blob, options.scale, options.mode) == (4, 12, 2.0, "dense")
+    assert type(options).__name__ == "BlobOptions" and isinstance(options.scale, float)
+    assert state.num_classes == 4 and state.splits.classes == ["b0", "b1", "b2", "b3"]
+    # the parsed options, defaults filled in, sit in [data] of the resolved config (config.toml)
+    resolved = resolved_config(state)
+    assert {k: resolved["data"][k] for k in ("name", "blobs", "per_blob", "scale", "mode")} == \
+        {"name": "blobs", "blobs": 4, "per_blob": 12, "scale": 2.0, "mode": "dense"}
+    assert "options" not in resolved["data"] and resolved["data"]["batch_size"] == 8
+    again = tomllib.loads(dump_toml(resolved))
+    assert resolved_config(prepare(again, dataset_plugins)) == resolved
+
+
+def test_a_dataset_without_options_gets_the_data_table_only(dataset_plugins, tiny):
+    from batchkin.trainer import prepare
+
+    state = prepare(tiny(data={"name": "plain"}), dataset_plugins)
+    kind, data = _calls(dataset_plugins)[-1]
+    assert kind == "plain" and data is state.config.data and data.options == {}
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"blob": 4}, "unknown config key data.blob (did you mean 'blobs'?); valid [data] keys for data.name = 'blobs': "
+                      "blobs, per_blob, scale, mode (the dataset's own) and the engine's name, root, val_fraction, "),
+        ({"per_blb": 4}, "unknown config key data.per_blb (did you mean 'per_blob'?)"),
+        ({"batch_sise": 4}, "unknown config key data.batch_sise (did you mean 'batch_size'?); valid [data] keys"),
+    ],
+)
+def test_an_unknown_dataset_key_is_named_with_the_valid_ones(dataset_plugins, tiny, data, message):
+    from batchkin.trainer import prepare
+
+    with pytest.raises(ConfigError) as info:
+        prepare(tiny(data={"name": "blobs", **data}), dataset_plugins)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"blobs": "4"}, "data.blobs must be an integer, got str '4'"),
+        ({"blobs": 2.5}, "data.blobs must be an integer, got float 2.5"),
+        ({"scale": "big"}, "data.scale must be a number, got str 'big'"),
+        ({"mode": "dens"}, "data.mode must be one of 'dense', 'sparse'; got 'dens' (did you mean 'dense'?)"),
+        ({"blobs": 0}, "data.blobs must be >= 1; got 0"),
+        ({"per_blob": 3}, "data.per_blob must be >= 4; got 3"),
+        ({"scale": 0}, "data.scale must be > 0.0; got 0.0"),
+    ],
+)
+def test_a_wrong_dataset_option_value_is_named(dataset_plugins, tiny, data, message):
+    from batchkin.trainer import prepare
+
+    calls = _calls(dataset_plugins)
+    calls.clear()
+    with pytest.raises(ConfigError) as info:
+        prepare(tiny(data={"name": "blobs", **data}), dataset_plugins)
+    assert str(info.value) == message
+    assert calls == []  # refused before the loader runs
+
+
+def test_options_of_a_dataset_that_is_not_selected_are_refused(dataset_plugins, tiny):
+    from batchkin.trainer import prepare
+
+    with pytest.raises(ConfigError) as info:
+        prepare(tiny(data={"name": "blobs", "level": 2}), dataset_plugins)
+    assert str(info.value) == ("data.level is an option of dataset 'other', not of the selected data.name = 'blobs' "
+                               "(whose own options are blobs, per_blob, scale, mode)")
+    for name in ("synthetic", "plain"):
+        with pytest.raises(ConfigError) as info:
+            prepare(tiny(data={"name": name, "blobs": 4}), dataset_plugins)
+        assert str(info.value) == (f"data.blobs is an option of dataset 'blobs', not of the selected "
+                                   f"data.name = '{name}' (which has no options of its own)")
+
+
+def test_set_overrides_reach_dataset_options(dataset_plugins, tiny):
+    from batchkin.trainer import prepare
+
+    raw = apply_overrides(tiny(), ["data.name=blobs", "data.blobs=5", "data.mode=sparse", "data.scale=0.5"])
+    assert raw["data"]["blobs"] == 5 and raw["data"]["mode"] == "sparse"
+    state = prepare(raw, dataset_plugins)
+    _, options, _ = _calls(dataset_plugins)[-1]
+    assert (options.blobs, options.mode, options.scale, options.per_blob) == (5, "sparse", 0.5, 12)
+    assert state.num_classes == 5
+    with pytest.raises(ConfigError, match=r"^data\.blobs must be >= 1; got 0$"):
+        prepare(apply_overrides(raw, ["data.blobs=0"]), dataset_plugins)
 
 
 # ------------------------------------------------------------------------------ --set

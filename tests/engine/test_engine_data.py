@@ -248,6 +248,25 @@ def test_synthetic_set_shape_and_balance():
     assert torch.equal(ds.x, again.x)
 
 
+def test_builtin_datasets_take_no_options_and_their_loaders_get_the_data_table():
+    """Built-in datasets register without options: the registry calls their loader with
+    the [data] table exactly as before, and refuses any [data] key beyond the engine's."""
+    from batchkin.data import BUILTIN_DATASETS
+    from batchkin.plugin import Plugins
+
+    plugins = Plugins(autoload=False)
+    for name, loader in BUILTIN_DATASETS.items():
+        entry = plugins.dataset(name)
+        assert entry.options is None and entry.origin == "builtin" and entry.obj.loader is loader
+    cfg = DataConfig(name="synthetic", synthetic_classes=3, synthetic_per_class=5)
+    ds = plugins.dataset("synthetic").obj(cfg)
+    assert torch.equal(ds.x, load_synthetic(cfg).x) and cfg.options == {}
+    cfg.options = {"path": "x.npz"}
+    with pytest.raises(ConfigError, match=r"^unknown config key data\.path; valid \[data\] keys for "
+                                          r"data\.name = 'synthetic': the engine's name, root, "):
+        plugins.dataset("synthetic").obj(cfg)
+
+
 def test_synthetic_set_is_learnable(tmp_path, tiny):
     from batchkin.trainer import fit
 

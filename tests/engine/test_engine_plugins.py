@@ -6,6 +6,7 @@ import io
 import json
 import re
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -395,3 +396,112 @@ def test_transform_features_streams_reach_the_logits_and_targets(setup_plugins, 
     state.model.eval()
     out = state.hooks.forward(state=state)
     assert out["logits"].shape == (5, 3)
+
+
+# ------------------------------------------------------------------------------ datasets with options, origins in run.json
+
+
+ORIGINS_PLUGIN = """
+    from dataclasses import dataclass, field
+
+    import torch
+
+    from batchkin.data import ImageDataset
+    from batchkin.hookspecs import hookimpl
+    from batchkin.models import TinyNet, TinyOptions
+    from batchkin.plugin import Method
+
+
+    @dataclass
+    class StripeOptions:
+        stripes: int = field(default=3, metadata={"ge": 2, "help": "number of classes"})
+
+
+    def load_stripes(options, data):
+        k, n = options.stripes, 12
+        x = torch.zeros(k * n, 3, 6, 6, dtype=torch.uint8)
+        for c in range(k):
+            x[c * n : (c + 1) * n, :, c % 6] = 255
+        return ImageDataset(x, torch.arange(k).repeat_interleave(n), [f"s{c}" for c in range(k)], name="stripes")
+
+
+    class Quiet(Method):
+        pass
+
+
+    @hookimpl
+    def register_datasets(register):
+        register("stripes", load_stripes, options=StripeOptions)
+
+
+    @hookimpl
+    def register_models(register):
+        register("tiny_copy", lambda o, *, num_classes, in_channels, image_size: TinyNet(o, num_classes, in_channels),
+                 options=TinyOptions)
+
+
+    @hookimpl
+    def register_methods(register):
+        register("quiet", Quiet)
+"""
+
+
+def test_run_json_records_builtin_origins_of_methods_dataset_and_model(tmp_path, tiny):
+    run = tmp_path / "run"
+    fit(tiny(epochs=1), run, progress=False)
+    info = json.loads((run / "run.json").read_text())
+    assert info["plugins"] == {"ce": "builtin"}
+    assert info["dataset"] == {"name": "synthetic", "origin": "builtin"}
+    assert info["model"] == {"name": "resnet8", "origin": "builtin"}
+
+
+def test_cli_sets_dataset_options_and_run_json_records_plugin_origins(plugin_file, tmp_path, tiny, capsys):
+    from batchkin.cli import main
+    from batchkin.schema import dump_toml
+
+    path = plugin_file("origins", ORIGINS_PLUGIN)
+    config = tmp_path / "tiny.toml"
+    config.write_text(dump_toml(tiny(epochs=1, methods=["ce", "quiet"], model={"name": "tiny_copy", "width": 4})))
+    run = tmp_path / "run"
+    argv = ["train", "--quiet", str(config), "--plugin", str(path), "--out", str(run),
+            "--set", "data.name=stripes", "--set", "data.stripes=4"]
+    assert main(argv) == 0, capsys.readouterr().err
+    info = json.loads((run / "run.json").read_text())
+    assert info["plugins"] == {"ce": "builtin", "quiet": f"file {path}"}
+    assert info["dataset"] == {"name": "stripes", "origin": f"file {path}"}
+    assert info["model"] == {"name": "tiny_copy", "origin": f"file {path}"}
+    saved = tomllib.loads((run / "config.toml").read_text())["data"]
+    assert saved["name"] == "stripes" and saved["stripes"] == 4
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert len(final["test/per_class"]) == 4
+
+    # a wrong value given with --set stops the CLI with one line naming the key
+    capsys.readouterr()
+    argv = ["train", "--quiet", str(config), "--plugin", str(path), "--out", str(tmp_path / "unused"),
+            "--set", "data.name=stripes", "--set", "data.stripes=1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "batchkin: error: data.stripes must be >= 2; got 1"
+    assert not (tmp_path / "unused" / "run.json").exists()
+
+
+def test_dataset_options_may_not_reuse_an_engine_data_key(plugin_file):
+    path = plugin_file("clash", """
+    from dataclasses import dataclass
+
+    from batchkin.hookspecs import hookimpl
+
+
+    @dataclass
+    class Options:
+        root: str = ""
+        depth: int = 1
+
+
+    @hookimpl
+    def register_datasets(register):
+        register("clashing", lambda options, data: None, options=Options)
+    """)
+    with pytest.raises(PluginError) as info:
+        Plugins(extra_files=[path])
+    assert str(info.value) == (f"dataset 'clashing' (file {path}): option 'root' reuses the name of the engine's "
+                               f"data.root; a dataset's options sit next to the engine's keys in [data]")

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from batchkin.config import DataConfig
 from batchkin.errors import ConfigError, DataError
 from batchkin.plugin import Plugins
 from batchkin.testing import run_plugin, tiny_config
-from batchkin_npz_dataset import load_npz, plugin
+from batchkin.trainer import prepare, resolved_config
+from batchkin_npz_dataset import NpzOptions, load_npz, plugin
 
 
 def _images(rng, n, shape):
@@ -64,19 +66,66 @@ def test_class_count_spans_the_test_labels_and_compressed_files_load(tmp_path, r
     assert np.array_equal(ds.x[:, 0].numpy(), x)
 
 
-def test_the_registered_loader_reads_data_root(tmp_path, rng):
-    path = _write(tmp_path / "d.npz", x=_images(rng, 6, (4, 4)), y=np.arange(6) % 2)
-    entry = Plugins(autoload=False, extra_modules=[plugin]).dataset("npz")
+def _plugins():
+    return Plugins(autoload=False, extra_modules=[plugin])
+
+
+def test_the_dataset_is_registered_with_its_own_path_option():
+    entry = _plugins().dataset("npz")
     assert entry.origin == f"module {plugin.__name__}"
+    assert entry.options is NpzOptions and NpzOptions().path == ""
+    assert entry.obj.loader is plugin.npz_dataset
 
-    class Data:  # the fields of the [data] table the loader reads
-        root = str(path)
 
-    ds = entry.obj(Data())
+def test_the_loader_gets_its_parsed_options_and_the_data_table(tmp_path, rng):
+    path = _write(tmp_path / "d.npz", x=_images(rng, 6, (4, 4)), y=np.arange(6) % 2)
+    # called directly, as the engine calls it: loader(options, data=data_config)
+    ds = plugin.npz_dataset(NpzOptions(path=str(path)), data=DataConfig(name="npz"))
     assert tuple(ds.x.shape) == (6, 1, 4, 4) and ds.classes == ["0", "1"]
-    Data.root = ""
-    with pytest.raises(ConfigError, match=r"data\.root must name the \.npz file"):
-        entry.obj(Data())
+    # through the registry: the [data] table's own keys are checked and parsed first
+    data = DataConfig(name="npz")
+    data.options = {"path": str(path)}
+    ds = _plugins().dataset("npz").obj(data)
+    assert tuple(ds.x.shape) == (6, 1, 4, 4)
+
+
+def test_data_root_is_the_fallback_for_an_empty_path(tmp_path, rng):
+    path = _write(tmp_path / "d.npz", x=_images(rng, 6, (4, 4)), y=np.arange(6) % 3)
+    ds = plugin.npz_dataset(NpzOptions(), data=DataConfig(name="npz", root=str(path)))
+    assert ds.classes == ["0", "1", "2"]
+    same = plugin.npz_dataset(NpzOptions(path=str(path)), data=DataConfig(name="npz", root=str(path)))
+    assert same.classes == ["0", "1", "2"]
+    with pytest.raises(ConfigError, match=r"data\.path \('a\.npz'\) and data\.root \('b\.npz'\) both name the file.*set data\.path only"):
+        plugin.npz_dataset(NpzOptions(path="a.npz"), data=DataConfig(name="npz", root="b.npz"))
+    with pytest.raises(ConfigError, match=r"data\.path must name the \.npz file for data\.name = 'npz'"):
+        plugin.npz_dataset(NpzOptions(), data=DataConfig(name="npz"))
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"pth": "x.npz"}, r"unknown config key data\.pth \(did you mean 'path'\?\); valid \[data\] keys for "
+                       r"data\.name = 'npz': path \(the dataset's own\) and the engine's name, root, "),
+    ({"path": 3}, r"data\.path must be a string, got int 3"),
+    ({"path": ["a.npz"]}, r"data\.path must be a string, got list"),
+])
+def test_the_engine_checks_the_path_option(data, message):
+    raw = tiny_config(data={"name": "npz", **data})
+    with pytest.raises(ConfigError, match=message):
+        prepare(raw, _plugins())
+
+
+def test_path_is_refused_for_another_dataset(tmp_path):
+    raw = tiny_config(data={"path": str(tmp_path / "d.npz")})  # data.name stays "synthetic"
+    with pytest.raises(ConfigError, match=r"data\.path is an option of dataset 'npz', not of the selected "
+                                          r"data\.name = 'synthetic' \(which has no options of its own\)"):
+        prepare(raw, _plugins())
+
+
+def test_the_resolved_config_keeps_path_in_the_data_table(tmp_path, rng):
+    path = _write(tmp_path / "d.npz", x=_images(rng, 40, (8, 8)), y=np.arange(40) % 4)
+    state = prepare(tiny_config(data={"name": "npz", "path": str(path)}), _plugins())
+    data = resolved_config(state)["data"]
+    assert data["name"] == "npz" and data["path"] == str(path) and data["root"] == ""
+    assert "options" not in data
 
 
 # ------------------------------------------------------------------------------ errors
@@ -139,7 +188,7 @@ def test_the_unchanged_good_file_loads(tmp_path, rng):
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(DataError, match=r"npz file not found: .*nope\.npz"):
         load_npz(tmp_path / "nope.npz")
-    with pytest.raises(DataError, match=r"is a folder; data\.root must name the \.npz file itself"):
+    with pytest.raises(DataError, match=r"is a folder; data\.path must name the \.npz file itself"):
         load_npz(tmp_path)
 
 
@@ -205,7 +254,7 @@ def test_trains_two_steps_with_ce_through_the_engine(tmp_path, rng, batchkin_con
     x, tx = _images(rng, 60, (6, 6, 3)), _images(rng, 9, (6, 6, 3))
     y, ty = np.arange(60) % 3, np.array([0, 1, 2] * 3)
     path = _write(tmp_path / "d.npz", x=x, y=y, x_test=tx, y_test=ty, classes=np.array(["a", "b", "c"]))
-    batchkin_config["data"].update(name="npz", root=str(path), batch_size=8, val_fraction=0.2)
+    batchkin_config["data"].update(name="npz", path=str(path), batch_size=8, val_fraction=0.2)
     state = run_plugin(["ce"], config=batchkin_config, plugin_modules=[plugin])
     assert state.step == 2 and set(state.loss_terms) == {"ce"}
     splits = state.splits
@@ -219,6 +268,7 @@ def test_trains_two_steps_with_ce_through_the_engine(tmp_path, rng, batchkin_con
 
 def test_without_a_test_split_the_engine_holds_one_out(tmp_path, rng):
     path = _write(tmp_path / "d.npz", x=_images(rng, 40, (8, 8)), y=np.arange(40) % 4)
+    # data.root, the older spelling, still names the file
     cfg = tiny_config(data={"name": "npz", "root": str(path), "batch_size": 8, "test_fraction": 0.2})
     state = run_plugin(["ce"], config=cfg, plugin_modules=[plugin])
     assert state.step == 2 and state.splits.image_shape == (1, 8, 8) and state.splits.classes == ["0", "1", "2", "3"]

@@ -1,8 +1,10 @@
 """The ``npz`` dataset: images and labels from a user's ``.npz`` file.
 
-Select it with ``data.name = "npz"`` and ``data.root = "path/to/file.npz"``
-(``data.root`` names the file-based dataset's location, as for the built-in
-``idx`` and ``imagefolder`` datasets). The archive, as written by
+Select it with ``data.name = "npz"`` and ``data.path = "path/to/file.npz"``:
+``path`` is the dataset's own option (:class:`NpzOptions`, registered with the
+dataset), checked by the engine like its own ``[data]`` keys. The older spelling
+``data.root = "path/to/file.npz"`` still works when ``data.path`` is not set. The
+archive, as written by
 ``np.savez`` / ``np.savez_compressed``, holds:
 
 =========== =========================================== ==========
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +159,7 @@ def load_npz(path: str | Path, *, name: str = "npz") -> ImageDataset:
     if not path.exists():
         raise DataError(f"npz file not found: {path}")
     if not path.is_file():
-        raise DataError(f"{path} is a folder; data.root must name the .npz file itself")
+        raise DataError(f"{path} is a folder; data.path must name the .npz file itself")
     arrays = _read_arrays(path)
     _check_names(path, arrays)
     x, y = arrays["x"], arrays["y"]
@@ -190,13 +193,27 @@ def load_npz(path: str | Path, *, name: str = "npz") -> ImageDataset:
     )
 
 
-def npz_dataset(cfg) -> ImageDataset:
-    """The registered loader: ``cfg`` is the run's ``[data]`` table."""
-    if not cfg.root:
-        raise ConfigError("data.root must name the .npz file for data.name = 'npz'")
-    return load_npz(cfg.root)
+@dataclass
+class NpzOptions:
+    """The npz dataset's own keys in ``[data]``."""
+
+    path: str = field(default="", metadata={"help": "the .npz file (when empty, data.root is read instead)"})
+
+
+def npz_dataset(options: NpzOptions, data) -> ImageDataset:
+    """The registered loader: ``options`` are the dataset's own keys, ``data`` the run's ``[data]`` table."""
+    root = getattr(data, "root", "")
+    if options.path and root and options.path != root:
+        raise ConfigError(
+            f"data.path ({options.path!r}) and data.root ({root!r}) both name the file for data.name = 'npz'; "
+            f"set data.path only"
+        )
+    path = options.path or root
+    if not path:
+        raise ConfigError("data.path must name the .npz file for data.name = 'npz'")
+    return load_npz(path)
 
 
 @hookimpl
 def register_datasets(register):
-    register("npz", npz_dataset)
+    register("npz", npz_dataset, options=NpzOptions)
