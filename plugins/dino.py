@@ -22,9 +22,13 @@ METHODS.md section 4 ("DINO form") gives the defaults used here.
   scaled to the run: ``round(0.3 * epochs)`` epochs, as ``np.linspace`` per epoch), then
   stays at 0.07.
 * Centering: after every step ``center <- 0.9 center + 0.1 mean(teacher outputs)``
-  (the teacher's outputs only: both global views, all ranks, as the teacher outputs are
-  all-gathered). The center is a buffer of the model (``dino_center``), so it is
-  checkpointed.
+  (the teacher's outputs only: both global views, every rank's rows). Under DDP each rank
+  sums its own rows and one all-reduce of that ``[K]`` sum makes the global mean (divided
+  by ``world size x rows``: every rank has the same batch, ``data.drop_last`` being
+  required with several processes); the teacher outputs themselves are not gathered (the
+  loss reads only this rank's rows), except with SDMP's ``flip = "global"``, whose
+  partners live on other ranks. The center is a buffer of the model (``dino_center``), so
+  it is checkpointed.
 * Evaluation: kNN class scores as ``logits`` (as ``moco``); linear probe with
   :func:`batchkin.plugins.ssl.linear_probe`.
 * With ``sdmp``: the SDMP DINO form (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); only
@@ -112,15 +116,39 @@ def dino_loss(student: list[torch.Tensor], probs: list[torch.Tensor], student_te
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
+def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float = 0.9, *,
+                  world_size: int = 1, group=None) -> torch.Tensor:
     """In place ``center <- m center + (1 - m) mean(teacher_out)`` (mean over every row of
-    every view); returns ``center``."""
-    batch = teacher_out.float().reshape(-1, teacher_out.shape[-1]).mean(0, keepdim=True)
+    every view); returns ``center``.
+
+    With ``world_size > 1``, ``teacher_out`` holds this rank's rows only and the mean is
+    over every rank's: the float32 row sum ``[K]`` is all-reduced (``group``; one
+    collective of ``4 K`` bytes) and divided by ``world_size`` times the local row count,
+    which assumes the same number of rows on every rank (the engine's sharding with
+    ``data.drop_last``). Every rank then holds the same center."""
+    rows = teacher_out.float().reshape(-1, teacher_out.shape[-1])
+    if world_size <= 1:
+        batch = rows.mean(0, keepdim=True)
+    else:
+        import torch.distributed as dist
+
+        batch = rows.sum(0, keepdim=True)
+        dist.all_reduce(batch, op=dist.ReduceOp.SUM, group=group)
+        batch = batch / (rows.shape[0] * world_size)
     center.mul_(momentum).add_(batch.to(center.dtype), alpha=1 - momentum)
     return center
 
 
 # ------------------------------------------------------------------------------ the method
+
+
+def local_keys(step) -> torch.Tensor:
+    """This rank's teacher outputs ``[V, B, K]`` of an :class:`~batchkin.plugins.ssl.SSLStep`:
+    ``step.keys`` itself when they are local, their rows ``step.labels`` when gathered
+    (SDMP's global flip)."""
+    if step.keys.shape[1] == step.labels.shape[0]:
+        return step.keys
+    return step.keys[:, step.labels]
 
 
 def local_crop_size(size, image_size: tuple[int, int]) -> tuple[int, int]:
@@ -210,13 +238,14 @@ class DINO(SSLBase):
 
     def train_forward(self, state):
         center = state.unwrapped_model.dino_center.clone()
+        # the loss reads this rank's teacher rows and the centre all-reduces their sum: no key gather
         return ssl_train_forward(state, "dino_views", self.options.views, "dino", self.options.student_temp,
-                                 local=self.local, teacher_temp=self.temp, center=center)
+                                 local=self.local, gather_keys=False, teacher_temp=self.temp, center=center)
 
     @hookimpl
     def loss_terms(self, state, outputs):
         step = outputs["ssl"]
-        p = teacher_probs(step.keys[:, step.labels], step.center, step.teacher_temp)
+        p = teacher_probs(local_keys(step), step.center, step.teacher_temp)
         n = len(step.q[0])
         loss = sum(dino_loss([q[s] for q in step.q], list(p), step.temperature) for s in range(n)) / n
         return {"dino": loss}
@@ -226,7 +255,8 @@ class DINO(SSLBase):
         super().after_step(state)
         step = state.outputs.get("ssl") if isinstance(state.outputs, dict) else None
         if step is not None:
-            update_center(state.unwrapped_model.dino_center, step.keys, self.options.center_momentum)
+            update_center(state.unwrapped_model.dino_center, local_keys(step), self.options.center_momentum,
+                          world_size=state.world_size)
 
 
 @hookimpl

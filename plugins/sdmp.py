@@ -181,7 +181,8 @@ def sdmp_dino_loss(student_mix: torch.Tensor, teacher_probs: torch.Tensor, teach
                    partner: torch.Tensor | None = None, lam_partner: torch.Tensor | None = None) -> dict:
     """SDMP's DINO form. ``student_mix`` ``[2, B, K]``: student outputs of the mixed views;
     ``teacher_probs`` / ``teacher_probs_mix`` ``[2, N, K]``: the teacher's centred and
-    sharpened distributions of the clean / mixed views (N rows, gathered over ranks);
+    sharpened distributions of the clean / mixed views (N rows: gathered over ranks when the
+    flip is global, this rank's B rows when it is local);
     ``lam`` ``[2, B]``. Source-mix target ``lam P(b, i) + (1 - lam) P(b, i')``; mix-mix
     target ``P_mix(b, i)/(1+c) + c P_mix(b, i')/(1+c)``; averaged over the directions a != b.
     Returns ``{"ms", "mm"}``."""

@@ -49,7 +49,7 @@ METHODS.md section 4 is the specification. This module holds what the two SSL ba
   :func:`batchkin.kernels.batch_mix.batch_mix`), which returns a :class:`MixBatch`;
   the base runs the mixed views through the online and the momentum branch as well
   and stores an :class:`SSLStep` in ``outputs["ssl"]`` (clean and mixed outputs,
-  keys gathered across ranks, ``lam_eff``, partners). SDMP adds its loss terms in
+  keys (gathered across ranks for MoCo), ``lam_eff``, partners). SDMP adds its loss terms in
   ``loss_terms`` from that record alone.
 """
 
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,8 @@ def check_ssl_run(state, name: str) -> None:
                           f"the projector's BatchNorm needs two samples); got {cfg.data.batch_size}")
     if state.world_size > 1 and not cfg.data.drop_last:
         raise ConfigError(f"data.drop_last must be true for {name} with several processes "
-                          "(keys are all-gathered, which needs equal batches on every rank)")
+                          "(MoCo's key all-gather and DINO's centre, a sum all-reduced and divided by world size "
+                          "x batch, need equal batches on every rank)")
     if "ce" in cfg.methods:
         raise ConfigError(f"methods lists both {name!r} and 'ce': self-supervised pretraining uses no labels; remove 'ce'")
 
@@ -565,7 +567,8 @@ class MixBatch:
     ``mixed``: uint8 views ``[V, B, C, H, W]``; ``lam``: ``lam_eff`` ``[V, B]`` (the weight of
     the sample's own image, from the boxes actually pasted); ``partner``: int64 ``[B]``,
     the row of each sample's partner among the gathered keys (rank-major, ``world * B``
-    rows); ``lam_partner``: ``lam_eff`` of that partner ``[V, B]``; ``op``: the batch's
+    rows; in the :class:`SSLStep` of a base that keeps its keys local, the row among this
+    rank's ``B`` keys); ``lam_partner``: ``lam_eff`` of that partner ``[V, B]``; ``op``: the batch's
     operator code.
     """
 
@@ -585,9 +588,11 @@ class SSLStep:
     ``q[v][s]`` ``[B, d]`` per view and feature stream (MoCo: predictor outputs; DINO:
     student head outputs): the ``V`` global views first, then DINO's local crops (the
     student sees every crop). ``keys``: momentum outputs of the clean global views only
-    (the teacher never sees a local crop), gathered over ranks, ``[V, world * B, d]``;
-    ``q[v]`` and ``keys[v]`` are the same view for ``v < V``. ``labels``: ``[B]``, the row of each local sample in
-    ``keys``. ``temperature``: MoCo's T, DINO's student temperature. DINO also sets
+    (the teacher never sees a local crop), gathered over ranks, ``[V, world * B, d]``
+    (MoCo; DINO with SDMP's global flip), or this rank's own ``[V, B, d]`` (DINO otherwise:
+    see :func:`ssl_train_forward`); ``q[v]`` and ``keys[v]`` are the same view for
+    ``v < V``. ``labels``: ``[B]``, the row of each local sample in ``keys``.
+    ``temperature``: MoCo's T, DINO's student temperature. DINO also sets
     ``teacher_temp`` and ``center``. With SDMP: ``q_mix`` / ``keys_mix`` (the same for
     the mixed global views) and ``mix`` (the :class:`MixBatch`).
     """
@@ -605,10 +610,15 @@ class SSLStep:
 
 
 def ssl_train_forward(state, generator_name: str, view_options: ViewOptions, kind: str, temperature: float,
-                      *, local: LocalCrops | None = None, **extra) -> dict:
+                      *, local: LocalCrops | None = None, gather_keys: bool = True, **extra) -> dict:
     """The SSL bases' training forward: views (and ``local`` crops, drawn after the views
     from the same generator), SDMP mixing of the global views (if enabled), the model's
-    pass, keys gathered across ranks. Returns ``{"features": [B, D], "ssl": SSLStep}``."""
+    pass, keys gathered across ranks. Returns ``{"features": [B, D], "ssl": SSLStep}``.
+
+    ``gather_keys = False`` (DINO: its loss reads only this rank's rows and its centre
+    all-reduces a sum) keeps the keys local, ``[V, B, d]`` with ``labels = arange(B)``,
+    and re-bases SDMP's partners to local rows; SDMP's ``flip = "global"`` pairs rows of
+    other ranks, so with it the keys are gathered whatever ``gather_keys`` says."""
     data = state.train_data
     idx = state.batch["idx"].to(data.x.device)
     raw = data.x[idx]
@@ -631,8 +641,14 @@ def ssl_train_forward(state, generator_name: str, view_options: ViewOptions, kin
 
     out = state.model(x, ssl_hook=fire, **more)
     B, n_x = raw.shape[0], x.shape[0]
-    keys = gather_rows(out["keys"], state.world_size, dim=1)
-    labels = torch.arange(B, device=keys.device) + state.rank * B
+    if gather_keys or (mix is not None and mixer.options.flip == "global"):
+        keys = gather_rows(out["keys"], state.world_size, dim=1)
+        labels = torch.arange(B, device=keys.device) + state.rank * B
+    else:
+        keys = out["keys"]
+        labels = torch.arange(B, device=keys.device)
+        if mix is not None and state.rank:  # the partners are rows of this rank's batch: local rows
+            mix = dataclasses.replace(mix, partner=mix.partner - state.rank * B)
     step = SSLStep(kind=kind, q=out["q"][:n_clean] + out["q"][n_x:], keys=keys[:n_clean], labels=labels,
                    temperature=temperature, **extra)
     if mix is not None:

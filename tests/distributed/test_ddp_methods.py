@@ -2,17 +2,19 @@
 
 Each 2-rank run loads a small test plugin (``RECORDER`` below) that saves what every
 rank saw and computed at every step (batch indices, loss terms, the gradients after
-DDP's all-reduce, the SSL keys, DINO's centre, SDMP's mixing) and every rank's
-weights at the end of every epoch. The tests compare those records with what a
-single process computes on the whole global batch (in this process, through the same
-engine code), which pins down exactly what each method shards, gathers and keeps local:
+DDP's all-reduce, the SSL keys, DINO's centre, SDMP's mixing, the torch.distributed
+collectives the plugins called) and every rank's weights at the end of every epoch. The
+tests compare those records with what a single process computes on the whole global
+batch (in this process, through the same engine code), which pins down exactly what each
+method shards, gathers and keeps local:
 
 * bbn: both index streams are cut from one global draw per (seed, epoch);
 * drloc: pairs are drawn per rank (the rank is folded into the key): the 2-rank
   gradient is the mean of the per-rank single-process gradients;
 * moco: keys are all-gathered, so the loss and the gradients equal one process on the
   global batch (BatchNorm removed: see ``test_moco_...``);
-* dino: teacher outputs are all-gathered, so the centre equals one process's;
+* dino: the teacher outputs stay on their rank; the centre all-reduces their [K] sum (the
+  only collective a DINO step issues besides DDP's), so it equals one process's;
 * sdmp: ``flip = "global"`` pairs global row g with W*B-1-g, ``"local"`` pairs within
   each rank;
 * resume: every rank restores the same checkpoint (2 epochs == 1 epoch + resume).
@@ -47,6 +49,16 @@ from batchkin.models import Classifier
 from batchkin.plugin import Method
 
 
+#: The Python-level collectives of torch.distributed the recorder logs (DDP's own gradient
+#: all-reduce and buffer broadcast run in C++ and are not seen).
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
+               "reduce")
+#: the argument that holds the tensor a rank sends: all_gather(parts, tensor) etc.
+SENT_ARG = {"all_gather": 1, "all_gather_into_tensor": 1, "reduce_scatter": 1, "reduce_scatter_tensor": 1,
+            "all_to_all": 1, "all_to_all_single": 1}
+
+
 class Record(Method):
     """Saves, per rank, one file per step and the weights at the end of every epoch."""
 
@@ -57,12 +69,37 @@ class Record(Method):
     def __init__(self, options=None):
         super().__init__(options)
         self.view_state = None
+        self.calls = []
 
     def _base(self, state):
         return next((n for n in ("moco", "dino") if n in state.hooks.methods), None)
 
     @hookimpl
+    def on_fit_start(self, state):
+        """Wrap torch.distributed's collectives: every call appends (name, dtype, shape of the
+        tensor this rank sends) to the current step's log."""
+        import torch.distributed as dist
+
+        def wrap(name, fn):
+            def logged(*args, **kwargs):
+                sent = args[SENT_ARG.get(name, 0)] if args else None
+                if isinstance(sent, (list, tuple)):
+                    sent = sent[0] if sent else None
+                if isinstance(sent, torch.Tensor):
+                    self.calls.append((name, str(sent.dtype), list(sent.shape), sent.numel() * sent.element_size()))
+                else:
+                    self.calls.append((name, type(sent).__name__, [], 0))
+                return fn(*args, **kwargs)
+            return logged
+
+        if state.world_size > 1:
+            for name in COLLECTIVES:
+                if hasattr(dist, name):
+                    setattr(dist, name, wrap(name, getattr(dist, name)))
+
+    @hookimpl
     def transform_batch(self, state):
+        self.calls = []  # the step's collectives from here (an evaluation's all-reduces come before)
         base = self._base(state)
         if base is not None:  # the view generator before the forward pass draws from it
             self.view_state = state.generator(base + "_views").get_state()
@@ -75,6 +112,7 @@ class Record(Method):
             "idx": {k: v.tolist() for k, v in state.batch.items() if k.startswith("idx")},
             "terms": {k: float(v.detach()) for k, v in state.loss_terms.items()},
             "grads": {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None},
+            "collectives": list(self.calls),  # this step's so far: the methods listed before "record" ran
         }
         ssl = state.outputs.get("ssl") if isinstance(state.outputs, dict) else None
         if ssl is not None:
@@ -354,14 +392,19 @@ MOCO_ARGS = SSL_COMMON + sets('methods=["moco","sdmp","nobn","record"]', "moco.p
                               "moco.pred_hidden=32", 'sdmp.flip="global"')
 
 
+def two_ranks_and_one_process(base, torchrun, config, recorder, args, steps=None):
+    """The records of a 2-rank run of ``args`` and of one process on the 2x batch (``steps``
+    steps, by default as many as the 2-rank run made)."""
+    ok(torchrun(2, base / "run", *args, *record_to(base / "rec", recorder)))
+    two = records(base / "rec")
+    one = single_process(config, recorder, args + sets(f"data.batch_size={2 * B_SSL}"), base / "rec1",
+                         steps=steps or len(two[0]))
+    return two, one
+
+
 @pytest.fixture(scope="module")
 def moco_runs(tmp_path_factory, torchrun, config, recorder):
-    base = tmp_path_factory.mktemp("moco")
-    ok(torchrun(2, base / "run", *MOCO_ARGS, *record_to(base / "rec", recorder)))
-    two = records(base / "rec")
-    one = single_process(config, recorder, MOCO_ARGS + sets(f"data.batch_size={2 * B_SSL}"), base / "rec1",
-                         steps=len(two[0]))
-    return two, one
+    return two_ranks_and_one_process(tmp_path_factory.mktemp("moco"), torchrun, config, recorder, MOCO_ARGS)
 
 
 def test_moco_two_ranks_loss_and_gradients_equal_one_process_on_the_global_batch(moco_runs):
@@ -402,51 +445,122 @@ def test_sdmp_global_flip_pairs_row_g_with_the_global_partner(moco_runs):
             assert torch.equal(two[r][i]["views"], ref["views"][:, g])  # views: a slice of the global draw
 
 
-# ------------------------------------------------------------------------------ dino (+ sdmp local flip)
+# ------------------------------------------------------------------------------ dino (+ sdmp local and global flip)
 
-DINO_ARGS = SSL_COMMON + sets('methods=["dino","sdmp","record"]', "dino.out_dim=32", "dino.hidden_dim=32",
+K_DINO = 32
+DINO_ARGS = SSL_COMMON + sets('methods=["dino","sdmp","record"]', f"dino.out_dim={K_DINO}", "dino.hidden_dim=32",
                               "dino.bottleneck_dim=16", 'sdmp.flip="local"', 'sdmp.ops=["mixup"]')
+DINO_GLOBAL_ARGS = DINO_ARGS + sets('sdmp.flip="global"')
 
 
 @pytest.fixture(scope="module")
 def dino_runs(tmp_path_factory, torchrun, config, recorder):
-    base = tmp_path_factory.mktemp("dino")
-    ok(torchrun(2, base / "run", *DINO_ARGS, *record_to(base / "rec", recorder)))
-    two = records(base / "rec")
-    one = single_process(config, recorder, DINO_ARGS + sets(f"data.batch_size={2 * B_SSL}"), base / "rec1", steps=1)
-    return two, one
+    return two_ranks_and_one_process(tmp_path_factory.mktemp("dino"), torchrun, config, recorder, DINO_ARGS, steps=1)
+
+
+@pytest.fixture(scope="module")
+def dino_global_runs(tmp_path_factory, torchrun, config, recorder):
+    return two_ranks_and_one_process(tmp_path_factory.mktemp("dino_global"), torchrun, config, recorder,
+                                     DINO_GLOBAL_ARGS)
+
+
+def global_centre(center_before: torch.Tensor, per_rank_keys: list[torch.Tensor], m: float = 0.9) -> torch.Tensor:
+    """The centre update over the concatenated rows of every rank, in float64."""
+    rows = torch.cat([k.double().reshape(-1, k.shape[-1]) for k in per_rank_keys])
+    return (m * center_before.double() + (1 - m) * rows.mean(0, keepdim=True)).float()
 
 
 def test_dino_centre_after_a_step_equals_one_process_on_the_global_batch(dino_runs):
-    """The teacher outputs are all-gathered before the centre update, so after the first step
-    both ranks hold one process's centre (2B rows, both views); a centre from rank-local rows
-    would differ. The DINO term (mean over ranks) equals one process's too. (Later steps
-    differ: the local SDMP flip pairs other samples than one process's 2B flip.)"""
+    """Each rank keeps its own teacher outputs ([V, B, K], not gathered) and the centre update
+    all-reduces their [K] sum, so after the first step both ranks hold one process's centre
+    (2B rows, both views); a centre from rank-local rows would differ. The DINO term (mean
+    over ranks) equals one process's too. (Later steps differ: the local SDMP flip pairs
+    other samples than one process's 2B flip.)"""
     two, one = dino_runs
     ref = one[0]
     assert torch.count_nonzero(ref["center"]) > 0
     for r in (0, 1):
         rec = two[r][0]
-        torch.testing.assert_close(rec["keys"], ref["keys"], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(rec["center"], ref["center"], rtol=1e-4, atol=1e-7)
-        local = 0.1 * rec["keys"][:, rec["labels"]].reshape(-1, rec["keys"].shape[-1]).mean(0, keepdim=True)
+        g = torch.arange(r * B_SSL, (r + 1) * B_SSL)
+        assert rec["keys"].shape == (2, B_SSL, K_DINO)  # this rank's rows only
+        assert rec["labels"].tolist() == list(range(B_SSL))
+        torch.testing.assert_close(rec["keys"], ref["keys"][:, g], rtol=1e-5, atol=1e-6)
+        # the reduction itself: the 2-rank centre is the mean over both ranks' own rows ...
+        exact = global_centre(torch.zeros(1, K_DINO), [two[0][0]["keys"], two[1][0]["keys"]])
+        torch.testing.assert_close(rec["center"], exact, rtol=1e-6, atol=1e-8)
+        # ... which is one process's centre up to the forward pass's rounding on B vs 2B rows
+        torch.testing.assert_close(rec["center"], ref["center"], rtol=1e-5, atol=1e-8)
+        local = 0.1 * rec["keys"].reshape(-1, K_DINO).mean(0, keepdim=True)
         assert not torch.allclose(rec["center"], local, rtol=1e-3, atol=1e-6)
     assert (two[0][0]["terms"]["dino"] + two[1][0]["terms"]["dino"]) / 2 == pytest.approx(ref["terms"]["dino"],
-                                                                                       rel=1e-4)
-    for a, b in zip(two[0], two[1]):  # the centre stays identical on both ranks at every step
+                                                                                       rel=1e-6)
+    for i, (a, b) in enumerate(zip(two[0], two[1])):  # every step: the same centre on both ranks, the mean of both
         torch.testing.assert_close(a["center"], b["center"], rtol=0, atol=0)
+        before = two[0][i - 1]["center"] if i else torch.zeros(1, K_DINO)
+        torch.testing.assert_close(a["center"], global_centre(before, [a["keys"], b["keys"]]), rtol=1e-6, atol=1e-8)
+
+
+def test_dino_step_all_reduces_k_floats_for_the_centre_and_gathers_nothing(dino_runs):
+    """The only Python-level collective of a DINO step (with SDMP's local flip, which needs no
+    partner rows from other ranks) is the centre's all-reduce of one float32 [1, K] sum:
+    4 K bytes, where the all-gather of the teacher outputs sent 4 V B K (V B = 16 times more
+    here). DDP's gradient all-reduce and buffer broadcast are C++ and not in the log."""
+    two, _ = dino_runs
+    for r in (0, 1):
+        assert len(two[r]) >= 2
+        for rec in two[r]:
+            assert rec["collectives"] == [("all_reduce", "torch.float32", [1, K_DINO], 4 * K_DINO)], rec["step"]
+
+
+def test_the_collective_log_sees_moco_key_gather(moco_runs):
+    """The control of the log above: MoCo's all-gather of its keys [V, B, d] (V = 4 with SDMP)
+    and SDMP's global flip's gather of the uint8 views are seen."""
+    two, _ = moco_runs
+    for rec in two[0]:
+        names = [c[:3] for c in rec["collectives"]]
+        assert ("all_gather", "torch.float32", [4, B_SSL, 16]) in names
+        assert ("all_gather", "torch.uint8", [2, B_SSL, 1, 8, 8]) in names
+
+
+def test_dino_with_sdmp_global_flip_keeps_the_gather_and_equals_one_process(dino_global_runs):
+    """SDMP's global flip pairs row g with 2B-1-g on the other rank, so the teacher outputs are
+    still gathered ([V, 2B, K]: SDMP's targets read partner rows); the DINO loss reads the
+    rank's own rows and the centre all-reduces their sum all the same. Without BatchNorm
+    (the tiny model, DINO's head) every step equals one process on the 2B batch."""
+    two, one = dino_global_runs
+    K = K_DINO
+    assert len(one) == len(two[0]) == len(two[1]) >= 2
+    for i, ref in enumerate(one):
+        ranks = [two[r][i] for r in (0, 1)]
+        for r, rec in enumerate(ranks):
+            assert rec["keys"].shape == (2, 2 * B_SSL, K)
+            assert rec["labels"].tolist() == list(range(r * B_SSL, (r + 1) * B_SSL))
+            assert rec["mix"]["partner"].tolist() == list(range(2 * B_SSL - 1 - r * B_SSL, B_SSL - 1 - r * B_SSL, -1))
+            torch.testing.assert_close(rec["keys"], ref["keys"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(rec["center"], ref["center"], rtol=1e-4, atol=1e-6)
+            names = [c[0] for c in rec["collectives"]]
+            assert names.count("all_gather") == 2  # the uint8 views (SDMP) and the momentum outputs (the base)
+            assert rec["collectives"][-1] == ("all_reduce", "torch.float32", [1, K], 4 * K)  # the centre
+        before = two[0][i - 1]["center"] if i else torch.zeros(1, K)
+        own = [rec["keys"][:, rec["labels"]] for rec in ranks]
+        torch.testing.assert_close(ranks[0]["center"], global_centre(before, own), rtol=1e-6, atol=1e-8)
+        for term in ("dino", "sdmp_ms", "sdmp_mm"):
+            assert (ranks[0]["terms"][term] + ranks[1]["terms"][term]) / 2 == pytest.approx(ref["terms"][term],
+                                                                                           rel=1e-4), (i, term)
 
 
 def test_sdmp_local_flip_pairs_within_each_rank(dino_runs):
-    """``flip = "local"``: sample i of rank r mixes with sample B-1-i of the same rank (global row
-    rB + B-1-i); with mixup the mixed bytes are round(lam x_i + (1 - lam) x_(B-1-i)) of the
-    rank's own clean views."""
+    """``flip = "local"``: sample i of rank r mixes with sample B-1-i of the same rank; DINO keeps
+    its teacher outputs local, so the partner is row B-1-i of the rank's own keys (SDMP's
+    global row rB + B-1-i, re-based by the base); with mixup the mixed bytes are
+    round(lam x_i + (1 - lam) x_(B-1-i)) of the rank's own clean views."""
     two, _ = dino_runs
     ar = torch.arange(B_SSL)
     for r in (0, 1):
         for rec in two[r]:
             mix, views = rec["mix"], rec["views"].float()
-            assert mix["partner"].tolist() == (r * B_SSL + B_SSL - 1 - ar).tolist()
+            assert rec["keys"].shape[1] == B_SSL
+            assert mix["partner"].tolist() == (B_SSL - 1 - ar).tolist()
             assert torch.equal(mix["lam_partner"], mix["lam"][:, B_SSL - 1 - ar])
             lam = mix["lam"].float().view(2, B_SSL, 1, 1, 1)
             expected = lam * views + (1 - lam) * views[:, B_SSL - 1 - ar]

@@ -72,6 +72,87 @@ def test_update_center_formula():
     torch.testing.assert_close(center, torch.tensor([[0.9 * 1 + 0.1 * 2.0, 0.9 * 2 + 0.1 * 1.0]]))
 
 
+class FakeWorld:
+    """A one-process stand-in for torch.distributed's collectives: ``all_reduce`` adds the
+    ``others``' tensors (their row sums, as their ranks would contribute) and logs the call;
+    every gather or broadcast fails the test."""
+
+    GATHERS = ("all_gather", "all_gather_into_tensor", "all_gather_object", "gather", "broadcast", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all", "all_to_all_single")
+
+    def __init__(self, monkeypatch, others=None):
+        import torch.distributed as dist
+
+        self.calls, self.others = [], others
+        monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
+        for name in self.GATHERS:
+            if hasattr(dist, name):
+                monkeypatch.setattr(dist, name, self.refuse(name))
+
+    def all_reduce(self, t, op=None, group=None, async_op=False):
+        import torch.distributed as dist
+
+        assert op in (None, dist.ReduceOp.SUM)
+        self.calls.append(("all_reduce", t.dtype, tuple(t.shape), t.numel() * t.element_size()))
+        for other in (self.others if self.others is not None else [t.clone()]):  # default: a twin rank
+            t.add_(other)
+
+    @staticmethod
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"torch.distributed.{name} was called")
+        return call
+
+
+def test_update_center_under_ddp_all_reduces_the_row_sum(monkeypatch):
+    """Two ranks' teacher outputs [V, B, K]: rank 0's centre update all-reduces its float32 [1, K]
+    row sum once (no gather) and divides by 2 x V x B: the centre of one process on both."""
+    g = torch.Generator().manual_seed(3)
+    mine, theirs = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    center = torch.randn(1, 7, generator=g)
+    world = FakeWorld(monkeypatch, others=[theirs.reshape(-1, 7).sum(0, keepdim=True)])
+    got = update_center(center.clone(), mine.half(), 0.9, world_size=2)  # bf16/fp16 outputs: summed in float32
+    assert world.calls == [("all_reduce", torch.float32, (1, 7), 4 * 7)]
+    one = update_center(center.clone(), torch.cat([mine.half(), theirs], dim=1), 0.9)
+    torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-7)
+    # world_size 1: no collective, bit for bit the one-process mean
+    world.calls.clear()
+    assert torch.equal(update_center(center.clone(), mine, 0.9, world_size=1), update_center(center.clone(), mine, 0.9))
+    assert world.calls == []
+
+
+@pytest.mark.parametrize("methods", [["dino"], ["dino", "sdmp"]])
+def test_a_dino_step_as_rank_1_of_2_keeps_its_teacher_rows_and_all_reduces_k_floats(monkeypatch, methods):
+    """One process posing as rank 1 of 2 with stand-in collectives: the step gathers nothing
+    (SDMP's local flip included), the keys are the rank's own [V, B, K] with labels 0..B-1
+    and SDMP's partners re-based to local rows, and the only collective is the centre's
+    all-reduce of K float32 (here the twin rank has the same rows: the local mean)."""
+    raw = dino_config(epochs=2, **({"sdmp": {"flip": "local"}} if "sdmp" in methods else {}))
+    state = run_plugin(methods, steps=1, config=raw, plugin_modules=MODULES)
+    net = state.unwrapped_model
+    center_before = net.dino_center.clone()
+    world = FakeWorld(monkeypatch)
+    state.rank, state.world_size = 1, 2
+    train_step(state, next(iter(state.sampler)))
+    step = state.outputs["ssl"]
+    B = state.batch["idx"].shape[0]
+    assert step.keys.shape == (2, B, 32) and step.labels.tolist() == list(range(B))
+    assert world.calls == [("all_reduce", torch.float32, (1, 32), 4 * 32)]
+    torch.testing.assert_close(net.dino_center, 0.9 * center_before + 0.1 * step.keys.mean(dim=(0, 1)),
+                               rtol=1e-6, atol=1e-8)
+    p = teacher_probs(step.keys, step.center, step.teacher_temp)
+    torch.testing.assert_close(state.loss_terms["dino"], dino_loss([q[0] for q in step.q], list(p), 0.1))
+    if "sdmp" in methods:
+        from batchkin.plugins.sdmp import sdmp_dino_loss
+
+        assert step.mix.partner.tolist() == list(range(B - 1, -1, -1))  # SDMP's rows B + B-1-i, re-based
+        pm = teacher_probs(step.keys_mix, step.center, step.teacher_temp)
+        student = torch.stack([step.q_mix[0][0], step.q_mix[1][0]])
+        terms = sdmp_dino_loss(student, p, pm, step.mix.lam, 0.1)  # default rows: i and B-1-i
+        torch.testing.assert_close(state.loss_terms["sdmp_ms"], 0.5 * terms["ms"])
+        torch.testing.assert_close(state.loss_terms["sdmp_mm"], 0.5 * terms["mm"])
+
+
 def test_dino_step_loss_center_and_teacher_update():
     state = run_plugin(["dino"], steps=1, config=dino_config(epochs=2), plugin_modules=MODULES)
     net = state.unwrapped_model
@@ -86,6 +167,9 @@ def test_dino_step_loss_center_and_teacher_update():
     torch.testing.assert_close(state.loss_terms["dino"], expect)
     # after the step: center EMA of the teacher outputs, teacher EMA of the student
     torch.testing.assert_close(net.dino_center, 0.9 * center_before + 0.1 * step.keys.mean(dim=(0, 1)))
+    # one process: bit for bit the mean over the rows of both views, as before the DDP all-reduce path
+    batch = step.keys.float().reshape(-1, 32).mean(0, keepdim=True)
+    assert torch.equal(net.dino_center, center_before.clone().mul_(0.9).add_(batch, alpha=1 - 0.9))
     m = cosine_momentum(state.step, state.epochs * state.steps_per_epoch, 0.996)
     for t, b, o in zip(net.momentum_pairs()[0], teacher_before, net.momentum_pairs()[1]):
         torch.testing.assert_close(t, m * b + (1 - m) * o)
