@@ -34,10 +34,10 @@ sequence of ``B`` tokens, so each sample's feature attends to the others.
   weight_decay_scale`` (upstream uses 0.1x lr on ResNet-50 features).
 * **Distributed** (``global_batch = true``): the features of every rank are all-gathered
   with a differentiable all-gather (:func:`all_gather_with_grad`: the backward
-  all-reduces the gradient of the gathered tensor and keeps this rank's rows), the
-  module runs over the global batch and each rank keeps its own rows. The gradients
-  then equal those of one process holding the whole batch. The default attends over
-  the local batch, as upstream.
+  reduce-scatters the gradient of the gathered tensor: each rank receives the summed
+  gradient of its own rows), the module runs over the global batch and each rank keeps
+  its own rows. The gradients then equal those of one process holding the whole batch.
+  The default attends over the local batch, as upstream.
 
 **Composition.**
 
@@ -95,8 +95,10 @@ def resolve_heads(heads: int, width: int) -> int:
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather of ``[n_r, C]`` row blocks (``sizes[r]`` rows from rank ``r``) with a gradient.
 
-    Backward: the gradient of the gathered ``[N, C]`` tensor is summed over ranks
-    (every rank's loss may depend on every row) and this rank's rows are returned.
+    Backward: the gradient of the gathered ``[N, C]`` tensor is summed over ranks (every
+    rank's loss may depend on every row) and this rank's rows are returned: one
+    reduce-scatter, so each rank receives only its own block's sum (an all-reduce would
+    move every block to every rank).
     """
 
     @staticmethod
@@ -108,16 +110,22 @@ class _AllGatherWithGrad(torch.autograd.Function):
         padded = x if x.shape[0] == m else torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])])
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=group)
-        ctx.group, ctx.start, ctx.n = group, sum(sizes[:rank]), x.shape[0]
+        ctx.group, ctx.sizes, ctx.n = group, sizes, x.shape[0]
         return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad):
         import torch.distributed as dist
 
-        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.start : ctx.start + ctx.n], None, None, None
+        m = max(ctx.sizes)
+        if all(s == m for s in ctx.sizes):
+            blocks = grad.contiguous()
+        else:  # every rank's block padded to m rows, as reduce-scatter needs equal blocks
+            blocks = torch.cat([torch.cat([b, b.new_zeros(m - b.shape[0], *b.shape[1:])])
+                                for b in grad.split(list(ctx.sizes))])
+        mine = grad.new_empty(m, *grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, blocks, op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine[: ctx.n], None, None, None
 
 
 def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
@@ -125,8 +133,8 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int
     rank order, differentiably.
 
     Returns ``(gathered [N, C], start)``: ``gathered[start:start + n]`` are this rank's rows.
-    The backward sums the gathered tensor's gradient over ranks (one all-reduce) and
-    returns this rank's rows, so the gradient w.r.t. ``x`` is that of the sum of every
+    The backward sums the gathered tensor's gradient over ranks and returns this rank's
+    rows (one reduce-scatter), so the gradient w.r.t. ``x`` is that of the sum of every
     rank's loss. Costs two collectives in the forward (the row counts, then the rows).
     Without an initialised process group, or with one process, returns ``(x, 0)``.
     """
