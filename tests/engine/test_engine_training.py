@@ -401,21 +401,14 @@ def test_train_step_reads_the_device_twice(monkeypatch, plugin_file, methods, gr
     finiteness, which decides whether backward runs) and one after it (the gradient
     norm's finiteness, which decides whether the optimizer steps): two waits for the
     device per step, whatever the number of loss terms."""
-    from batchkin.testing import tiny_config
+    from batchkin.testing import run_plugin, tiny_config
     from batchkin.trainer import train_step
 
-    plugins = Plugins(extra_files=[plugin_file("extra_terms", EXTRA_TERMS_PLUGIN)])
-    raw = tiny_config(methods, train={"grad_clip": grad_clip})
+    # a first step outside the count (lazy initialisation)
+    state = run_plugin(methods, steps=1, config=tiny_config(methods, train={"grad_clip": grad_clip}),
+                       plugin_files=[plugin_file("extra_terms", EXTRA_TERMS_PLUGIN)])
+    batches = iter(state.sampler)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        state = prepare(raw, plugins)
-        state.hooks.on_fit_start(state=state)
-        state.epoch = 1
-        state.sampler.set_epoch(1)
-        state.hooks.on_epoch_start(state=state)
-        state.model.train()
-        batches = iter(state.sampler)
-        train_step(state, next(batches))  # a first step outside the count (lazy initialisation)
         reads = []
 
         def counting(name):
