@@ -473,6 +473,21 @@ def test_resnet_protocol_parts_are_views_of_torchvisions_modules(models):
     assert not any(k.startswith(("trunk.", "last_block.", "classifier.", "pool.")) for k in model.state_dict())
 
 
+def test_bbn_wraps_an_imagenet_resnet_without_duplicating_it(models):
+    from batchkin.plugins.bbn import BilateralNet
+
+    backbone = build(models, "resnet18", **SMALL["resnet18"])
+    net = BilateralNet(backbone)
+    assert {n for n, _ in net.named_children()} == {"trunk", "cb_block", "rb_block", "pool", "classifier"}
+    last = count_parameters(backbone.last_block)
+    trunk = count_parameters(backbone) - last - count_parameters(backbone.fc)
+    assert count_parameters(net) == trunk + 2 * last + (2 * 64 + 1) * 5
+    config = tiny_config(["bbn"], data={"synthetic_shape": [3, 16, 16], "batch_size": 8},
+                         model={"name": "resnet18", **SMALL["resnet18"]})
+    state = run_plugin(["bbn"], steps=1, config=config)
+    assert isinstance(state.model, BilateralNet) and "bbn" in state.loss_terms
+
+
 def test_resnet_stems_and_zero_init_residual(models):
     torch.manual_seed(0)
     small = build(models, "resnet18", image_size=(32, 32), stem="small", **SMALL["resnet18"]).eval()
