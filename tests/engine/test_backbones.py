@@ -758,6 +758,7 @@ def test_a_plain_module_trains_with_each_kind_of_method(plugin_file, methods, te
 
 
 @pytest.mark.parametrize("model, methods, fragment", [
+    ("headless", "ce", "model 'headless' does not follow batchkin's model protocol: it has no classifier"),
     ("plain", "bbn", "bbn needs a model that exposes trunk and last_block"),
     ("plain", "ce,drloc", "drloc needs a model whose forward_features returns a token grid"),
     ("no_dim", "ce,batchformer", "batchformer needs a model with an integer feature_dim"),
