@@ -774,3 +774,23 @@ def test_a_model_lacking_what_a_method_needs_is_one_line(plugin_file, tmp_path, 
     assert rc == 2 and len(err) == 1 and err[0].startswith("batchkin: error: ")
     assert fragment in err[0]
     assert not out.exists() or not os.listdir(out)
+
+
+# ------------------------------------------------------------------------------ the documentation
+
+
+def test_docs_list_every_builtin_model_option_and_count(models):
+    import dataclasses
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme, page = (root / "README.md").read_text(), (root / "docs" / "models.md").read_text()
+    builtin = [n for n, e in models.items() if e.origin == "builtin" and n != "vit_hier"]
+    for name in builtin:
+        assert f"`{name}`" in page, name
+        doc = page if name in FULL_COUNTS else readme
+        for f in dataclasses.fields(models[name].options):
+            assert f"`model.{f.name}`" in doc, f"{name}: model.{f.name}"
+    for name, count in FULL_COUNTS.items():
+        assert f"{count:,}" in page, name
+    assert "[models.md](models.md)" in (root / "docs" / "plugins.md").read_text()
