@@ -117,8 +117,17 @@ class RunDir:
     # -- what the folder holds --------------------------------------------------------------
 
     def _used(self) -> bool:
-        """The folder holds something besides a lock file."""
-        return self.final.is_dir() and any(p.name != ".lock" for p in self.final.iterdir())
+        """The folder holds something besides what a new run creates before its run.json: the
+        lock, an empty checkpoints/ folder, the temporary file of run.json itself."""
+        if not self.final.is_dir():
+            return False
+        for p in self.final.iterdir():
+            if p.name == ".lock" or _FIRST_WRITE.match(p.name):
+                continue
+            if p.name == "checkpoints" and p.is_dir() and not p.is_symlink() and not any(p.iterdir()):
+                continue
+            return True
+        return False
 
     def is_run(self) -> bool:
         return is_run_folder(self.final)
@@ -187,6 +196,7 @@ class RunDir:
         self.lock()
         if self._used():  # another command wrote there since check_new
             self.check_new()
+        self.remove_stale_temp_files()  # a run killed inside its first write
         self.ckpt_dir.mkdir(exist_ok=True)
 
     def _sibling(self, kind: str, pid: int | None = None) -> Path:
@@ -331,6 +341,7 @@ class RunDir:
 
 
 _SIBLING = re.compile(r"^\.(?P<name>.+)\.batchkin-(?P<kind>new|old)-(?P<pid>\d+)$")
+_FIRST_WRITE = re.compile(rf"^\.{re.escape(MARKER)}\.tmp-\d+$")  # see atomic_write_bytes
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
@@ -343,7 +354,10 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 
 def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    if path.is_symlink():  # a run folder given as a link: the link goes, never its target
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 _RENAME_EXCHANGE = 2

@@ -294,3 +294,16 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_says_so(cli, tmp_path, 
         'return {"bad": outputs["logits"].sum() * float("nan")}', 'return {"bad": outputs["logits"].sum() * 0.0}'))
     cli.ok(argv)
     assert [r["kind"] for r in faults.epoch_lines(run)] == ["epoch", "final"]
+
+
+@pytest.mark.parametrize("fault", [("write", 1), ("write", 2)], ids=["inside run.json", "inside config.toml"])
+def test_a_run_killed_inside_its_first_writes_starts_again_with_the_same_command(fault, cli, child, tmp_path,
+                                                                                 tiny_args):
+    run = tmp_path / "run"
+    argv = [*tiny_args(1), "--out", run]
+    r = child(argv, fault=fault)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert list(run.glob(".*.tmp-*")), "the half-written file of the killed process"
+    cli.ok(argv)
+    assert [r["kind"] for r in faults.epoch_lines(run)] == ["epoch", "final"]
+    assert not list(run.glob(".*.tmp-*"))
