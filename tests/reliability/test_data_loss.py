@@ -6,8 +6,10 @@ run killed before its first checkpoint can be started again."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -171,6 +173,25 @@ def test_a_live_process_replacement_is_left_alone(cli, old_run, tiny_args, folde
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.dist
+def test_overwrite_with_two_ranks(cli, old_run, bad_plugin, tiny_args, folder_hash, siblings_of):
+    """Under torchrun rank 0 alone builds and swaps the new run: a failure at the first step
+    on both ranks leaves the old run as it was; a run that succeeds replaces it."""
+    run, before = old_run
+    argv = [sys.executable, "-m", "batchkin", *tiny_args(1), "--nproc", "2", "--overwrite", "--out", str(run),
+            "--plugin", str(bad_plugin)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*argv, "--set", 'methods=["ce","bad"]'], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and f"{run} is unchanged (the new run was discarded)" in r.stderr, r.stderr[-3000:]
+    assert folder_hash(run) == before
+    assert siblings_of(run) == []
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert siblings_of(run) == []
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert cli.evaluated_epoch(run) == 1
 
 
 # ------------------------------------------------------------------------------ --resume that fails
