@@ -498,7 +498,7 @@ class _Folder:
             return f"{run.final} is unchanged"
         if run.last_epoch:
             return f"checkpoints/last.pt of epoch {run.last_epoch} is intact; --resume {run.final} continues from it"
-        return "no checkpoint was written yet; the same command starts the run again"
+        return "checkpoints/last.pt was not written yet; the same command starts the run again"
 
     def history(self, before: list | None, epoch: int, plugin_files_before=None) -> list:
         """run.json's ``overrides``: ``before`` and this command's changes (time, epoch, key, old, new)."""
@@ -598,7 +598,7 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         _check_epochs(cfg, until, ckpt["epoch"], run)
         best = restore(state, ckpt)
         folder.done = run.last_epoch = state.epoch
-        folder.pending = True
+        folder.pending = folder.started = True
     elif rank0:
         history = None
         if folder.mode == "fresh":
@@ -609,10 +609,10 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
             run.begin_replacement()
             out.line(f"batchkin: note: {_replacing(run, resume, overwrite)}; it stays until the new run writes "
                      "its first checkpoints/last.pt")
+        folder.started = True
         run.write_json(MARKER, run_info(state, folder.plugin_files, history))
         run.write_text("config.toml", dump_toml(resolved_config(state)))
     dist_ctx.barrier()
-    folder.started = True
     dist_ctx.wrap(state)
     state.hooks.on_fit_start(state=state)
     out.line(f"batchkin: methods in order: {' -> '.join(state.hooks.names)}; device {state.device}; "

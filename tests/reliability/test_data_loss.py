@@ -5,6 +5,7 @@ run killed before its first checkpoint can be started again."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -53,6 +54,25 @@ def test_overwrite_keeps_the_old_run_when_a_plugin_hook_raises(cli, old_run, bad
         assert str(exc) == "bad plugin: boom"
     else:
         assert rc == 2 and "boom" in err
+    assert folder_hash(run) == before
+    assert siblings_of(run) == []
+
+
+def test_overwrite_keeps_the_old_run_when_the_disk_fills(cli, old_run, tiny_args, folder_hash, siblings_of,
+                                                        monkeypatch):
+    from batchkin import rundir
+
+    real_open = open
+
+    def full_disk_for_checkpoints(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".last.pt.tmp-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(rundir, "open", full_disk_for_checkpoints, raising=False)
+    run, before = old_run
+    cli.user_error([*tiny_args(1), "--overwrite", "--out", run], "disk full while writing ",
+                   "last.pt; no partial file was left", f"; {run} is unchanged (the new run was discarded)")
     assert folder_hash(run) == before
     assert siblings_of(run) == []
 
@@ -308,7 +328,7 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_says_so(cli, tmp_path, 
     with the plugin file fixed in between) starts the run again in the same folder."""
     run = tmp_path / "run"
     argv = [*tiny_args(1, *_bad()), "--plugin", bad_plugin, "--out", run]
-    line = cli.user_error(argv, "non-finite", "; no checkpoint was written yet; the same command starts the run again")
+    line = cli.user_error(argv, "non-finite", "; checkpoints/last.pt was not written yet; the same command starts the run again")
     assert "intact" not in line
     assert (run / "run.json").is_file() and not (run / "checkpoints" / "last.pt").exists()
     bad_plugin.write_text(bad_plugin.read_text().replace('default="nan"', 'default="none"').replace(
