@@ -250,9 +250,11 @@ class RunDir:
         are left alone (their owner holds the folder's lock).
         """
         parent, notes, found = self.final.parent, [], []
-        if not parent.is_dir():
+        try:
+            entries = list(parent.iterdir())
+        except OSError:  # no parent yet, or one this process cannot read: nothing to recover
             return notes
-        for p in parent.iterdir():
+        for p in entries:
             m = _SIBLING.match(p.name)
             if not m or m["name"] != self.final.name or not p.is_dir():
                 continue
