@@ -19,9 +19,13 @@ from .errors import BatchkinError
 EXIT_USAGE = 2
 
 
-def _add_plugin_arg(p):
+def _add_plugin_arg(p, run_files: bool = False):
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
-                   help="load a plugin module from a local .py file (repeatable)")
+                   help="load a plugin module from a local .py file (repeatable)"
+                   + ("; the plugin files a run was trained with are loaded again by themselves" if run_files else ""))
+    if run_files:
+        p.add_argument("--allow-changed-plugins", action="store_true",
+                       help="use a plugin file the run was trained with even though its content changed since")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,18 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="TOML config (default: the built-in defaults, digits + resnet8 + ce)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     t.add_argument("--out", help="run folder (default: runs/<config name>, numbered if it exists)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(a run without one starts again from its saved config)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing batchkin run folder (the old run stays until the new one's first checkpoint)")
     t.add_argument("--until", type=int, metavar="EPOCH", help="stop after this epoch (the schedule still spans `epochs`)")
     t.add_argument("--nproc", type=int, default=0, metavar="N", help="launch N processes with torchrun (DDP)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
-    _add_plugin_arg(t)
+    _add_plugin_arg(t, run_files=True)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint or a run folder")
     e.add_argument("checkpoint", help="a checkpoint file or a run folder (uses checkpoints/last.pt)")
     e.add_argument("--split", choices=["test", "val"], default="test")
     e.add_argument("--best", action="store_true", help="use checkpoints/best.pt of a run folder")
-    _add_plugin_arg(e)
+    _add_plugin_arg(e, run_files=True)
 
     p = sub.add_parser("plugins", help="list plugins, methods, models and datasets")
     p.add_argument("--hook", help="list the methods implementing this hook")
@@ -58,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--weight-decay", type=float, default=0.0)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--best", action="store_true", help="use checkpoints/best.pt")
-    _add_plugin_arg(pr)
+    _add_plugin_arg(pr, run_files=True)
 
     bn = sub.add_parser("bench", help="run benchmarks and write bench/results/<device>/ (needs a source checkout)")
     bn.add_argument("kind", choices=["kernels", "e2e", "accuracy", "interleaved"])
@@ -96,12 +102,40 @@ def _default_out(config: str | None) -> str:
     return str(out)
 
 
+def _recover(run: Path, quiet: bool) -> None:
+    """Finish a replacement of the run folder ``run`` that a killed process cut short."""
+    from .rundir import RunDir
+
+    for note in RunDir(run).recover():
+        if not quiet:
+            print(f"batchkin: note: {note}", file=sys.stderr)
+
+
+def _run_plugins(run: Path | None, args, quiet: bool = False):
+    """The plugins of a command on the run folder ``run``: ``--plugin`` files, and the plugin
+    files the run was trained with (run.json), checked against their recorded sha256."""
+    from .plugin import ENV_PLUGINS, Plugins
+    from .rundir import plugin_files_for_run
+
+    given = list(args.plugin)
+    if run is None:
+        return Plugins(extra_files=given)
+    _recover(run, quiet)
+    env = [f for f in os.environ.get(ENV_PLUGINS, "").split(os.pathsep) if f]
+    return Plugins(extra_files=given + plugin_files_for_run(run, given + env, args.allow_changed_plugins))
+
+
 def cmd_train(args) -> int:
     from .config import apply_overrides, load_raw
     from .errors import ConfigError
-    from .plugin import Plugins
-    from .trainer import fit
+    from .trainer import fit, resume_config
 
+    if args.until is not None and args.until < 1:
+        raise ConfigError(f"--until must be an epoch >= 1; got {args.until}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
+    if args.allow_changed_plugins and not args.resume:
+        raise ConfigError("--allow-changed-plugins applies to --resume (and eval) of a run only")
     if args.nproc:
         return _launch_torchrun(args)
     if args.resume:
@@ -110,14 +144,13 @@ def cmd_train(args) -> int:
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("--resume continues the run in its own folder; --out cannot differ")
         run = Path(args.resume)
-        if not (run / "config.toml").is_file():
-            raise ConfigError(f"{run} is not a batchkin run folder (no config.toml)")
-        raw = apply_overrides(load_raw(run / "config.toml"), args.set)
+        plugins = _run_plugins(run, args, args.quiet)
+        raw = apply_overrides(resume_config(run), args.set)
         out = str(run)
     else:
         raw = apply_overrides(load_raw(args.config), args.set)
         out = args.out or _default_out(args.config)
-    plugins = Plugins(extra_files=args.plugin)
+        plugins = _run_plugins(None, args)
     fit(raw, out, resume=bool(args.resume), overwrite=args.overwrite, until=args.until, plugins=plugins,
         progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -149,19 +182,21 @@ def cmd_eval(args) -> int:
     from .config import load_raw
     from .data import DeviceData
     from .errors import RunError
-    from .plugin import Plugins
     from .rundir import load_checkpoint
     from .trainer import evaluate, prepare, restore
 
     path = Path(args.checkpoint)
+    if not path.exists():
+        _recover(path, quiet=True)
     if path.is_dir():
         run, ckpt_path = path, path / "checkpoints" / ("best.pt" if args.best else "last.pt")
     else:
         run, ckpt_path = path.parent.parent, path
+    plugins = _run_plugins(run, args, quiet=True)
     if not (run / "config.toml").is_file():
         raise RunError(f"no config.toml found for {path} (expected in {run})")
     ckpt = load_checkpoint(ckpt_path)
-    state = prepare(load_raw(run / "config.toml"), Plugins(extra_files=args.plugin))
+    state = prepare(load_raw(run / "config.toml"), plugins)
     restore(state, ckpt)
     split = state.splits.test if args.split == "test" else state.splits.val
     metrics = evaluate(state, args.split, DeviceData(split, state.splits, state.device))
@@ -265,10 +300,10 @@ def cmd_build(args) -> int:
 
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
-    from .plugin import Plugins
     from batchkin.plugins.ssl import linear_probe
 
     run = Path(args.run_dir)
+    plugins = _run_plugins(run, args, quiet=True)
     if not (run / "config.toml").is_file():
         raise RunError(f"{run} is not a batchkin run folder (no config.toml)")
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
@@ -278,7 +313,7 @@ def cmd_probe(args) -> int:
         raise ConfigError(f"--lr must be > 0; got {args.lr}")
     result = linear_probe(run, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, seed=args.seed,
-                          checkpoint="best.pt" if args.best else "last.pt", plugins=Plugins(extra_files=args.plugin))
+                          checkpoint="best.pt" if args.best else "last.pt", plugins=plugins)
     print(json.dumps({"run": str(run), **result}, indent=2))
     return 0
 

@@ -55,7 +55,7 @@ class DataConfig:
     few_shot: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images per class (0 = all)"})
     train_size: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images, stratified (0 = all)"})
     batch_size: int = field(default=64, metadata={"ge": 1, "help": "training batch size (per process)"})
-    eval_batch_size: int = field(default=256, metadata={"ge": 1, "help": "evaluation batch size"})
+    eval_batch_size: int = field(default=256, metadata={"ge": 1, "resume": True, "help": "evaluation batch size"})
     drop_last: bool = field(default=True, metadata={"help": "drop the last incomplete training batch of an epoch"})
     augment: bool = field(default=True, metadata={"help": "random crop with padding (+ flip) during training"})
     crop_padding: int = field(default=2, metadata={"ge": 0, "help": "zero padding of the random crop, in pixels"})
@@ -110,11 +110,11 @@ class TrainConfig:
         default="auto", metadata={"help": "mixed precision: auto = bf16 on GPUs that support it, else fp16 on CUDA, off on CPU"}
     )
     grad_clip: float = field(default=0.0, metadata={"ge": 0.0, "help": "clip the global gradient norm (0 = off)"})
-    eval_every: int = field(default=1, metadata={"ge": 1, "help": "evaluate on the validation split every N epochs"})
-    checkpoint_every: int = field(default=1, metadata={"ge": 1, "help": "write a checkpoint every N epochs (and at the end)"})
-    log_every: int = field(default=20, metadata={"ge": 1, "help": "steps between plain progress lines when not on a terminal"})
+    eval_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "evaluate on the validation split every N epochs"})
+    checkpoint_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "write a checkpoint every N epochs (and at the end)"})
+    log_every: int = field(default=20, metadata={"ge": 1, "resume": True, "help": "steps between plain progress lines when not on a terminal"})
     on_nonfinite: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "a non-finite loss or gradient: stop the run, or skip the step"}
+        default="stop", metadata={"resume": True, "help": "a non-finite loss or gradient: stop the run, or skip the step"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     sync_bn: Literal["auto", "on", "off"] = field(
@@ -146,7 +146,7 @@ DATA_KEYS = tuple(f.name for f in fields(DataConfig) if f.init)
 @dataclass
 class Config:
     seed: int = field(default=0, metadata={"help": "seed of every random stream of the run"})
-    epochs: int = field(default=10, metadata={"ge": 1, "help": "number of training epochs"})
+    epochs: int = field(default=10, metadata={"ge": 1, "resume": True, "help": "number of training epochs"})
     methods: list[str] = field(default_factory=lambda: ["ce"], metadata={"help": "enabled methods, in hook-call order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     data: DataConfig = field(default_factory=DataConfig)
@@ -284,3 +284,102 @@ def dataset_options(name: str, options, given: dict, registered: Mapping[str, ty
     if options is None:
         return None
     return parse(options, given, "data")
+
+
+# ------------------------------------------------------------------------------ what --resume may change
+
+
+def _same(a, b) -> bool:
+    """Equal config values: numbers by value (1 == 1.0), booleans and strings by type and value."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (a != a and b != b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+_UNSET = object()
+
+
+def _diff(old: dict, new: dict, prefix: str = ""):
+    """``(key, old, new)`` for every leaf that differs (``_UNSET`` where a side lacks it)."""
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _diff(a, b, f"{prefix}{key}.")
+        elif a is _UNSET or b is _UNSET or not _same(a, b):
+            yield f"{prefix}{key}", a, b
+
+
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig,
+             "metrics": MetricsConfig}
+
+
+def _init_fields(cls) -> dict:
+    return {f.name: f for f in fields(cls) if f.init} if cls is not None else {}
+
+
+def _field_metadata(key: str, option_schemas: Mapping[str, type | None]) -> Mapping | None:
+    """The schema metadata of a config key, or None when no schema knows the key."""
+    *tables, name = key.split(".")
+    if len(tables) > 1:
+        return None
+    if not tables:
+        cls = Config if name not in ENGINE_TABLES else None
+    else:
+        own = _init_fields(_SECTIONS.get(tables[0]))
+        if name in own:
+            return own[name].metadata
+        cls = option_schemas.get(tables[0])  # a model's, a dataset's or a method's options
+    f = _init_fields(cls).get(name)
+    return None if f is None else f.metadata
+
+
+def resume_keys(option_schemas: Mapping[str, type | None] = {}) -> list[str]:
+    """The keys ``--resume`` may change: fields whose metadata says ``"resume": True``, of
+    the engine's schema and of the options in ``option_schemas`` (table name -> dataclass:
+    the run's model, dataset and methods)."""
+    tables = [("", Config), *((f"{t}.", c) for t, c in _SECTIONS.items()),
+              *((f"{t}.", c) for t, c in option_schemas.items())]
+    return [f"{prefix}{name}" for prefix, cls in tables for name, f in _init_fields(cls).items()
+            if f.metadata.get("resume")]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One config value changed on ``--resume`` (``old``/``new`` are None where unset)."""
+
+    key: str
+    old: object
+    new: object
+
+
+def _show(value) -> str:
+    text = "unset" if value is _UNSET else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def resume_changes(saved: dict, given: dict, option_schemas: Mapping[str, type | None] = {}) -> list[Change]:
+    """The changes from a run's saved config (its config.toml) to the config of ``--resume``.
+
+    Only keys marked ``"resume": True`` in their schema may change: what a run does
+    next, not what it computed (``epochs``, evaluation, logging and checkpoint cadence,
+    ``train.on_nonfinite``, ``data.eval_batch_size``, and the options a plugin marks).
+    Any other change would make the continued run a different run than the one the
+    checkpoint belongs to and is refused with a line naming the key.
+    """
+    changes = []
+    for key, old, new in _diff(saved, given):
+        meta = _field_metadata(key, option_schemas)
+        if meta is None or not meta.get("resume"):
+            allowed = ", ".join(resume_keys(option_schemas))
+            raise ConfigError(
+                f"--resume cannot change {key} ({_show(old)} -> {_show(new)}): the checkpoint belongs to the run "
+                f"as configured; --resume may change only {allowed} (start a new run with another --out instead)"
+            )
+        changes.append(Change(key, None if old is _UNSET else old, None if new is _UNSET else new))
+    return changes

@@ -7,6 +7,7 @@ The hooks fired here are specified, with the loop as pseudo-code, in
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import platform
@@ -18,14 +19,14 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (used by plugins importing from here)
 
 from . import __version__
-from .config import Config, build_config
+from .config import Config, build_config, load_raw, resume_changes
 from .data import DeviceData, ShuffleSampler, make_splits
-from .errors import ConfigError, NonFiniteError, RunError
+from .errors import BatchkinError, ConfigError, NonFiniteError, RunError
 from .hookspecs import hookimpl
 from .metrics import classification_metrics, confusion_counts, shot_groups
 from .models import check_protocol
 from .plugin import Plugins, RunHooks
-from .rundir import CHECKPOINT_FORMAT, RunDir, load_checkpoint
+from .rundir import CHECKPOINT_FORMAT, MARKER, RunDir, load_checkpoint, plugin_file_records
 from .schema import dump_toml, parse, to_dict
 from .state import State
 from batchkin.kernels.rng import derive_key
@@ -280,6 +281,13 @@ def restore(state: State, ckpt: dict) -> dict:
         state.unwrapped_model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise RunError(f"the checkpoint does not fit the model: {str(exc).splitlines()[0]}") from None
+    saved = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else []
+    groups = state.optimizer.param_groups
+    if [g.get("name") for g in saved] != [g.get("name") for g in groups] or \
+            any(("betas" in a) != ("betas" in b) for a, b in zip(saved, groups)):
+        o = state.config.optim
+        raise RunError(f"the checkpoint's optimizer is not the config's (optim.name = {o.name!r}, optim.no_decay_norm_bias = "
+                       f"{o.no_decay_norm_bias}, {len(groups)} parameter groups): the optimizer cannot change on resume")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
@@ -374,7 +382,7 @@ def train_step(state: State, indices: dict) -> float:
                 else "non-finite gradients"
             msg = f"epoch {state.epoch} step {state.step + 1}: {what}; loss terms: {detail}"
             if cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(msg + " (train.on_nonfinite = 'stop'; the last checkpoint is intact)")
+                raise NonFiniteError(msg + " (train.on_nonfinite = 'stop')")
             print(f"batchkin: skipping {msg}", file=sys.stderr, flush=True)
             state.step_skipped = True
     else:
@@ -435,42 +443,151 @@ def fit(
     """Train a run described by the raw config dict into the folder ``out``.
 
     ``resume=True`` continues the run in ``out`` from its last checkpoint (``raw`` is
-    then the folder's saved config, possibly with overrides). ``until`` stops after
-    that epoch while the schedule still spans ``epochs``.
+    then the folder's saved config, in which only the keys that may change on resume
+    may differ: :func:`batchkin.config.resume_changes`). ``until`` stops after that
+    epoch while the schedule still spans ``epochs``.
     The caller's global RNG state is restored when the run ends.
+
+    A command that fails leaves the folder as it was, and a killed one leaves a run in it:
+
+    * a new run is written straight into an absent or empty folder;
+    * a run that replaces a batchkin run (``overwrite``, or a folder whose run never
+      wrote ``checkpoints/last.pt``; with ``resume`` such a run starts again from its
+      saved config) is built in a hidden sibling folder and swapped in when it writes
+      its first ``last.pt`` (:class:`batchkin.rundir.RunDir`);
+    * a resumed run changes nothing until its first new epoch, or its final test line,
+      is committed: then its config changes are recorded (run.json's ``overrides``,
+      then config.toml) and metrics.jsonl is cut back to the checkpoint's epoch.
     """
     from .distributed import DistContext
 
     dist_ctx = DistContext.from_env()
-    run = RunDir(out)
-    rank0 = dist_ctx.rank == 0
+    folder = _Folder(RunDir(out), writer=dist_ctx.rank == 0)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         with torch.random.fork_rng(devices=devices):
-            return _fit(raw, run, resume, overwrite, until, plugins, progress and rank0, stream, dist_ctx)
+            return _fit(raw, folder, resume, overwrite, until, plugins or Plugins(), progress and folder.writer,
+                        stream, dist_ctx)
+    except BatchkinError as exc:
+        if folder.started and folder.writer:
+            exc.args = (f"{exc}; {folder.what_is_left()}",)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
-        if rank0:
-            run.unlock()
+        if folder.writer:
+            folder.run.discard_replacement()
+            folder.run.unlock()
 
 
-def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist_ctx) -> RunResult:
-    rank0 = dist_ctx.rank == 0
-    out = Progress(show, 20, stream)
-    if rank0 and resume:
-        if not run.checkpoint_path().is_file():
-            raise RunError(f"nothing to resume in {run.path}: no checkpoints/last.pt")
-        run.lock()
+class _Folder:
+    """The run folder as one ``fit`` changes it (rank 0 alone writes)."""
+
+    def __init__(self, run: RunDir, writer: bool):
+        self.run, self.writer = run, writer
+        self.mode = ""  # "fresh", "replace" or "resume"
+        self.started = False  # the run is under way: an error says what the folder still holds
+        self.pending = False  # a resume that has not committed anything yet
+        self.done = 0  # epochs of the checkpoint resumed from
+        self.changes: list = []  # config changes of the resume
+        self.plugin_files: list[dict] = []  # run.json's plugin_files of this command
+
+    def what_is_left(self) -> str:
+        run = self.run
+        if run.staging is not None:
+            return f"{run.final} is unchanged (the new run was discarded)"
+        if self.pending:
+            return f"{run.final} is unchanged"
+        if run.last_epoch:
+            return f"checkpoints/last.pt of epoch {run.last_epoch} is intact; --resume {run.final} continues from it"
+        return "checkpoints/last.pt was not written yet; the same command starts the run again"
+
+    def history(self, before: list | None, epoch: int, plugin_files_before=None) -> list:
+        """run.json's ``overrides``: ``before`` and this command's changes (time, epoch, key, old, new)."""
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        entries = [{"time": now, "epoch": epoch, "key": c.key, "old": c.old, "new": c.new} for c in self.changes]
+        if plugin_files_before is not None and plugin_files_before != self.plugin_files:
+            entries.append({"time": now, "epoch": epoch, "key": "plugin_files", "old": plugin_files_before,
+                            "new": self.plugin_files})
+        return list(before or []) + entries
+
+    def commit_resume(self, state: State) -> None:
+        """Before the resumed run's first record: record its changes, then cut metrics.jsonl back."""
+        if not (self.writer and self.pending):
+            return
+        run = self.run
+        info = run.read_json(MARKER)
+        before = info.get("plugin_files") or []
+        if self.changes or before != self.plugin_files:
+            info["overrides"] = self.history(info.get("overrides"), self.done, before)
+            info["plugin_files"] = self.plugin_files
+            run.write_json(MARKER, info)
+        if self.changes:
+            run.write_text("config.toml", dump_toml(resolved_config(state)))
         run.remove_stale_temp_files()
-    if rank0 and not resume and not overwrite:
-        run.check_new()  # refuse an existing folder before any work
-    # config, data and model are checked before the folder is created or cleared
+        run.truncate_metrics(self.done)
+        self.pending = False
+
+
+def resume_config(path: str | os.PathLike) -> dict:
+    """The saved config.toml of the run folder ``path``, for ``--resume``: continued from its
+    checkpoints/last.pt, or started again when a batchkin run has none yet."""
+    run = RunDir(path)
+    config = run.final / "config.toml"
+    if config.is_file() and (run.checkpoint_path().is_file() or run.is_run()):
+        return load_raw(config)
+    if run.checkpoint_path().is_file():
+        raise RunError(f"{run.final} has checkpoints/last.pt but no config.toml to resume it with")
+    if run.is_run():
+        raise RunError(f"nothing to resume in {run.final}: its run stopped before it wrote config.toml; "
+                       "the command that started it starts it again")
+    if not config.is_file():
+        raise RunError(f"nothing to resume in {run.final}: it is not a batchkin run folder (no config.toml)")
+    raise RunError(f"nothing to resume in {run.final}: no checkpoints/last.pt")
+
+
+def _option_schemas(plugins: Plugins, cfg: Config) -> dict:
+    """The options dataclasses of the run's methods, model and dataset (table name -> dataclass)."""
+    reg = plugins.registry
+    schemas = {name: reg.methods[name].options for name in cfg.methods if name in reg.methods}
+    for table, entry in (("model", reg.models.get(cfg.model["name"])), ("data", reg.datasets.get(cfg.data.name))):
+        schemas[table] = entry.options if entry is not None else None
+    return schemas
+
+
+def _check_epochs(cfg: Config, until: int | None, done: int, run: RunDir) -> None:
+    if cfg.epochs < done:
+        raise ConfigError(f"epochs = {cfg.epochs} is below the {done} epochs {run.final} has trained; "
+                          "--resume can keep or extend epochs, not undo trained ones")
+    if until is not None and until <= done:
+        raise ConfigError(f"--until {until}: {run.final} has already trained {done} epochs; "
+                          f"give a later epoch, up to epochs = {cfg.epochs}")
+
+
+def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, dist_ctx) -> RunResult:
+    run, rank0 = folder.run, folder.writer
+    out = Progress(show, 20, stream)
+    if until is not None and until < 1:
+        raise ConfigError(f"--until must be an epoch >= 1; got {until}")
+    if rank0:
+        for note in run.recover():
+            out.line(f"batchkin: note: {note}")
+    saved = resume_config(run.final) if resume else None
+    if resume:
+        folder.mode = "resume" if run.checkpoint_path().is_file() else "replace"
+    else:
+        folder.mode = run.check_new(overwrite) if rank0 else "fresh"
+    if rank0 and folder.mode != "fresh":
+        run.lock()  # refuse a folder another live run is using, before any work
+    if resume:
+        folder.changes = resume_changes(saved, raw, _option_schemas(plugins, build_config(raw, plugins.registry.methods)))
+    folder.plugin_files = plugin_file_records(plugins.origins.values())
+    # config, data and model are checked before the folder is created or anything in it changes
     state = prepare(raw, plugins, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
-    if rank0 and not resume:
-        run.create(overwrite=overwrite)
-    dist_ctx.barrier()
     cfg = state.config
+    if until is not None and until > cfg.epochs:
+        raise ConfigError(f"--until {until} is beyond epochs = {cfg.epochs} (the schedule spans epochs; "
+                          "set epochs to train longer)")
     out.log_every = cfg.train.log_every
     # dropout and other ops without a generator argument draw from the global RNG: it is
     # forked for the run (fit() restores the caller's state), seeded, and saved in checkpoints
@@ -478,28 +595,32 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     best = {"epoch": 0, "top1": -1.0}
-    if resume:
+    if folder.mode == "resume":
         ckpt = load_checkpoint(run.checkpoint_path(), map_location=state.device)
+        _check_epochs(cfg, until, ckpt["epoch"], run)
         best = restore(state, ckpt)
-        if rank0:
-            run.truncate_metrics(state.epoch)
+        folder.done = run.last_epoch = state.epoch
+        folder.pending = folder.started = True
     elif rank0:
+        history = None
+        if folder.mode == "fresh":
+            run.create()
+        else:
+            if resume:  # a run without last.pt started again: keep its history of changes
+                history = folder.history(run.read_json(MARKER).get("overrides"), 0)
+            run.begin_replacement()
+            out.line(f"batchkin: note: {_replacing(run, resume, overwrite)}; it stays until the new run writes "
+                     "its first checkpoints/last.pt")
+        folder.started = True
+        run.write_json(MARKER, run_info(state, folder.plugin_files, history))
         run.write_text("config.toml", dump_toml(resolved_config(state)))
-        registry = state.hooks.registry
-        run.write_json("run.json", {
-            "methods": state.hooks.names, "seed": cfg.seed, "device": str(state.device),
-            "world_size": state.world_size, "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
-            # where the dataset and the model came from, written as the methods' origins are
-            "dataset": {"name": cfg.data.name, "origin": registry.datasets[cfg.data.name].origin},
-            "model": {"name": cfg.model["name"], "origin": registry.models[cfg.model["name"]].origin},
-            **system_info(),
-        })
+    dist_ctx.barrier()
     dist_ctx.wrap(state)
     state.hooks.on_fit_start(state=state)
     out.line(f"batchkin: methods in order: {' -> '.join(state.hooks.names)}; device {state.device}; "
              f"{len(state.train_data)} training images, {state.steps_per_epoch} steps per epoch")
     val_data = DeviceData(state.splits.val, state.splits, state.device) if len(state.splits.val) else None
-    last_epoch = cfg.epochs if until is None else min(until, cfg.epochs)
+    last_epoch = cfg.epochs if until is None else until
     while state.epoch < last_epoch:
         state.epoch += 1
         state.epoch_metrics = {}
@@ -530,17 +651,22 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
             **{f"train/{k}": float(v.detach().float()) for k, v in state.loss_terms.items()},
             **state.epoch_metrics,
         }
+        improved = False
         if val_data is not None and (state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.epochs):
             val = evaluate(state, "val", val_data)
             record.update({f"val/{k}": v for k, v in val.items()})
             if val["top1"] > best["top1"]:
-                best = {"epoch": state.epoch, "top1": val["top1"]}
-                if rank0:
-                    run.save_checkpoint(checkpoint_dict(state, best), "best.pt")
+                best, improved = {"epoch": state.epoch, "top1": val["top1"]}, True
         if rank0:
+            folder.commit_resume(state)
+            if improved:
+                run.save_checkpoint(checkpoint_dict(state, best), "best.pt")
             run.append_metrics(record)
             if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch:
                 run.save_checkpoint(checkpoint_dict(state, best))
+                if run.staging is not None:
+                    run.commit_replacement()
+                run.last_epoch = state.epoch
             out.line(_epoch_line(record))
     final = {}
     if state.epoch >= cfg.epochs:
@@ -550,6 +676,7 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
         final = {"kind": "final", "epoch": state.epoch, "best_val_epoch": best["epoch"],
                  **{f"test/{k}": v for k, v in test.items()}}
         if rank0:
+            folder.commit_resume(state)
             run.append_metrics(final)
             out.line(_final_line(final))
             from .report import write_report
@@ -559,14 +686,37 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
     return RunResult(str(run.path), final, state)
 
 
+def _replacing(run: RunDir, resume: bool, overwrite: bool) -> str:
+    if resume:
+        return f"{run.final} has no checkpoints/last.pt: its run starts again from epoch 1 with its saved config"
+    if overwrite:
+        return f"replacing the run in {run.final}"
+    return f"{run.final} holds a run that never wrote checkpoints/last.pt: replacing it"
+
+
+def run_info(state: State, plugin_files: list[dict], overrides: list | None = None) -> dict:
+    """run.json of a new run: methods, seed, device, where every piece came from, versions."""
+    cfg, registry = state.config, state.hooks.registry
+    info = {
+        "methods": state.hooks.names, "seed": cfg.seed, "device": str(state.device),
+        "world_size": state.world_size, "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
+        # where the dataset and the model came from, written as the methods' origins are
+        "dataset": {"name": cfg.data.name, "origin": registry.datasets[cfg.data.name].origin},
+        "model": {"name": cfg.model["name"], "origin": registry.models[cfg.model["name"]].origin},
+        "plugin_files": plugin_files,  # eval and --resume load these again (checked by sha256)
+        **system_info(),
+    }
+    if overrides:
+        info["overrides"] = overrides
+    return info
+
+
 def _oom_message(state: State, step: int, exc: BaseException) -> str:
     bs = state.config.data.batch_size
-    last = (state.epoch - 1) // state.config.train.checkpoint_every * state.config.train.checkpoint_every
     return (
         f"out of memory at epoch {state.epoch} step {step} with data.batch_size = {bs} on {state.device} "
-        f"({type(exc).__name__}); lower the batch size (e.g. --set data.batch_size={max(bs // 2, 1)})"
+        f"({type(exc).__name__}); lower the batch size (e.g. --set data.batch_size={max(bs // 2, 1)} in a new run)"
         + (" or enable mixed precision (train.amp)" if state.amp_dtype is None and state.device.type == "cuda" else "")
-        + (f"; the checkpoint of epoch {last} is intact, continue with --resume" if last else "")
     )
 
 
