@@ -27,6 +27,9 @@ import torch
 from .errors import RunError
 
 CHECKPOINT_FORMAT = 1
+#: what every checkpoint holds (a file that loads but lacks one is refused, naming it)
+CHECKPOINT_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "sampler", "rng", "generators",
+                   "methods", "method_order")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -41,7 +44,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise RunError(f"disk full while writing {path}; the previous version is intact") from None
+            kept = "the previous version is intact" if path.exists() else "no partial file was left"
+            raise RunError(f"disk full while writing {path}; {kept}") from None
         raise RunError(f"cannot write {path}: {exc.strerror or exc}") from None
     _fsync_dir(path.parent)
 
@@ -208,4 +212,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise RunError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a batchkin checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise RunError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
