@@ -341,6 +341,7 @@ def cmd_build(args) -> int:
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
     from .plugin import Plugins
+    from .schema import shown
     from batchkin.plugins.ssl import linear_probe
 
     run = Path(args.run_dir)
@@ -349,8 +350,12 @@ def cmd_probe(args) -> int:
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1; got {value}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0; got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0; got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
+    if not -(2**63) <= args.seed < 2**63:
+        raise ConfigError(f"--seed must fit in a 64-bit signed integer; got {shown(args.seed)}")
     result = linear_probe(run, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, seed=args.seed,
                           checkpoint="best.pt" if args.best else "last.pt", plugins=Plugins(extra_files=args.plugin))

@@ -361,6 +361,13 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+def _check_folder(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root {root} is a file; it must name the dataset's folder")
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+
+
 def _find(root: Path, stems: list[str]) -> Path:
     for stem in stems:
         for cand in (root / stem, root / f"{stem}.gz"):
@@ -372,8 +379,7 @@ def _find(root: Path, stems: list[str]) -> Path:
 def load_idx_folder(root: str | Path, name: str = "idx", classes: list[str] | None = None, hflip: bool = True) -> ImageDataset:
     """An MNIST-format folder: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+    _check_folder(root)
     parts, label_files = {}, {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         xf = _find(root, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
@@ -488,8 +494,7 @@ def load_cifar(cfg, which: int) -> ImageDataset:
     if not cfg.root:
         raise ConfigError(f"data.root must name the CIFAR-{which} python-format folder")
     root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+    _check_folder(root)
     if which == 10:
         files, label_key, meta, meta_key = [f"data_batch_{i}" for i in range(1, 6)], "labels", "batches.meta", "label_names"
         test = "test_batch"
@@ -588,8 +593,7 @@ def load_image_folder(cfg) -> ImageDataset:
     if not cfg.root:
         raise ConfigError("data.root must name the image folder for data.name = 'imagefolder'")
     root = Path(cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+    _check_folder(root)
     _check_image_size(cfg.image_size)
     if (root / "train").is_dir() and (root / "test").is_dir():
         x, y, classes = _read_image_folder(root / "train", cfg.image_size)

@@ -223,6 +223,8 @@ class Plugins:
     def load_file(self, path: str | os.PathLike) -> None:
         """Load a plugin module from a local ``.py`` file."""
         path = Path(path)
+        if path.is_dir():
+            raise PluginError(f"plugin file {path} is a folder; give the plugin's .py file")
         if not path.is_file():
             raise PluginError(f"plugin file not found: {path}")
         modname = f"batchkin_local_plugin_{path.stem}"

@@ -201,6 +201,15 @@ class RunDir:
         return self.ckpt_dir / name
 
 
+def _load_failure(exc: Exception) -> str:
+    """The line of torch.load's message that says what is wrong: a weights-only refusal opens
+    with a generic paragraph (and advice to load unsafely) before naming the offending object."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        return f"{lines[1]} (a batchkin checkpoint holds only tensors and plain data)"
+    return lines[0] if lines else ""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
     path = Path(path)
@@ -209,7 +218,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise RunError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise RunError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {_load_failure(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a batchkin checkpoint (format {CHECKPOINT_FORMAT})")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]

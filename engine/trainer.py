@@ -20,13 +20,13 @@ import torch.nn.functional as F  # noqa: F401  (used by plugins importing from h
 from . import __version__
 from .config import Config, build_config
 from .data import DeviceData, ShuffleSampler, check_crop_padding, make_splits
-from .errors import ConfigError, NonFiniteError, RunError, describe_exception
+from .errors import BatchkinError, ConfigError, NonFiniteError, PluginError, RunError, describe_exception, is_out_of_memory
 from .hookspecs import hookimpl
 from .metrics import classification_metrics, confusion_counts, shot_groups
 from .models import state_dict_mismatch
 from .plugin import Plugins, RunHooks
 from .rundir import CHECKPOINT_FORMAT, RunDir, load_checkpoint
-from .schema import dump_toml, parse, to_dict
+from .schema import dump_toml, parse, shown, to_dict
 from .state import State
 from batchkin.kernels.rng import derive_key
 
@@ -223,11 +223,19 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
     c, h, w = splits.image_shape
     state.model_options = model_options
     # parameters are initialised from the run's seed without touching the caller's RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
-        state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
-        hooks.wrap_model(state=state)
-    state.model.to(device)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
+            state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
+            hooks.wrap_model(state=state)
+        state.model.to(device)
+    except BatchkinError:
+        raise
+    except Exception as exc:  # the builder is a plugin's code; the options may ask for any size
+        what = f"model {cfg.model['name']!r} ({model_entry.origin}) with options {shown(cfg.model, 200)}"
+        if is_out_of_memory(exc):
+            raise ConfigError(f"{what} does not fit in the memory of {device}: {describe_exception(exc)}") from None
+        raise PluginError(f"{what} failed to build: {describe_exception(exc)}") from exc
     if cfg.train.compile:
         m = state.unwrapped_model
         m.forward_features = torch.compile(m.forward_features)

@@ -194,3 +194,10 @@ def test_available_memory_reads_the_system(monkeypatch):
     with pytest.raises(DataError, match="needs 2.0 GiB of memory; this machine has 1.0 GiB available"):
         monkeypatch.setattr(data, "available_memory", lambda: 2**30)
         data.check_memory(2**31, "the thing")
+
+
+def test_model_options_beyond_memory_are_refused_naming_the_model(user_error, tmp_path):
+    out = tmp_path / "run"
+    user_error([*TRAIN, "--set", "data.name=synthetic", "--set", f"model.width={10**11}", "--out", out],
+               "model 'tiny' (builtin) with options {'name': 'tiny', 'width': 100000000000} does not fit in the memory "
+               "of cpu", unchanged=[out])

@@ -96,6 +96,15 @@ def test_the_largest_split_seed_trains(tmp_path):
     assert main([*TRAIN, "--set", f"data.split_seed={2**63 - 1}", "--out", str(tmp_path / "run")]) == 0
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--seed", str(2**70)], "--seed must fit in a 64-bit signed integer"),
+    (["--lr", "nan"], "--lr must be a finite number > 0; got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0; got -1.0"),
+])
+def test_probe_arguments_that_would_fail_later(user_error, trained_run, args, fragment):
+    user_error(["probe", trained_run, *args], fragment, unchanged=[trained_run])
+
+
 @pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "gpu", "cuda:0:1", "cuda:123456"])
 def test_device_strings(user_error, tmp_path, device):
     user_error([*TRAIN, "--set", f"device='{device}'", "--out", tmp_path / "run"],

@@ -3,6 +3,7 @@ the mismatch) and echoes user values cut to a readable length."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -103,6 +104,17 @@ def test_a_folder_given_as_the_config(user_error, tmp_path):
     assert "not found" not in line
 
 
+def test_a_folder_given_as_a_plugin_file_or_a_file_as_the_data_folder(user_error, tmp_path):
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    user_error([*TRAIN, "--plugin", folder, "--out", tmp_path / "run"], f"plugin file {folder} is a folder",
+               unchanged=[folder, tmp_path / "run"])
+    (tmp_path / "data.bin").write_bytes(b"\0" * 16)
+    user_error([*TRAIN, "--set", "data.name=idx", "--set", f"data.root={tmp_path / 'data.bin'}", "--out", tmp_path / "run"],
+               f"data.root {tmp_path / 'data.bin'} is a file; it must name the dataset's folder",
+               unchanged=[tmp_path / "data.bin", tmp_path / "run"])
+
+
 def test_a_multi_megabyte_value_is_cut_in_the_message(user_error, tmp_path):
     huge = "x" * 3_000_000
     line = user_error([*TRAIN, "--set", f"data.batch_size='{huge}'", "--out", tmp_path / "run"],
@@ -155,6 +167,18 @@ def test_a_state_dict_mismatch_shows_the_mismatch(user_error, run_copy):
     user_error(["eval", run_copy], "missing keys trunk.0.weight, trunk.1.weight, trunk.1.bias, trunk.1.running_mean "
                "(+50 more); unexpected keys conv.weight, conv.bias; shapes differ: classifier.weight is [4, 8]",
                unchanged=[run_copy])
+
+
+class _RunsShell:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_checkpoint_refused_by_the_weights_only_loader_names_the_object(user_error, run_copy):
+    torch.save({"format": 1, "model": _RunsShell()}, run_copy / "checkpoints" / "last.pt")
+    line = user_error(["eval", run_copy], "last.pt cannot be loaded: UnpicklingError:", "GLOBAL posix.system",
+                      unchanged=[run_copy])
+    assert "will likely succeed" not in line
 
 
 def test_state_dict_mismatch_lists_a_few_of_many():

@@ -193,3 +193,18 @@ def _batch(state):
     x, y = state.train_data.batch(torch.arange(4), augment=False, padding=0, hflip=False, gen=None)
     state.batch = {"x": x, "y": y, "idx": torch.arange(4)}
     return state
+
+
+def test_a_plugin_model_whose_builder_raises(user_error, tmp_path):
+    path = plugin(tmp_path, "broken_model", """
+def build(options, num_classes, in_channels, image_size):
+    raise IndexError("the plugin's own bug")
+
+
+@hookimpl
+def register_models(register):
+    register("broken", build)
+""")
+    user_error([*TRAIN, "--plugin", path, "--set", "model.name=broken", "--out", tmp_path / "run"],
+               f"model 'broken' (file {path}) with options {{'name': 'broken'}} failed to build: IndexError: "
+               "the plugin's own bug", unchanged=[path, tmp_path / "run"])
