@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import pickle
 import tracemalloc
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,8 @@ def test_an_idx_label_of_two_billion_is_refused_before_any_class_list(user_error
 
 def test_an_npz_label_of_1e12_is_refused_naming_the_array(user_error, tmp_path):
     """The example dataset plugin follows the same rule: the class count a label implies may
-    not exceed the images the file holds."""
+    not exceed the images the file holds (its own tests check its .npy headers against the
+    bytes each member holds)."""
     path = tmp_path / "d.npz"
     y = np.arange(20, dtype=np.int64) % 2
     y[3] = 10**12
@@ -57,20 +57,6 @@ def test_an_npz_label_of_1e12_is_refused_naming_the_array(user_error, tmp_path):
     out = tmp_path / "run"
     user_error([*TRAIN, "--plugin", NPZ_PLUGIN, "--set", "data.name=npz", "--set", f"data.path={path}", "--out", out],
                str(path), "'y' holds label 1000000000000", unchanged=[path, out])
-
-
-def test_an_npz_array_header_larger_than_its_bytes_is_refused_before_numpy_allocates(user_error, tmp_path):
-    """An .npy member whose header claims 10**11 images of 4x4 (1.6 TB) over 320 bytes of data."""
-    path = tmp_path / "d.npz"
-    with zipfile.ZipFile(path, "w") as zf:
-        with zf.open("x.npy", "w") as fh:
-            np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": (10**11, 4, 4)})
-            fh.write(bytes(320))
-        with zf.open("y.npy", "w") as fh:
-            np.lib.format.write_array(fh, np.arange(20) % 2)
-    out = tmp_path / "run"
-    user_error([*TRAIN, "--plugin", NPZ_PLUGIN, "--set", "data.name=npz", "--set", f"data.path={path}", "--out", out],
-               str(path), "array 'x' claims shape [100000000000, 4, 4]", "holds 320 bytes", unchanged=[path, out])
 
 
 # ------------------------------------------------------------------------------ pickles built from shared references
