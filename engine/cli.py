@@ -1,22 +1,27 @@
 """The ``batchkin`` command line.
 
 Every user error (bad config, missing or corrupt data, a broken plugin, an
-unusable run folder) is printed as one line ``batchkin: error: ...`` and exits
-with code 2; nothing in an existing run folder is overwritten.
+unusable run folder, a folder the file system refuses) is printed as one line
+``batchkin: error: ...`` and exits with code 2; nothing in an existing run
+folder is overwritten. Under several processes each rank prints its own line,
+prefixed with its rank. Output cut short by its reader (``batchkin eval ... |
+head``) ends the command quietly with code 141, as a shell reports a process
+ended by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from .errors import BatchkinError
+from .errors import BatchkinError, one_line
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 def _add_plugin_arg(p, run_files: bool = False):
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing batchkin run folder (the old run stays until the new one's first checkpoint)")
     t.add_argument("--until", type=int, metavar="EPOCH", help="stop after this epoch (the schedule still spans `epochs`)")
-    t.add_argument("--nproc", type=int, default=0, metavar="N", help="launch N processes with torchrun (DDP)")
+    t.add_argument("--nproc", type=int, metavar="N", help="launch N processes with torchrun (DDP)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     _add_plugin_arg(t, run_files=True)
 
@@ -78,15 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except BatchkinError as exc:
-        print(f"batchkin: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return error(str(exc))
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except OSError as exc:  # the file system refused: a path under a file, a read-only folder, ...
+        return error(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
     except KeyboardInterrupt:
         print("batchkin: interrupted", file=sys.stderr)
         return 130
+
+
+def error(message: str) -> int:
+    """Print ``batchkin: error: MESSAGE`` as one line (prefixed with the rank under several
+    processes) and return the exit code of a user error."""
+    rank = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+    sys.stderr.write(f"batchkin: error: {rank}{one_line(message)}\n")  # one write: ranks share the stream
+    sys.stderr.flush()
+    return EXIT_USAGE
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------ train
@@ -136,7 +167,7 @@ def cmd_train(args) -> int:
         raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
     if args.allow_changed_plugins and not args.resume:
         raise ConfigError("--allow-changed-plugins applies to --resume (and eval) of a run only")
-    if args.nproc:
+    if args.nproc is not None:
         return _launch_torchrun(args)
     if args.resume:
         if args.config:
@@ -159,20 +190,46 @@ def cmd_train(args) -> int:
 
 
 def _launch_torchrun(args) -> int:
-    argv = [a for a in sys.argv[1:]]
+    """Run ``batchkin train`` (without ``--nproc``) on ``--nproc`` processes with torchrun.
+
+    Each rank reports its own error as one line (torchrun then stops the other ranks); the
+    launcher adds a line only when no rank reported one (a rank killed by a signal, a crash),
+    and never prints torchrun's own traceback.
+    """
+    import logging
+    import signal
+
+    from .errors import ConfigError, RunError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1 (the number of processes); got {args.nproc}")
     cleaned, skip = [], False
-    for a in argv:
+    for a in args.argv:
         if skip:
             skip = False
-            continue
-        if a == "--nproc":
+        elif a == "--nproc":
             skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc), "-m", "batchkin", *cleaned]
-    return subprocess.call(cmd)
+        elif not a.startswith("--nproc="):
+            cleaned.append(a)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(
+        ["--standalone", "--nproc-per-node", str(args.nproc), "-m", "batchkin", *cleaned])
+    # torchrun's own log lines (rendezvous, OMP_NUM_THREADS, the failure table) are not the user's
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(launch)
+    except ChildFailedError as exc:
+        if any(f.exitcode == EXIT_USAGE for f in exc.failures.values()):
+            return EXIT_USAGE  # the failing ranks printed their lines; torchrun then stopped the others
+        # the rank that failed first, not one that torchrun then stopped (with SIGTERM)
+        rank, failure = min(exc.failures.items(),
+                            key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp, kv[0]))
+        how = f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0 else \
+            f"exited with code {failure.exitcode}"
+        raise RunError(f"rank {rank} of {args.nproc} {how} without reporting an error (its output is above)")
+    return 0
 
 
 # ------------------------------------------------------------------------------ eval
@@ -199,9 +256,27 @@ def cmd_eval(args) -> int:
     state = prepare(load_raw(run / "config.toml"), plugins)
     restore(state, ckpt)
     split = state.splits.test if args.split == "test" else state.splits.val
+    if not len(split):
+        raise RunError(f"the {args.split} split of {run} is empty (data.val_fraction = "
+                       f"{state.config.data.val_fraction}); evaluate --split test instead")
     metrics = evaluate(state, args.split, DeviceData(split, state.splits, state.device))
-    print(json.dumps({"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "split": args.split, **metrics}, indent=2))
+    print_json({"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "split": args.split, **metrics})
     return 0
+
+
+def print_json(data) -> None:
+    """Print ``data`` as strict JSON: a metric that is undefined (NaN, e.g. the accuracy of an
+    empty group of classes) is ``null``, never the invalid bare ``NaN``."""
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+
+    print(json.dumps(strict(data), indent=2, allow_nan=False))
 
 
 # ------------------------------------------------------------------------------ plugins
@@ -300,6 +375,7 @@ def cmd_build(args) -> int:
 
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
+    from .schema import shown
     from batchkin.plugins.ssl import linear_probe
 
     run = Path(args.run_dir)
@@ -309,12 +385,16 @@ def cmd_probe(args) -> int:
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1; got {value}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be > 0; got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0; got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay must be a finite number >= 0; got {args.weight_decay}")
+    if not -(2**63) <= args.seed < 2**63:
+        raise ConfigError(f"--seed must fit in a 64-bit signed integer; got {shown(args.seed)}")
     result = linear_probe(run, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, seed=args.seed,
                           checkpoint="best.pt" if args.best else "last.pt", plugins=plugins)
-    print(json.dumps({"run": str(run), **result}, indent=2))
+    print_json({"run": str(run), **result})
     return 0
 
 

@@ -28,6 +28,7 @@ Decisions written down here:
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
-from .schema import parse, suggest
+from .schema import check_depth, parse, shown, suggest
 
 
 @dataclass
@@ -163,8 +164,8 @@ class Config:
             raise ConfigError("methods must name at least one method")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods lists a method twice: {self.methods}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {shown(self.device)}")
         for m in self.schedule.milestones:
             if m > self.epochs:
                 raise ConfigError(f"schedule.milestones has epoch {m} beyond epochs = {self.epochs}")
@@ -175,9 +176,17 @@ class Config:
 def parse_value(text: str):
     """A ``--set`` value: TOML syntax (numbers, booleans, lists, quoted strings), else a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except (RecursionError, ValueError) as exc:  # nesting deeper than the parser's stack, a 5000-digit int
+        raise ConfigError(f"--set value {shown(text)} cannot be read: {_toml_limit(exc)}") from None
+    check_depth(value, f"--set value {shown(text)}")
+    return value
+
+
+def _toml_limit(exc: Exception) -> str:
+    return "arrays or tables nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -187,7 +196,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {shown(item)}")
         parts = key.split(".")
         node = raw
         for i, part in enumerate(parts[:-1]):
@@ -204,15 +213,21 @@ def load_raw(path: str | Path | None) -> dict:
     if path is None:
         return {}
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the TOML file itself")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {_toml_limit(exc)}") from None
+    check_depth(raw, f"config file {path}")
+    return raw
 
 
 def build_config(raw: dict, known_methods) -> Config:

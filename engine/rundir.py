@@ -38,6 +38,10 @@ from .errors import PluginError, RunError
 CHECKPOINT_FORMAT = 1
 MARKER = "run.json"  # what makes a folder a batchkin run (see is_run_folder)
 
+#: what every checkpoint holds (a file that loads but lacks one is refused, naming it)
+CHECKPOINT_KEYS = ("epoch", "step", "model", "optimizer", "scheduler", "scaler", "sampler", "rng", "generators",
+                   "methods", "method_order")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
@@ -390,6 +394,14 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     raise OSError(err, os.strerror(err), str(b))
 
+def _load_failure(exc: Exception) -> str:
+    """The line of torch.load's message that says what is wrong: a weights-only refusal opens
+    with a generic paragraph (and advice to load unsafely) before naming the offending object."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        return f"{lines[1]} (a batchkin checkpoint holds only tensors and plain data)"
+    return lines[0] if lines else ""
+
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True`` (no code runs from the file)."""
@@ -399,9 +411,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise RunError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise RunError(f"checkpoint {path} cannot be loaded: {type(exc).__name__}: {_load_failure(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} is not a batchkin checkpoint (format {CHECKPOINT_FORMAT})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise RunError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
 
 

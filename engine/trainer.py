@@ -20,14 +20,14 @@ import torch.nn.functional as F  # noqa: F401  (used by plugins importing from h
 
 from . import __version__
 from .config import Config, build_config, load_raw, resume_changes
-from .data import DeviceData, ShuffleSampler, make_splits
-from .errors import BatchkinError, ConfigError, NonFiniteError, RunError
+from .data import DeviceData, ShuffleSampler, check_crop_padding, make_splits
+from .errors import BatchkinError, ConfigError, NonFiniteError, PluginError, RunError, describe_exception, is_out_of_memory
 from .hookspecs import hookimpl
 from .metrics import classification_metrics, confusion_counts, shot_groups
-from .models import check_protocol
+from .models import check_protocol, state_dict_mismatch
 from .plugin import Plugins, RunHooks
 from .rundir import CHECKPOINT_FORMAT, MARKER, RunDir, load_checkpoint, plugin_file_records
-from .schema import dump_toml, parse, to_dict
+from .schema import dump_toml, parse, shown, to_dict
 from .state import State
 from batchkin.kernels.rng import derive_key
 
@@ -84,6 +84,9 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device = {name!r} but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -215,17 +218,26 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
 
     dataset = plugins.dataset(cfg.data.name).obj(cfg.data)
     state.splits = splits = make_splits(dataset, cfg.data)
+    check_crop_padding(cfg.data, splits.image_shape[1:])
     state.num_classes = splits.num_classes
     state.train_data = DeviceData(splits.train, splits, device)
     c, h, w = splits.image_shape
     state.model_options = model_options
     # parameters are initialised from the run's seed without touching the caller's RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
-        state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
-        check_protocol(state.model, cfg.model["name"])
-        hooks.wrap_model(state=state)
-    state.model.to(device)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
+            state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
+            check_protocol(state.model, cfg.model["name"])
+            hooks.wrap_model(state=state)
+        state.model.to(device)
+    except BatchkinError:
+        raise
+    except Exception as exc:  # the builder is a plugin's code; the options may ask for any size
+        what = f"model {cfg.model['name']!r} ({model_entry.origin}) with options {shown(cfg.model, 200)}"
+        if is_out_of_memory(exc):
+            raise ConfigError(f"{what} does not fit in the memory of {device}: {describe_exception(exc)}") from None
+        raise PluginError(f"{what} failed to build: {describe_exception(exc)}") from exc
     if cfg.train.compile:
         m = state.unwrapped_model
         m.forward_features = torch.compile(m.forward_features)
@@ -277,10 +289,9 @@ def checkpoint_dict(state: State, best: dict) -> dict:
 def restore(state: State, ckpt: dict) -> dict:
     if ckpt["method_order"] != state.hooks.names:
         raise RunError(f"the checkpoint was trained with methods {ckpt['method_order']}, the config lists {state.hooks.names}")
-    try:
-        state.unwrapped_model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise RunError(f"the checkpoint does not fit the model: {str(exc).splitlines()[0]}") from None
+    mismatch = state_dict_mismatch(state.unwrapped_model, ckpt["model"])
+    if mismatch:
+        raise RunError(f"the checkpoint does not fit the model: {mismatch}")
     saved = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else []
     groups = state.optimizer.param_groups
     if [g.get("name") for g in saved] != [g.get("name") for g in groups] or \
@@ -288,18 +299,28 @@ def restore(state: State, ckpt: dict) -> dict:
         o = state.config.optim
         raise RunError(f"the checkpoint's optimizer is not the config's (optim.name = {o.name!r}, optim.no_decay_norm_bias = "
                        f"{o.no_decay_norm_bias}, {len(groups)} parameter groups): the optimizer cannot change on resume")
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.scaler.load_state_dict(ckpt["scaler"])
-    state.sampler.load_state_dict(ckpt["sampler"])
+
+    def rng():
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ckpt["rng"]["cuda"] and state.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        for key, gstate in ckpt["generators"].items():
+            name, _, dev = key.rpartition("@")
+            state.generator(name, dev).set_state(gstate)
+
+    parts = (("model", lambda: state.unwrapped_model.load_state_dict(ckpt["model"])),
+             ("optimizer", lambda: state.optimizer.load_state_dict(ckpt["optimizer"])),
+             ("scheduler", lambda: state.scheduler.load_state_dict(ckpt["scheduler"])),
+             ("scaler", lambda: state.scaler.load_state_dict(ckpt["scaler"])),
+             ("sampler", lambda: state.sampler.load_state_dict(ckpt["sampler"])),
+             ("random state", rng),
+             ("methods'", lambda: state.hooks.load_state_dicts(ckpt["methods"])))
+    for part, load in parts:
+        try:
+            load()
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise RunError(f"the checkpoint's {part} state does not fit this run: {describe_exception(exc)}") from None
     state.epoch, state.step = ckpt["epoch"], ckpt["step"]
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if ckpt["rng"]["cuda"] and state.device.type == "cuda":
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    for key, gstate in ckpt["generators"].items():
-        name, _, dev = key.rpartition("@")
-        state.generator(name, dev).set_state(gstate)
-    state.hooks.load_state_dicts(ckpt["methods"])
     return ckpt.get("best", {})
 
 
@@ -340,14 +361,8 @@ def train_step(state: State, indices: dict) -> float:
     with _autocast(state):
         with state.phase("forward"):
             state.outputs = state.hooks.forward(state=state)
-        terms: dict[str, torch.Tensor] = {}
-        owner: dict[str, str] = {}
         with state.phase("loss"):
-            for name, result in state.hooks.call_each("loss_terms", state=state, outputs=state.outputs):
-                for key, value in (result or {}).items():
-                    if key in terms:
-                        raise ConfigError(f"loss term {key!r} is produced by both {owner[key]!r} and {name!r}")
-                    terms[key], owner[key] = value, name
+            terms, owner = state.hooks.collect_loss_terms(state=state, outputs=state.outputs)
     if not terms:
         raise ConfigError(f"no enabled method produced a loss term (methods: {', '.join(state.hooks.names)}); add 'ce'")
     state.loss_terms = terms
@@ -378,8 +393,8 @@ def train_step(state: State, indices: dict) -> float:
             detail = ", ".join(
                 f"{k}={float(t.detach().float().mean()):.4g} (from {owner[k]})" for k, t in terms.items()
             )
-            what = f"non-finite loss term(s) {', '.join(repr(b) + ' from ' + repr(owner[b]) for b in bad)}" if bad \
-                else "non-finite gradients"
+            what = f"non-finite loss term(s) {', '.join(f'{b!r} from method {owner[b]!r} (loss_terms)' for b in bad)}" \
+                if bad else "non-finite gradients"
             msg = f"epoch {state.epoch} step {state.step + 1}: {what}; loss terms: {detail}"
             if cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(msg + " (train.on_nonfinite = 'stop')")

@@ -68,7 +68,7 @@ from torch import nn
 
 from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
-from batchkin.models import Classifier
+from batchkin.models import Classifier, check_classifier_protocol
 from batchkin.plugin import Method
 
 # ------------------------------------------------------------------------------ options
@@ -470,9 +470,7 @@ class SSLNet(Classifier):
 
     def __init__(self, encoder: nn.Module, head: nn.Module, predictor: nn.Module | None = None):
         super().__init__()
-        for attr in ("forward_features", "classifier", "feature_dim"):
-            if not hasattr(encoder, attr):
-                raise ConfigError(f"the SSL bases need a model with {attr} (the classifier protocol of batchkin.models)")
+        check_classifier_protocol(encoder, "the SSL bases", type(encoder).__name__)
         encoder.classifier.requires_grad_(False)
         self.encoder = encoder
         self.head = head
@@ -778,6 +776,7 @@ class SSLBase(Method):
     @hookimpl
     def wrap_model(self, state):
         check_last_batch(state, self.name)
+        check_classifier_protocol(state.model, self.name, state.config.model["name"])
         state.model = self.build_model(state, state.model)
 
     @hookimpl

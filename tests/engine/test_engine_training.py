@@ -304,7 +304,7 @@ def test_non_finite_loss_stops_the_run(nan_setup, tmp_path):
     with pytest.raises(NonFiniteError) as info:
         fit(raw, run, plugins=Plugins(extra_files=[path]), progress=False)
     message = str(info.value)
-    assert message.startswith("epoch 2 step 4: non-finite loss term(s) 'bad' from 'nan_from'")
+    assert message.startswith("epoch 2 step 4: non-finite loss term(s) 'bad' from method 'nan_from' (loss_terms)")
     assert "train.on_nonfinite = 'stop'" in message
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and last["step"] == 3

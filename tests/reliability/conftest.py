@@ -1,9 +1,7 @@
-"""Helpers of the run-folder integrity tests: hash a folder, run the CLI in this process or
-in a child process (with a fault armed), check a user error, list the siblings a
-replacement leaves next to a run folder.
-
-Every run is the tiny CPU run of :func:`batchkin.faults.tiny_run_args` (synthetic 1x8x8
-images, the ``tiny`` model, 6 steps per epoch).
+"""Fixtures and helpers of the reliability tests: hash a folder, run the CLI in this process or
+in a child process (with a fault armed), check a user error, list the siblings a replacement
+leaves next to a run folder. The one-line user-error contract and the hostile-input builders
+live in contract.py and hostile.py.
 """
 
 from __future__ import annotations
@@ -19,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from contract import TINY, assert_user_error, tree_hash
+
 from batchkin import faults
 from batchkin.cli import main
 
 
-def tree_hash(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
+def file_hashes(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
     """Every file (hidden ones too) and folder under ``folder``: relative path -> sha256 of the
     bytes ("dir" for a folder). ``ignore`` names files left out (e.g. ``.lock``, which a
     process killed with SIGKILL cannot remove)."""
@@ -65,14 +65,8 @@ class Cli:
 
     def user_error(self, argv: list[str], *fragments: str) -> str:
         """Exit code 2, one stderr line ``batchkin: error: ...`` holding every fragment."""
-        rc, _, err = self(argv)
-        lines = err.strip().splitlines()
-        assert rc == 2, err
-        assert len(lines) == 1 and lines[0].startswith("batchkin: error: "), err
-        assert "Traceback" not in err
-        for fragment in fragments:
-            assert fragment in lines[0], lines[0]
-        return lines[0]
+        rc, out, err = self(argv)
+        return assert_user_error(rc, err, *fragments, out=out)
 
     def evaluated_epoch(self, run: Path) -> int:
         """The epoch of the checkpoint ``batchkin eval RUN`` finds (the run is usable)."""
@@ -112,7 +106,7 @@ def old_run(finished_run, tmp_path):
     """A private copy of the finished run, and its hash."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
-    return run, tree_hash(run)
+    return run, file_hashes(run)
 
 
 def write_plugin(folder: Path, stem: str, source: str) -> Path:
@@ -166,7 +160,7 @@ def bad_plugin(tmp_path):
 
 @pytest.fixture(scope="session")
 def folder_hash():
-    return tree_hash
+    return file_hashes
 
 
 @pytest.fixture(scope="session")
@@ -182,3 +176,30 @@ def tiny_args():
 @pytest.fixture(scope="session")
 def child():
     return run_child
+
+
+@pytest.fixture
+def user_error(capsys):
+    """``user_error(argv, *fragments, unchanged=[paths])``: run the CLI in this process and
+    check the contract, and that every path in ``unchanged`` hashes the same after."""
+
+    def run(argv, *fragments, unchanged=()):
+        before = {str(p): tree_hash(p) for p in unchanged}
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        line = assert_user_error(rc, err, *fragments, out=out)
+        assert {str(p): tree_hash(p) for p in unchanged} == before, "a path that existed before the command changed"
+        return line
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished tiny run (1 epoch, report and plots written; absolute many/medium/few groups,
+    of which only 'few' has classes). Tests must not change it: copy it first to alter it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["train", *TINY, "--set", "metrics.shot_split=absolute", "--out", str(out)]) == 0
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "curves.png").is_file()
+    return out
