@@ -313,7 +313,7 @@ def restore(state: State, ckpt: dict) -> dict:
              ("scheduler", lambda: state.scheduler.load_state_dict(ckpt["scheduler"])),
              ("scaler", lambda: state.scaler.load_state_dict(ckpt["scaler"])),
              ("sampler", lambda: state.sampler.load_state_dict(ckpt["sampler"])),
-             ("random state", rng),
+             ("RNG", rng),
              ("methods'", lambda: state.hooks.load_state_dicts(ckpt["methods"])))
     for part, load in parts:
         try:

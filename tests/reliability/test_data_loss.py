@@ -28,7 +28,7 @@ def _bad(*sets: str) -> list[str]:
 
 FIRST_STEP_FAILURES = {
     "diverging lr": (["optim.lr=1e30", 'train.on_nonfinite="stop"'], "epoch 1 step 2: non-finite"),
-    "plugin returns NaN": (_bad('bad.how="nan"'), "epoch 1 step 1: non-finite loss term(s) 'bad' from 'bad'"),
+    "plugin returns NaN": (_bad('bad.how="nan"'), "epoch 1 step 1: non-finite loss term(s) 'bad' from method 'bad' (loss_terms)"),
     "allocation failure": (_bad('bad.how="oom"'), "out of memory at epoch 1 step 1"),
 }
 

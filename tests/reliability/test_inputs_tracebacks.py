@@ -140,14 +140,14 @@ def test_a_checkpoint_without_keys(user_error, run_copy):
                unchanged=[run_copy])
 
 
-@pytest.mark.parametrize("part, change", [
-    ("optimizer", lambda c: c["optimizer"].update(param_groups=[])),
-    ("sampler", lambda c: c.update(sampler={})),
-    ("random state", lambda c: c["rng"].update(cpu=torch.zeros(3))),
-])
-def test_a_checkpoint_whose_parts_do_not_fit(user_error, run_copy, part, change):
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["optimizer"].update(param_groups=[]), "the checkpoint's optimizer is not the config's"),
+    (lambda c: c.update(sampler={}), "the checkpoint's sampler state does not fit this run"),
+    (lambda c: c["rng"].update(cpu=torch.zeros(3)), "the checkpoint's RNG state does not fit this run"),
+], ids=["optimizer", "sampler", "rng"])
+def test_a_checkpoint_whose_parts_do_not_fit(user_error, run_copy, change, message):
     _rewrite_checkpoint(run_copy, change)
-    user_error(["eval", run_copy], f"the checkpoint's {part} state does not fit this run", unchanged=[run_copy])
+    user_error(["eval", run_copy], message, unchanged=[run_copy])
 
 
 # ------------------------------------------------------------------------------ run folders the file system refuses
