@@ -190,7 +190,8 @@ def load_cpp(info: OpInfo, *, verbose: bool = False) -> bool:
                 name=f"batchkin_{info.cpp_library}",
                 sources=[str(csrc_path(s)) for s in info.cpp_sources],
                 build_directory=str(build),
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+                # no fused multiply-adds: the C++ paths round every product and sum as the references do
+                extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=verbose,
