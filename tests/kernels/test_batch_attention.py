@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from _util import DT_ID, TOL, gen, path_params
+from _util import DT_ID, TOL, aot, compile_for_cuda, gen, path_params
 from _util import FLOAT_DTYPES as DTYPES
 from scipy import stats
 
@@ -455,3 +455,29 @@ if torch.cuda.is_available():
         torch.testing.assert_close(out, ref_out, **TOL[dtype])
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g, rg, **TOL[dtype])
+
+
+_AOT_SCRIPT = r"""
+import batchkin.kernels.batch_attention.triton as bak
+
+scalars = {"s_h": i32, "s_b": i32, "s_d": i32, "B": i32, "D": i32, "scale": "fp32", "dropout_p": "fp32",
+           "inv_keep": "fp32", "key": "u32"}
+# float32 with an explicit mask, bfloat16 with the hashed one
+for dt, block_d, has_mask in (("fp32", 16, True), ("bf16", 32, False)):
+    block = 64 if block_d <= 64 else 32
+    consts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "DROPOUT": True, "HAS_MASK": has_mask}
+    ptrs = {"Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "LSE": "*fp32", "MASK": "*u8"}
+    build(bak._attn_fwd_kernel, dict(ptrs, O="*" + dt, **scalars), consts)
+    ptrs.update(DO="*" + dt, DELTA="*fp32")
+    build(bak._attn_bwd_dkdv_kernel, dict(ptrs, DK="*" + dt, DV="*" + dt, **scalars), consts)
+    build(bak._attn_bwd_dq_kernel, dict(ptrs, DQ="*" + dt, **scalars), consts)
+build(bak._attn_bwd_preprocess_kernel, {"O": "*fp32", "DO": "*fp32", "DELTA": "*fp32", "B": i32, "D": i32},
+      {"BLOCK_M": 64, "BLOCK_D": 16})
+print("compiled")
+"""
+
+
+@aot
+def test_triton_kernels_compile_for_cuda():
+    """The forward and backward kernels compile to sm_90 code (no GPU needed, interpreter off)."""
+    compile_for_cuda(_AOT_SCRIPT)

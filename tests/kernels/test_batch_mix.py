@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import gen, path_params
+from _util import aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import batch_mix as bm
@@ -655,3 +655,22 @@ def test_bad_values_are_caught_by_cpp_too():
     with pytest.raises(RuntimeError, match="not inside"):
         torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([1, 1]), torch.ones(2), torch.tensor([[[0, 0, 5, 1], [0, 0, 1, 1]]]))
 
+
+
+_AOT_SCRIPT = r"""
+import batchkin.kernels.batch_mix.triton as bmk
+
+sig = {"op_ptr": "*i64", "lam_ptr": "*fp32", "box_ptr": "*i64", "lam_eff_ptr": "*fp32",
+       **{name: i32 for name in ("B", "C", "H", "W", "HW")}}
+for dt in ("fp32", "fp16", "bf16", "u8"):
+    ptx = build(bmk._batch_mix_kernel, dict(sig, x_ptr="*" + dt, out_ptr="*" + dt), {"IS_UINT8": dt == "u8", "BLOCK": 1024},
+                enable_fp_fusion=False)
+    # separately rounded products and sums, as the reference and the C++ path compute them
+    assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx, dt
+print("compiled")
+"""
+
+
+@aot
+def test_triton_kernel_compiles_for_cuda_without_fused_multiply_adds():
+    compile_for_cuda(_AOT_SCRIPT)

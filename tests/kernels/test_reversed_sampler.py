@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from _util import DEVICES, gen, path_params
+from _util import DEVICES, aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import dispatch, rng
@@ -612,3 +612,19 @@ def test_device_full_size_equals_reference(device, num_classes, n_max, imbalance
     assert out.device == si.device and torch.equal(out.cpu(), expected)
     part = rs.sample_epoch(si, counts, 1_000_003, seed=6, epoch=5, mode=mode, start=999, stop=500_001)
     assert torch.equal(part.cpu(), expected[999:500_001])
+
+
+_AOT_SCRIPT = r"""
+import batchkin.kernels.reversed_sampler.triton as rsk
+
+tables = {"out_ptr": "*i64", "idx_ptr": "*i64", "off_ptr": "*i64", "cnt_ptr": "*i64", "cdf_ptr": "*fp64",
+          "C": i32, "n_iter": i32, "key": "u32", "start": i64, "n": i32}
+build(rsk._sampler_kernel, dict(tables, uc_ptr="*i64", ui_ptr="*i64"), {"BLOCK": 1024, "FROM_UNIFORMS": False})
+build(rsk._sampler_kernel, dict(tables, uc_ptr="*fp64", ui_ptr="*fp64"), {"BLOCK": 1024, "FROM_UNIFORMS": True})
+print("compiled")
+"""
+
+
+@aot
+def test_triton_kernel_compiles_for_cuda():
+    compile_for_cuda(_AOT_SCRIPT)
