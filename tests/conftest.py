@@ -1,7 +1,10 @@
 """Test-suite set-up shared by every test folder.
 
 Triton only runs in interpreter mode without a GPU, and the switch must be set
-before triton is first imported, so it is set here, at collection time.
+before triton is first imported, so it is set here, at collection time. The
+fixtures ``torch_threads`` (a context manager) and ``one_torch_thread`` (a module's
+worth of one intra-op thread) pin torch's thread count; the op tests' own helpers
+are in tests/kernels/_util.py.
 """
 
 import contextlib
