@@ -202,11 +202,13 @@ def scaled_keep_masks(keys, shapes, p: float, device: torch.device, dtype: torch
     inv_keep = 1.0 / (1.0 - p)
     sizes = [math.prod(shape) for shape in shapes]
     if torch.compiler.is_compiling():
-        return [keep_mask_op(key, list(shape), float(p), device).to(dtype) * inv_keep for key, shape in zip(keys, shapes)]
+        masks = [keep_mask_op(key, list(shape), float(p), device) for key, shape in zip(keys, shapes)]
+        return [m.to(dtype) * inv_keep for m in masks]
     if device.type == "cpu":
         keep = np.empty(sum(sizes), dtype=np.bool_)
         hash_segments_cpu(keep, [(key, 0, n) for key, n in zip(keys, sizes)], p)
         masks = torch.from_numpy(np.multiply(keep, np.float32(inv_keep), dtype=np.float32)).to(dtype).split(sizes)
     else:
-        masks = [keep_ranges(key, 0, 0, 1, n, p, device, torch.float32, inv_keep).to(dtype) for key, n in zip(keys, sizes)]
+        masks = [keep_ranges(key, 0, 0, 1, n, p, device, torch.float32, inv_keep).to(dtype)
+                 for key, n in zip(keys, sizes)]  # fmt: skip
     return [m.view(shape) for m, shape in zip(masks, shapes)]

@@ -28,10 +28,11 @@ if triton is not None:
     from ..rng_triton import tl_uniform
 
     @triton.jit
-    def _span(start, BLOCK: tl.constexpr, n):
-        """``start + arange(BLOCK)`` and which of them are ``< n``."""
+    def _rows(start, BLOCK: tl.constexpr, B, offs_d, D):
+        """Rows ``start .. start + BLOCK - 1``: offsets, which are ``< B``, and the mask of their tile."""
         offs = start + tl.arange(0, BLOCK)
-        return offs, offs < n
+        ok = offs < B
+        return offs, ok, ok[:, None] & (offs_d < D)[None, :]
 
     @triton.jit
     def _load_qkv(PTR, head, s_h, s_b, s_d, offs_b, offs_d, ok):
@@ -40,15 +41,23 @@ if triton is not None:
         return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _load_kv(K, V, head, s_h, s_b, s_d, offs_n, offs_d, ok):
+        """The key and value tiles of rows ``offs_n``."""
+        k = _load_qkv(K, head, s_h, s_b, s_d, offs_n, offs_d, ok)
+        return k, _load_qkv(V, head, s_h, s_b, s_d, offs_n, offs_d, ok)
+
+    @triton.jit
     def _tile(head, B, D, offs_b, offs_d):
         """Element offsets of a tile of a contiguous ``[h, B, D]`` tensor."""
         return (head * B + offs_b[:, None]) * D + offs_d[None, :]
 
     @triton.jit
-    def _row_stats(LSE, DELTA, head, B, offs_m, m_ok):
-        """The rows' logsumexp and ``delta`` (``[h, B]`` float32 each)."""
+    def _load_query_rows(Q, DO, LSE, DELTA, head, s_h, s_b, s_d, B, D, offs_m, offs_d, m_ok, q_ok):
+        """What the backward needs of query rows ``offs_m``: ``q``, ``dO``, the logsumexp and ``delta``."""
+        q = _load_qkv(Q, head, s_h, s_b, s_d, offs_m, offs_d, q_ok)
+        do = tl.load(DO + _tile(head, B, D, offs_m, offs_d), mask=q_ok, other=0.0).to(tl.float32)
         lse = tl.load(LSE + head * B + offs_m, mask=m_ok, other=0.0)
-        return lse, tl.load(DELTA + head * B + offs_m, mask=m_ok, other=0.0)
+        return q, do, lse, tl.load(DELTA + head * B + offs_m, mask=m_ok, other=0.0)
 
     @triton.jit
     def _keep_block(MASK, head, offs_m, offs_n, B, key, dropout_p, HAS_MASK: tl.constexpr):
@@ -91,19 +100,15 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
     ):  # fmt: skip
-        head = tl.program_id(1)
-        offs_m, m_ok = _span(tl.program_id(0) * BLOCK_M, BLOCK_M, B)
-        offs_d, d_ok = _span(0, BLOCK_D, D)
-        q_ok = m_ok[:, None] & d_ok[None, :]
+        head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
+        offs_m, m_ok, q_ok = _rows(tl.program_id(0) * BLOCK_M, BLOCK_M, B, offs_d, D)
         q = _load_qkv(Q, head, s_h, s_b, s_d, offs_m, offs_d, q_ok)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, B, BLOCK_N):
-            offs_n, n_ok = _span(start_n, BLOCK_N, B)
-            kv_ok = n_ok[:, None] & d_ok[None, :]
-            kb = _load_qkv(K, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
-            vb = _load_qkv(V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
+            offs_n, n_ok, kv_ok = _rows(start_n, BLOCK_N, B, offs_d, D)
+            kb, vb = _load_kv(K, V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
             s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -123,11 +128,9 @@ if triton is not None:
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(O, DO, DELTA, B, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        head = tl.program_id(1)
-        offs_m, m_ok = _span(tl.program_id(0) * BLOCK_M, BLOCK_M, B)
-        offs_d, d_ok = _span(0, BLOCK_D, D)
+        head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
+        offs_m, m_ok, ok = _rows(tl.program_id(0) * BLOCK_M, BLOCK_M, B, offs_d, D)
         tile = _tile(head, B, D, offs_m, offs_d)
-        ok = m_ok[:, None] & d_ok[None, :]
         o = tl.load(O + tile, mask=ok, other=0.0).to(tl.float32)
         do = tl.load(DO + tile, mask=ok, other=0.0).to(tl.float32)
         tl.store(DELTA + head * B + offs_m, tl.sum(o * do, 1), mask=m_ok)
@@ -138,20 +141,16 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
     ):  # fmt: skip
-        head = tl.program_id(1)
-        offs_n, n_ok = _span(tl.program_id(0) * BLOCK_N, BLOCK_N, B)
-        offs_d, d_ok = _span(0, BLOCK_D, D)
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        kb = _load_qkv(K, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
-        vb = _load_qkv(V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
+        head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
+        offs_n, n_ok, kv_ok = _rows(tl.program_id(0) * BLOCK_N, BLOCK_N, B, offs_d, D)
+        kb, vb = _load_kv(K, V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_m in range(0, B, BLOCK_M):
-            offs_m, m_ok = _span(start_m, BLOCK_M, B)
-            q_ok = m_ok[:, None] & d_ok[None, :]
-            q = _load_qkv(Q, head, s_h, s_b, s_d, offs_m, offs_d, q_ok)
-            do = tl.load(DO + _tile(head, B, D, offs_m, offs_d), mask=q_ok, other=0.0).to(tl.float32)
-            lse, delta = _row_stats(LSE, DELTA, head, B, offs_m, m_ok)
+            offs_m, m_ok, q_ok = _rows(start_m, BLOCK_M, B, offs_d, D)
+            q, do, lse, delta = _load_query_rows(
+                Q, DO, LSE, DELTA, head, s_h, s_b, s_d, B, D, offs_m, offs_d, m_ok, q_ok
+            )
             pd, ds = _bwd_tile(
                 q, kb, vb, do, lse, delta, MASK, head, offs_m, offs_n, m_ok, n_ok,
                 B, scale, dropout_p, inv_keep, key, DROPOUT, HAS_MASK,
@@ -168,26 +167,19 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
     ):  # fmt: skip
-        head = tl.program_id(1)
-        offs_m, m_ok = _span(tl.program_id(0) * BLOCK_M, BLOCK_M, B)
-        offs_d, d_ok = _span(0, BLOCK_D, D)
-        q_ok = m_ok[:, None] & d_ok[None, :]
-        q = _load_qkv(Q, head, s_h, s_b, s_d, offs_m, offs_d, q_ok)
-        tile = _tile(head, B, D, offs_m, offs_d)
-        do = tl.load(DO + tile, mask=q_ok, other=0.0).to(tl.float32)
-        lse, delta = _row_stats(LSE, DELTA, head, B, offs_m, m_ok)
+        head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
+        offs_m, m_ok, q_ok = _rows(tl.program_id(0) * BLOCK_M, BLOCK_M, B, offs_d, D)
+        q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, head, s_h, s_b, s_d, B, D, offs_m, offs_d, m_ok, q_ok)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start_n in range(0, B, BLOCK_N):
-            offs_n, n_ok = _span(start_n, BLOCK_N, B)
-            kv_ok = n_ok[:, None] & d_ok[None, :]
-            kb = _load_qkv(K, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
-            vb = _load_qkv(V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
+            offs_n, n_ok, kv_ok = _rows(start_n, BLOCK_N, B, offs_d, D)
+            kb, vb = _load_kv(K, V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
             _, ds = _bwd_tile(
                 q, kb, vb, do, lse, delta, MASK, head, offs_m, offs_n, m_ok, n_ok,
                 B, scale, dropout_p, inv_keep, key, DROPOUT, HAS_MASK,
             )  # fmt: skip
             dq += tl.dot(ds, kb, input_precision="ieee")
-        tl.store(DQ + tile, (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
+        tl.store(DQ + _tile(head, B, D, offs_m, offs_d), (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
 def _blocks(d: int) -> tuple[int, int, int, int]:

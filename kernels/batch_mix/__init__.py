@@ -37,7 +37,9 @@ Usage::
     mixed, lam_eff = batch_mix(views, *params)      # views: [2, B, C, H, W]
 """
 
-from .op import IMAGE_DTYPES, IMPL_PATHS, INDEX_DTYPES, INFO, LAM_DTYPES, batch_mix, batch_mix_impl, batch_mix_op, bytes_moved
+from .op import (
+    IMAGE_DTYPES, IMPL_PATHS, INDEX_DTYPES, INFO, LAM_DTYPES, batch_mix, batch_mix_impl, batch_mix_op, bytes_moved,
+)  # fmt: skip
 from .params import CUTMIX, MIXUP, OPERATOR_NAMES, OPERATORS, RESIZEMIX, MixParams, partner_index, sample_mix_params
 from .reference import batch_mix_reference, batch_mix_reference_vectorized
 

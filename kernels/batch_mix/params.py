@@ -103,7 +103,9 @@ def sample_mix_params(
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator.device.type != "cpu":
-        raise ValueError(f"generator must be a CPU generator (the parameters are drawn on the host); got {generator.device}")
+        raise ValueError(
+            f"generator must be a CPU generator (the parameters are drawn on the host); got {generator.device}"
+        )
     codes = operator_codes(ops)
 
     lam_raw = torch.rand(B, generator=generator, dtype=torch.float64)

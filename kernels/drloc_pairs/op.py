@@ -5,16 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
-from .reference import (
-    drloc_first_layer_unique_backward_reference,
-    drloc_first_layer_unique_reference,
-    drloc_gather_reference,
-    drloc_gather_sum_reference,
-    drloc_pairs_reference,
-    drloc_positions_reference,
-    drloc_scatter_reference,
-    grid_grad_shape,
-)
+from . import reference as ref
+from .reference import grid_grad_shape
 from .triton import gather_triton, pairs_triton, positions_triton, scatter_triton
 
 INFO = dispatch.REGISTRY["drloc_pairs"]
@@ -57,7 +49,7 @@ def drloc_positions_impl(B: int, m: int, H: int, W: int, key: int, device, path:
         if device.type != "cpu":
             raise dispatch.KernelUnavailable(f"op 'drloc_pairs': the C++ path needs CPU tensors, not {device.type}")
         return _cpp_ops()._drloc_positions_cpu(B, m, H, W, key)
-    return drloc_positions_reference(B, m, H, W, key, device)
+    return ref.drloc_positions_reference(B, m, H, W, key, device)
 
 
 def drloc_gather_impl(grid: torch.Tensor, pos: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +59,7 @@ def drloc_gather_impl(grid: torch.Tensor, pos: torch.Tensor, path: str) -> tuple
     if path == "cpp":
         e_a, e_b = _cpp_ops()._drloc_gather_cpu(grid, pos)
         return e_a, e_b
-    e_a, e_b = drloc_gather_reference(grid, pos)
+    e_a, e_b = ref.drloc_gather_reference(grid, pos)
     return e_a.contiguous(), e_b.contiguous()
 
 
@@ -77,7 +69,7 @@ def drloc_gather_cat_impl(grid: torch.Tensor, pos: torch.Tensor, path: str) -> t
         return gather_triton(grid, pos, grid.shape[1], 0, "cat")[0]
     if path == "cpp":
         return _cpp_ops()._drloc_gather_cat_cpu(grid, pos)
-    return torch.cat(drloc_gather_reference(grid, pos), dim=-1)
+    return torch.cat(ref.drloc_gather_reference(grid, pos), dim=-1)
 
 
 def drloc_gather_sum_impl(
@@ -88,7 +80,7 @@ def drloc_gather_sum_impl(
         return gather_triton(table, pos, split, split, "sum", bias)[0]
     if path == "cpp":
         return _cpp_ops()._drloc_gather_sum_cpu(table, pos, split, bias)
-    return drloc_gather_sum_reference(table, pos, split, bias)
+    return ref.drloc_gather_sum_reference(table, pos, split, bias)
 
 
 def drloc_pairs_impl(grid: torch.Tensor, m: int, key: int, mode: str, normalize: bool, path: str):
@@ -98,7 +90,7 @@ def drloc_pairs_impl(grid: torch.Tensor, m: int, key: int, mode: str, normalize:
         return pairs_triton(grid, m, key, signed_mode, normalize)
     if path == "cpp":
         return tuple(_cpp_ops()._drloc_pairs_cpu(grid, m, key, signed_mode, normalize))
-    e_a, e_b, tgt, pos = drloc_pairs_reference(grid, m, key, mode, normalize)
+    e_a, e_b, tgt, pos = ref.drloc_pairs_reference(grid, m, key, mode, normalize)
     return e_a.contiguous(), e_b.contiguous(), tgt, pos
 
 
@@ -108,7 +100,7 @@ def drloc_scatter_impl(grad_a, grad_b, pos, channels, H, W, off_b, channels_last
         return scatter_triton(grad_a, grad_b, pos, channels, H, W, off_b, channels_last)
     if path == "cpp":
         return _cpp_ops()._drloc_scatter_cpu(grad_a, grad_b, pos, channels, H, W, off_b, channels_last)
-    return drloc_scatter_reference(grad_a, grad_b, pos, channels, H, W, off_b, channels_last)
+    return ref.drloc_scatter_reference(grad_a, grad_b, pos, channels, H, W, off_b, channels_last)
 
 
 def drloc_first_layer_unique_impl(grid, pos, weight, bias, path: str) -> torch.Tensor:
@@ -120,7 +112,7 @@ def drloc_first_layer_unique_impl(grid, pos, weight, bias, path: str) -> torch.T
         )
     if path == "cpp":
         return _cpp_ops()._drloc_first_layer_unique_cpu(grid, pos, weight, bias)
-    return drloc_first_layer_unique_reference(grid, pos, weight, bias)
+    return ref.drloc_first_layer_unique_reference(grid, pos, weight, bias)
 
 
 def drloc_first_layer_unique_backward_impl(grad, grid, pos, weight, has_bias, channels_last, path: str):
@@ -131,7 +123,7 @@ def drloc_first_layer_unique_backward_impl(grad, grid, pos, weight, has_bias, ch
         return tuple(
             _cpp_ops()._drloc_first_layer_unique_backward_cpu(grad, grid, pos, weight, has_bias, channels_last)
         )
-    return drloc_first_layer_unique_backward_reference(grad, grid, pos, weight, has_bias, channels_last)
+    return ref.drloc_first_layer_unique_backward_reference(grad, grid, pos, weight, has_bias, channels_last)
 
 
 def _select(device: torch.device) -> str:

@@ -30,6 +30,10 @@ import warnings
 
 from .op import (
     INFO,
+    reversed_sampler_cpp,
+    reversed_sampler_from_uniforms_cpp,
+    reversed_sampler_from_uniforms_triton,
+    reversed_sampler_triton,
     reversed_sampler_from_uniforms_impl,
     reversed_sampler_from_uniforms_op,
     reversed_sampler_impl,
@@ -58,7 +62,10 @@ __all__ = [
     "reversed_sampler_op", "reversed_sampler_reference", "sample_epoch", "sample_from_uniforms",
 ]  # fmt: skip
 
-_OLD_NAMES = {"reversed_sampler": "reversed_sampler_op", "reversed_sampler_from_uniforms": "reversed_sampler_from_uniforms_op"}
+_OLD_NAMES = {
+    "reversed_sampler": "reversed_sampler_op",
+    "reversed_sampler_from_uniforms": "reversed_sampler_from_uniforms_op",
+}
 
 
 def __getattr__(name):

@@ -20,25 +20,33 @@ def _cpp():
     return torch.ops.batchkin
 
 
-# Every path of an epoch's draws takes (sorted_indices, offsets, counts, cdf, key, start, stop),
-# every path of explicit uniforms (sorted_indices, offsets, counts, cdf, u_class, u_inst).
-_EPOCH_PATHS = {
-    "ref": reversed_sampler_reference,
-    "cpp": lambda si, off, cnt, cdf, key, start, stop: _cpp()._reversed_sampler_cpu(
-        si, off, cnt, cdf, int(key), start, stop
-    ),
-    "triton": lambda si, off, cnt, cdf, key, start, stop: reversed_sampler_triton_launch(
-        si, off, cnt, cdf, stop - start, key=key, start=start
-    ),
-}
+def reversed_sampler_cpp(sorted_indices, offsets, counts, cdf, key: int, start: int, stop: int) -> torch.Tensor:
+    return _cpp()._reversed_sampler_cpu(sorted_indices, offsets, counts, cdf, int(key), start, stop)
+
+
+def reversed_sampler_from_uniforms_cpp(sorted_indices, offsets, counts, cdf, u_class, u_inst) -> torch.Tensor:
+    uniforms = (u.to(torch.float64) for u in (u_class, u_inst))
+    return _cpp()._reversed_sampler_from_uniforms_cpu(sorted_indices, offsets, counts, cdf, *uniforms)
+
+
+def reversed_sampler_triton(sorted_indices, offsets, counts, cdf, key: int, start: int, stop: int) -> torch.Tensor:
+    return reversed_sampler_triton_launch(sorted_indices, offsets, counts, cdf, stop - start, key=key, start=start)
+
+
+def reversed_sampler_from_uniforms_triton(sorted_indices, offsets, counts, cdf, u_class, u_inst) -> torch.Tensor:
+    n = u_class.numel()
+    return reversed_sampler_triton_launch(sorted_indices, offsets, counts, cdf, n, uniforms=(u_class, u_inst)).view(
+        u_class.shape
+    )
+
+
+# The paths of an epoch's draws take (sorted_indices, offsets, counts, cdf, key, start, stop),
+# those of explicit uniforms (sorted_indices, offsets, counts, cdf, u_class, u_inst).
+_EPOCH_PATHS = {"ref": reversed_sampler_reference, "cpp": reversed_sampler_cpp, "triton": reversed_sampler_triton}
 _UNIFORM_PATHS = {
     "ref": reversed_sampler_from_uniforms_reference,
-    "cpp": lambda si, off, cnt, cdf, uc, ui: _cpp()._reversed_sampler_from_uniforms_cpu(
-        si, off, cnt, cdf, uc.to(torch.float64), ui.to(torch.float64)
-    ),
-    "triton": lambda si, off, cnt, cdf, uc, ui: reversed_sampler_triton_launch(
-        si, off, cnt, cdf, uc.numel(), uniforms=(uc, ui)
-    ).view(uc.shape),
+    "cpp": reversed_sampler_from_uniforms_cpp,
+    "triton": reversed_sampler_from_uniforms_triton,
 }
 
 

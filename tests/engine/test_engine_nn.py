@@ -101,28 +101,20 @@ def _compare_layers(torch_layer, ours, x, gen, tol):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("mode", ["eval", "train_without_dropout"])
 @pytest.mark.parametrize("B", [1, 7, 33])
 @pytest.mark.parametrize("C", [16, 64])
-def test_layer_matches_torch_eval(C, B):
-    torch_layer, ours = _layer_pair(C, 0.5)
-    torch_layer.eval()
-    ours.eval()
-    gen = _gen(50, C, B)
+def test_layer_matches_torch(C, B, mode):
+    training = mode != "eval"
+    torch_layer, ours = _layer_pair(C, 0.0 if training else 0.5)
+    torch_layer.train(training)
+    ours.train(training)
+    gen = _gen(51 if training else 50, C, B)
     x = torch.randn(B, C, generator=gen, requires_grad=True)
     _compare_layers(torch_layer, ours, x, gen, dict(rtol=1e-5, atol=1e-5))
-    with torch.no_grad():  # torch's inference fast path
-        torch.testing.assert_close(ours(x), torch_layer(x.unsqueeze(1)).squeeze(1), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("B", [1, 7, 33])
-@pytest.mark.parametrize("C", [16, 64])
-def test_layer_matches_torch_train_without_dropout(C, B):
-    torch_layer, ours = _layer_pair(C, 0.0)
-    torch_layer.train()
-    ours.train()
-    gen = _gen(51, C, B)
-    x = torch.randn(B, C, generator=gen, requires_grad=True)
-    _compare_layers(torch_layer, ours, x, gen, dict(rtol=1e-5, atol=1e-5))
+    if not training:
+        with torch.no_grad():  # torch's inference fast path
+            torch.testing.assert_close(ours(x), torch_layer(x.unsqueeze(1)).squeeze(1), rtol=1e-5, atol=1e-5)
 
 
 def _hand_built_layer(layer, x, seed):

@@ -33,12 +33,6 @@ def path_params(*paths: str) -> list:
     return [pytest.param(p, marks=pytest.mark.triton) if p == "triton" else p for p in paths]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw) -> None:
-    """``actual`` equals ``expected`` within the tolerance of ``dtype`` (default: ``expected``'s), compared in float32."""
-    tol = dict(TOL[dtype or expected.dtype], **kw)
-    torch.testing.assert_close(actual.float(), expected.float(), **tol)
-
-
 # Ahead-of-time compilation of Triton kernels for a GPU that is not there (the interpreter
 # cannot tell whether a kernel compiles, nor what code it becomes).
 AOT_PREAMBLE = '''

@@ -663,8 +663,8 @@ import batchkin.kernels.batch_mix.triton as bmk
 sig = {"op_ptr": "*i64", "lam_ptr": "*fp32", "box_ptr": "*i64", "lam_eff_ptr": "*fp32",
        **{name: i32 for name in ("B", "C", "H", "W", "HW")}}
 for dt in ("fp32", "fp16", "bf16", "u8"):
-    ptx = build(bmk._batch_mix_kernel, dict(sig, x_ptr="*" + dt, out_ptr="*" + dt), {"IS_UINT8": dt == "u8", "BLOCK": 1024},
-                enable_fp_fusion=False)
+    ptrs = dict(sig, x_ptr="*" + dt, out_ptr="*" + dt)
+    ptx = build(bmk._batch_mix_kernel, ptrs, {"IS_UINT8": dt == "u8", "BLOCK": 1024}, enable_fp_fusion=False)
     # separately rounded products and sums, as the reference and the C++ path compute them
     assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx, dt
 print("compiled")
