@@ -343,14 +343,10 @@ def cmd_doctor(args) -> int:
     print(f"CUDA: {'available, ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
     print(f"kernel mode: {dispatch.requested_mode()} ({dispatch.ENV_MODE}); C++ cache: {dispatch.cache_dir()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    import importlib
-
     for name in dispatch.ensure_ops_imported():
-        # an op whose CPU path is not a C++ extension (batch attention: SDPA) explains itself
-        own = getattr(importlib.import_module(f"batchkin.kernels.{name}"), "explain_path", None)
         for dev in devices:
             try:
-                path, reason = own(dev) if own else dispatch.explain(name, dev)
+                path, reason = dispatch.explain(name, dev)
             except dispatch.KernelUnavailable as exc:
                 path, reason = "unavailable", str(exc)
             print(f"  {name:<18} {dev:<5} -> {path:<7} {reason}")
