@@ -266,7 +266,7 @@ def cmd_build(args) -> int:
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
     from .plugin import Plugins
-    from batchkin.plugins.ssl import linear_probe
+    from batchkin.probe import linear_probe
 
     run = Path(args.run_dir)
     if not (run / "config.toml").is_file():
