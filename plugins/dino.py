@@ -57,6 +57,7 @@ Functional twins: :func:`teacher_temperature`, :func:`teacher_probs`, :func:`din
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,37 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     return center
 
 
+def teacher_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapse diagnostics of the teacher's distributions ``probs`` ``[..., K]`` (every row of
+    every view): ``(mean_i H(P_i), H(mean_i P_i))`` in nats, float32, no gradient.
+
+    Both are ``log K`` when every output is uniform (DINO's uniform collapse), the first
+    near 0 and the second near 0 when every image gets the same one-hot output (the
+    dominant-dimension collapse); a teacher that learns has a low per-sample entropy
+    and a high entropy of the mean (its prototypes are used evenly)."""
+    with torch.no_grad(), fp32(probs.device.type):
+        rows = probs.detach().float().reshape(-1, probs.shape[-1])
+
+        def entropy(p):
+            return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+        return entropy(rows).mean(), entropy(rows.mean(0))
+
+
+@torch.no_grad()
+def clip_gradients_(params, max_norm: float) -> list[torch.Tensor]:
+    """DINO's ``clip_gradients``: in place, scale each parameter's gradient by
+    ``min(1, max_norm / (||grad|| + 1e-6))`` (each parameter clipped to its own norm,
+    not the global norm of ``torch.nn.utils.clip_grad_norm_``). Parameters without a
+    gradient are skipped. Returns the gradients' norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    return list(norms)
+
+
 # ------------------------------------------------------------------------------ the method
 
 
@@ -191,6 +223,15 @@ class DINO(SSLBase):
         local_crop_scale: list[float] = field(
             default_factory=lambda: [0.05, 0.4],
             metadata={"gt": 0.0, "le": 1.0, "help": "local crops: range of the crop's area fraction"})
+        head_init: Literal["trunc_normal", "fan_in"] = field(
+            default="trunc_normal",
+            metadata={"help": "head MLP init: DINO's N(0, 0.02^2), or fan_in (He) for a bottleneck of norm O(1) on small encoders"})
+        freeze_last_layer: int = field(
+            default=1, metadata={"ge": 0, "help": "epochs during which the head's last layer is not updated (DINO: 1)"})
+        clip_grad: float = field(
+            default=3.0, metadata={"ge": 0.0, "help": "clip each parameter's gradient norm to this value (DINO: 3; 0 = off)"})
+        eval_encoder: Literal["teacher", "student"] = field(
+            default="teacher", metadata={"help": "the encoder kNN evaluation and the linear probe read (DINO: teacher)"})
 
         def validate(self):
             if len(self.local_crop_scale) != 2 or self.local_crop_scale[0] > self.local_crop_scale[1]:
@@ -203,13 +244,16 @@ class DINO(SSLBase):
         super().__init__(options)
         self.temp = self.options.warmup_teacher_temp
         self.local: LocalCrops | None = None
+        self.entropy = torch.zeros(3)
 
     def build_model(self, state, encoder):
         o = self.options
         if o.n_local_crops > 0:
             self.local = self.local_crops(state, encoder)
-        head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer)
+        head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer,
+                        init=o.head_init)
         net = SSLNet(encoder, head)
+        net.eval_momentum = o.eval_encoder == "teacher"
         net.register_buffer("dino_center", torch.zeros(1, o.out_dim))
         return net
 
@@ -235,6 +279,15 @@ class DINO(SSLBase):
         o = self.options
         self.temp = teacher_temperature(state.epoch, state.epochs, o.warmup_teacher_temp, o.teacher_temp, o.warmup_fraction)
         state.epoch_metrics["dino/teacher_temp"] = self.temp
+        self.entropy = torch.zeros(3)  # sums over the epoch's steps: H(P_i) mean, H(mean P), steps
+
+    @hookimpl
+    def on_epoch_end(self, state):
+        super().on_epoch_end(state)
+        total = self.entropy.tolist()
+        if total[2]:
+            state.epoch_metrics["dino/teacher_entropy"] = total[0] / total[2]
+            state.epoch_metrics["dino/teacher_batch_entropy"] = total[1] / total[2]
 
     def train_forward(self, state):
         center = state.unwrapped_model.dino_center.clone()
@@ -246,9 +299,26 @@ class DINO(SSLBase):
     def loss_terms(self, state, outputs):
         step = outputs["ssl"]
         p = teacher_probs(local_keys(step), step.center, step.teacher_temp)
+        per_sample, of_mean = teacher_entropy(p)
+        one = torch.ones((), device=p.device)
+        self.entropy = self.entropy.to(p.device) + torch.stack([per_sample, of_mean, one])
         n = len(step.q[0])
         loss = sum(dino_loss([q[s] for q in step.q], list(p), step.temperature) for s in range(n)) / n
         return {"dino": loss}
+
+    @hookimpl
+    def before_optimizer_step(self, state):
+        """DINO's optimiser details: no update of the head's last layer during the first
+        ``freeze_last_layer`` epochs (its gradients are dropped, so the optimizer skips it:
+        no momentum, no weight decay), then each parameter's gradient clipped to norm
+        ``clip_grad``."""
+        o = self.options
+        if state.epoch <= o.freeze_last_layer:
+            head = state.unwrapped_model.head
+            head.last_v.grad = None
+            head.last_g.grad = None
+        if o.clip_grad > 0:
+            clip_gradients_([p for g in state.optimizer.param_groups for p in g["params"]], o.clip_grad)
 
     @hookimpl
     def after_step(self, state):
