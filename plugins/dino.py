@@ -226,6 +226,8 @@ class DINO(SSLBase):
         head_init: Literal["trunc_normal", "fan_in"] = field(
             default="trunc_normal",
             metadata={"help": "head MLP init: DINO's N(0, 0.02^2), or fan_in (He) for a bottleneck of norm O(1) on small encoders"})
+        head_bn: bool = field(
+            default=False, metadata={"help": "BatchNorm after every hidden layer of the head (DINO's use_bn_in_head)"})
         freeze_last_layer: int = field(
             default=1, metadata={"ge": 0, "help": "epochs during which the head's last layer is not updated (DINO: 1)"})
         clip_grad: float = field(
@@ -251,7 +253,7 @@ class DINO(SSLBase):
         if o.n_local_crops > 0:
             self.local = self.local_crops(state, encoder)
         head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer,
-                        init=o.head_init)
+                        init=o.head_init, use_bn=o.head_bn)
         net = SSLNet(encoder, head)
         net.eval_momentum = o.eval_encoder == "teacher"
         net.register_buffer("dino_center", torch.zeros(1, o.out_dim))

@@ -61,11 +61,15 @@ class DINOHead(nn.Module):
     outgrows the input-dependent part after one step); ``"fan_in"`` is He's
     ``N(0, 2 / fan_in)`` before each GELU and ``N(0, 1 / fan_in)`` for the bottleneck
     layer, which keeps the bottleneck's norm in proportion to the features' whatever the
-    widths.
+    widths. ``use_bn`` (DINO's ``use_bn_in_head``) puts a BatchNorm after every hidden
+    linear layer (Linear, BN, GELU): each hidden unit is standardised over the batch, so
+    the head sees how the images differ rather than the large component every image's
+    pooled features share.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 256, bottleneck_dim: int = 64,
-                 num_layers: int = 3, norm_last_layer: bool = True, init: str = "trunc_normal"):
+                 num_layers: int = 3, norm_last_layer: bool = True, init: str = "trunc_normal",
+                 use_bn: bool = False):
         super().__init__()
         if init not in HEAD_INITS:
             raise ValueError(f"init must be one of {', '.join(HEAD_INITS)}; got {init!r}")
@@ -74,6 +78,7 @@ class DINOHead(nn.Module):
         for i in range(num_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
+                layers += [nn.BatchNorm1d(dims[i + 1])] if use_bn else []
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
