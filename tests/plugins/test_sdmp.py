@@ -23,6 +23,7 @@ from batchkin.plugins.sdmp import (
     SDMP,
     mixture_nll,
     sdmp_dino_loss,
+    sdmp_lam_eff,
     sdmp_mix,
     sdmp_mm_loss,
     sdmp_mm_weights,
@@ -221,6 +222,61 @@ def test_c_weights_worked_example():
     c, w_self, w_partner = sdmp_mm_weights(torch.tensor([0.3, 1.0, 0.5]), torch.tensor([0.3, 1.0, 0.5]))
     assert c.tolist() == pytest.approx([0.6, 0.0, 1.0])
     torch.testing.assert_close(w_self + w_partner, torch.ones(3, dtype=torch.float64))
+
+
+def test_mm_loss_takes_the_key_views_lam_per_sample_and_reads_the_partners_row():
+    """METHODS.md's worked example inside the loss: lam_i = 0.7 and lam_i' = 0.4 give c = 0.9,
+    weights 0.526 / 0.474. Two samples, partners 1 and 0; the key view's lam per sample is
+    [0.2, 0.4] (not permuted): row 0 reads lam_0' = 0.4 at its partner's row 1."""
+    T = 0.5
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    lam = torch.tensor([0.7, 0.3])  # the query view, per sample
+    lam_keys = torch.tensor([0.2, 0.4])  # the key view, per sample
+    e2 = math.exp(2.0)
+    p_own, p_partner = e2 / (e2 + 1), 1 / (e2 + 1)  # logits (2, 0) / (0, 2): each query matches its own key
+    # row 0: c = min(0.7, 1 - 0.4) + min(0.3, 0.4) = 0.6 + 0.3 = 0.9
+    w0 = (1 / 1.9, 0.9 / 1.9)
+    assert (round(w0[0], 3), round(w0[1], 3)) == (0.526, 0.474)
+    # row 1: lam = 0.3, its partner is row 0: lam' = 0.2, c = min(0.3, 0.8) + min(0.7, 0.2) = 0.5
+    w1 = (1 / 1.5, 0.5 / 1.5)
+    expect = 2 * T * (-math.log(w0[0] * p_own + w0[1] * p_partner) - math.log(w1[0] * p_own + w1[1] * p_partner)) / 2
+    assert float(sdmp_mm_loss(q, k, lam, T, lam_keys=lam_keys)) == pytest.approx(expect, rel=1e-6)
+    # the partner's value is read inside: handing in lam_keys already permuted is a different loss
+    assert float(sdmp_mm_loss(q, k, lam, T, lam_keys=lam_keys.flip(0))) != pytest.approx(expect, rel=1e-3)
+    # keys gathered over two ranks, this rank's rows 2 and 3: lam' is read at rows 3 and 2, never
+    # at the other rank's rows (their lam 0.9 / 0.1 would give other weights)
+    others = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
+    rows = sdmp_mm_loss(q, torch.cat([others, k]), lam, T, lam_keys=torch.tensor([0.9, 0.1, 0.2, 0.4]),
+                        labels=torch.tensor([2, 3]), partner=torch.tensor([3, 2]))
+    z = math.exp(-2.0) + 1 + e2 + 1  # logits (-2, 0, 2, 0) and (0, -2, 0, 2)
+    p_own, p_partner = e2 / z, 1 / z
+    expect = 2 * T * (-math.log(w0[0] * p_own + w0[1] * p_partner) - math.log(w1[0] * p_own + w1[1] * p_partner)) / 2
+    assert float(rows) == pytest.approx(expect, rel=1e-6)
+
+
+def test_mm_loss_refuses_lam_of_the_wrong_shape():
+    q = k = torch.eye(4)
+    lam = torch.full((4,), 0.5)
+    with pytest.raises(ValueError, match=r"lam_keys must hold the key view's lam_eff of every key row, shape \(4,\)"):
+        sdmp_mm_loss(q, k, lam, 0.2, lam_keys=torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"lam must hold one lam_eff per query, shape \(4,\)"):
+        sdmp_mm_loss(q, k, torch.full((2, 4), 0.5), 0.2)
+    with pytest.raises(ValueError, match="with 8 key rows for 4 queries, pass lam_keys"):
+        sdmp_mm_loss(q, torch.cat([k, k]), lam, 0.2)
+    with pytest.raises(TypeError):
+        sdmp_mm_loss(q, k, lam, lam, 0.2)  # the old positional lam_partner is gone, loudly
+    with pytest.raises(ValueError, match="sdmp_dino_loss: lam_keys must hold"):
+        p = torch.full((2, 4, 3), 1 / 3)
+        sdmp_dino_loss(torch.zeros(2, 4, 3), p, p, torch.full((2, 4), 0.5), lam_keys=torch.full((2, 5), 0.5))
+
+
+@pytest.mark.parametrize("op", ["mixup", "cutmix", "resizemix"])
+def test_lam_eff_from_the_parameters_equals_the_ops(op):
+    for seed, (B, H, W) in enumerate([(8, 8, 9), (5, 7, 7), (16, 28, 28)]):
+        params = sample_mix_params(B, H, W, generator=gen(seed), ops=(op,), num_views=2)
+        _, lam_eff = batch_mix_reference(random_views(B=B, H=H, W=W, seed=seed), *params)
+        assert torch.equal(sdmp_lam_eff(params, H, W), lam_eff)
 
 
 def _explicit(q, k, w_self, w_partner, T):
