@@ -2,8 +2,9 @@
 
 METHODS.md section 4 ("DINO form") gives the defaults used here.
 
-* Views from the on-device pipeline of :mod:`batchkin.plugins.ssl`: two global views per
-  image (:func:`~batchkin.plugins.ssl.make_views`, ``[dino.views]``) and, with
+* Views from the on-device pipeline of :mod:`batchkin.plugins.ssl` (built from the raw
+  uint8 batch): two global views per image (:func:`~batchkin.plugins.ssl.make_views`,
+  ``[dino.views]``) and, with
   ``[dino] n_local_crops > 0``, DINO's multi-crop local views
   (:func:`~batchkin.plugins.ssl.make_local_views`, drawn after the global views from the
   same run generator ``"dino_views"``, so the global views do not depend on them).
@@ -29,9 +30,27 @@ METHODS.md section 4 ("DINO form") gives the defaults used here.
   loss reads only this rank's rows), except with SDMP's ``flip = "global"``, whose
   partners live on other ranks. The center is a buffer of the model (``dino_center``), so
   it is checkpointed.
-* Evaluation: kNN class scores as ``logits`` (as ``moco``); linear probe with
-  :func:`batchkin.plugins.ssl.linear_probe`.
-* With ``sdmp``: the SDMP DINO form (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); only
+* Evaluation: kNN class scores as ``logits`` (as ``moco``) and the linear probe
+  (:func:`batchkin.probe.linear_probe`, ``batchkin probe``) read the teacher's encoder, as
+  DINO does (``[dino] eval_encoder = "student"`` reads the student's).
+* Optimiser details of DINO, in ``before_optimizer_step``: the head's last layer gets no
+  update during the first ``freeze_last_layer`` epochs (1; its gradient is dropped, so
+  the optimizer keeps no state for it and applies no weight decay), and each
+  parameter's gradient is clipped to norm ``clip_grad`` (3; :func:`clip_gradients_`).
+  DINO's other two: ``optim.no_decay_norm_bias = true`` (no weight decay on biases and
+  norms) and ``schedule.warmup_start = 0`` (the warm-up starts at lr 0).
+* Small encoders: DINO's head init (``head_init = "trunc_normal"``, std 0.02) is sized
+  for ViT-S features; over a small encoder's pooled features the bottleneck has norm
+  ~0.02 and every run collapses to uniform outputs. ``head_init = "fan_in"`` (He init)
+  and ``head_bn = true`` (BatchNorm after each hidden layer: DINO's
+  ``use_bn_in_head``) are the scale-aware options; configs/dino_digits.toml is a
+  measured small-scale recipe.
+* Collapse is logged every epoch: ``dino/teacher_entropy`` (the mean entropy of the
+  teacher's distributions, ``log out_dim`` when they are uniform) and
+  ``dino/teacher_batch_entropy`` (the entropy of their mean, near 0 when every image
+  gets the same prototype) (:func:`teacher_entropy`).
+* With ``sdmp`` (through the ``transform_views`` hook): the SDMP DINO form
+  (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); only
   the two global views are mixed, the teacher also sees the mixed global views and the
   same center is used for them; local crops add only to DINO's own loss.
 
@@ -51,7 +70,8 @@ The model must encode the smaller local crops: the globally pooled models (``res
 which is reported as a ConfigError when the model is built.
 
 Functional twins: :func:`teacher_temperature`, :func:`teacher_probs`, :func:`dino_loss`,
-:func:`update_center`, :func:`local_crop_size`.
+:func:`update_center`, :func:`teacher_entropy`, :func:`clip_gradients_`,
+:func:`local_crop_size`.
 """
 
 from __future__ import annotations
