@@ -286,7 +286,7 @@ def test_both_bases_share_one_options_schema_and_keep_their_keys():
     assert dino_keys == shared | {"out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "norm_last_layer",
                                   "student_temp", "teacher_temp", "warmup_teacher_temp", "warmup_fraction",
                                   "center_momentum", "n_local_crops", "local_crop_size", "local_crop_scale",
-                                  "head_init", "freeze_last_layer", "clip_grad", "eval_encoder"}
+                                  "head_init", "head_bn", "freeze_last_layer", "clip_grad", "eval_encoder"}
     assert issubclass(MoCo.Options, SSLOptions) and issubclass(DINO.Options, SSLOptions)
     assert issubclass(MoCo, SSLBase) and issubclass(DINO, SSLBase)
     assert MoCo.roles == DINO.roles == frozenset({"ssl-base"})
