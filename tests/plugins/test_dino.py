@@ -412,15 +412,30 @@ def test_a_model_that_cannot_take_local_crops_is_refused_clearly():
     prepare(raw, Plugins(extra_modules=MODULES))
 
 
+def _shipped(name):
+    return tomllib.loads((Path(__file__).resolve().parents[2] / "configs" / name).read_text())
+
+
 def test_dino_digits_config_trains_a_step():
-    raw = tomllib.loads((Path(__file__).resolve().parents[2] / "configs" / "dino_digits.toml").read_text())
+    raw = _shipped("dino_digits.toml")
     raw["device"] = "cpu"
-    assert raw["methods"] == ["dino"] and raw["dino"]["n_local_crops"] > 0
+    assert raw["methods"] == ["dino"]
     state = run_plugin(raw["methods"], steps=1, config=raw, plugin_modules=MODULES)
-    n, size = raw["dino"]["n_local_crops"], raw["dino"]["local_crop_size"]
+    net, o = state.unwrapped_model, state.hooks.methods["dino"].options
+    assert o.head_bn and o.head_init == "fan_in" and net.eval_momentum  # the small-scale recipe, teacher evaluated
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.head.mlp)
     step = state.outputs["ssl"]
-    assert len(step.q) == 2 + n and step.keys.shape[0] == 2
-    assert state.hooks.methods["dino"].local == LocalCrops(n=n, size=(size, size), scale=(0.05, 0.4))
+    assert len(step.q) == 2 + o.n_local_crops and step.keys.shape[0] == 2
+    assert math.isfinite(float(state.loss_terms["dino"].detach()))
+
+
+def test_dino_fashion_mnist_config_trains_a_step():
+    raw = _shipped("dino_fashion_mnist.toml")
+    assert raw["methods"] == ["dino"] and raw["data"]["name"] == "fashion_mnist"
+    raw["device"] = "cpu"
+    raw["data"]["train_size"] = 256  # the same recipe on a smaller subset: one step
+    state = run_plugin(raw["methods"], steps=1, config=raw, plugin_modules=MODULES)
+    assert state.batch["x"].shape[1:] == (1, 28, 28) and state.hooks.methods["dino"].options.head_bn
     assert math.isfinite(float(state.loss_terms["dino"].detach()))
 
 
