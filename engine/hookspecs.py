@@ -218,7 +218,8 @@ def forward(state):
     ``outputs["streams"] = [features]``, fires ``transform_features`` and applies
     the classifier to every stream: ``outputs["logits"]`` is the streams' logits
     stacked. A method that owns the forward pass (BBN, MoCo) returns its own dict
-    and should fire ``state.hooks.transform_features`` itself where it applies.
+    and should fire ``state.hooks.transform_features`` itself where it applies (the
+    SSL bases also fire ``transform_views`` on their views).
     """
 
 
