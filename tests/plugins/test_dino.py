@@ -607,7 +607,7 @@ def test_head_init_fan_in_keeps_the_bottleneck_in_proportion_to_the_features():
         with torch.no_grad():
             norms[init] = float(head.mlp(x).norm(dim=1).mean())
         if init == "fan_in":
-            w1, w3 = head.mlp[0].weight, head.mlp[4].weight
+            w1, w3 = head.mlp[0].weight.detach(), head.mlp[4].weight.detach()
             assert float(w1.std()) == pytest.approx(math.sqrt(2 / 64), rel=0.05)  # He, before a GELU
             assert float(w3.std()) == pytest.approx(math.sqrt(1 / 256), rel=0.05)  # the bottleneck layer
         assert all(not m.bias.detach().any() for m in head.mlp if isinstance(m, torch.nn.Linear))
