@@ -372,7 +372,7 @@ def cmd_build(args) -> int:
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
     from .schema import shown
-    from batchkin.plugins.ssl import linear_probe
+    from batchkin.probe import linear_probe
 
     run = Path(args.run_dir)
     plugins = _run_plugins(run, args, quiet=True)

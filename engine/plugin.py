@@ -82,6 +82,10 @@ class Method:
       methods sharing a role are refused, naming both.
     * ``requires`` — names of methods of which at least one must be enabled too
       (e.g. SDMP needs ``moco`` or ``dino``).
+    * ``raw_batch`` — ``True`` when the method builds its own inputs from the raw
+      images (the SSL bases' view pipeline): while it is enabled the engine skips
+      its crop, flip and normalisation and ``state.batch["x"]`` holds the uint8
+      images as stored.
     """
 
     @dataclass
@@ -90,6 +94,7 @@ class Method:
 
     roles: frozenset[str] = frozenset()
     requires: tuple[str, ...] = ()
+    raw_batch: bool = False
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

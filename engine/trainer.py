@@ -346,13 +346,18 @@ def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[bool
 def train_step(state: State, indices: dict) -> float:
     cfg = state.config
     state.training = True
-    aug = state.generator("augment")
+    raw = any(getattr(m, "raw_batch", False) for m in state.hooks.methods.values())
     batch = {}
     with state.phase("data"):
         for stream, idx in indices.items():
             suffix = f"_{stream}" if stream else ""
-            x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
-                                          hflip=state.splits.hflip, gen=aug, shard=(state.rank, state.world_size))
+            if raw:  # a method builds its own views: the uint8 images as stored
+                dev_idx = idx.to(state.device, non_blocking=True)
+                x, y = state.train_data.x[dev_idx], state.train_data.y[dev_idx]
+            else:
+                x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
+                                              hflip=state.splits.hflip, gen=state.generator("augment"),
+                                              shard=(state.rank, state.world_size))
             batch["x" + suffix], batch["y" + suffix] = x, y
             batch["idx" + suffix] = idx  # dataset indices: state.train_data.x[idx] are the raw uint8 images
     state.batch = batch
@@ -375,6 +380,7 @@ def train_step(state: State, indices: dict) -> float:
         if not bad:
             state.scaler.scale(loss).backward()
             state.scaler.unscale_(state.optimizer)
+            state.hooks.before_optimizer_step(state=state)
             params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if cfg.train.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
