@@ -506,7 +506,7 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
         state.model.train()
         out.start_epoch(state.epoch, cfg.epochs, state.steps_per_epoch)
         t0, losses, n_img = time.perf_counter(), [], 0
-        for i, indices in enumerate(state.sampler, 1):
+        for i, indices in enumerate(state.train_data.steps(state), 1):  # the sampler's steps (streamed: loaded ahead)
             try:
                 loss = train_step(state, indices)
             except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -540,6 +540,7 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
             if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch:
                 run.save_checkpoint(checkpoint_dict(state, best))
             out.line(_epoch_line(record))
+    state.train_data.close()
     final = {}
     if state.epoch >= cfg.epochs:
         state.hooks.on_fit_end(state=state)

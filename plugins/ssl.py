@@ -756,6 +756,7 @@ class SSLBase(Method):
     """
 
     roles = frozenset({"ssl-base"})
+    raw_images = True  # views are built from state.train_data.x[batch["idx"]] (streamed: the raw transform)
     name = "ssl"  # the method's registered name: its config table and metric prefix
     sync_batchnorm = True  # under DDP on CUDA, train.sync_bn = "auto" converts the model to SyncBatchNorm
     Options = SSLOptions
