@@ -356,6 +356,7 @@ class StreamData(DeviceData):
         c = self.files.shape[1]
         self.mean = torch.tensor(splits.mean, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(splits.std, device=self.device).view(1, c, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * self.std), -self.mean / self.std
         self.dataset = StreamDataset(self.files, split.y)
         self.raw_mode = False
         self.skipped = 0  # replaced samples (data.skip_bad) since the last epoch's report
@@ -395,8 +396,13 @@ class StreamData(DeviceData):
         return loaded
 
     def _to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, H, W, C]`` (pinned on CUDA) to uint8 ``[B, C, H, W]`` on the device."""
-        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        """uint8 ``[B, H, W, C]`` (pinned on CUDA) to contiguous uint8 ``[B, C, H, W]`` on the device
+        (transposed as bytes: a quarter of the traffic of transposing the normalised floats)."""
+        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """``(x / 255 - mean) / std`` as one multiply and one add in place (equal up to float rounding)."""
+        return x_uint8.float().mul_(self._scale).add_(self._shift)
 
     def steps(self, state):
         """The run's sampler, one step's index dict at a time, with the step's images loaded
@@ -449,7 +455,7 @@ class StreamData(DeviceData):
         """The current step's stream ``idx``: normalised images (augmented by the workers; the
         arguments of the in-memory augmentation are not used) and labels, on the device."""
         x = self._device_images(self._stream_of(idx))
-        return self.normalize(x).contiguous(), self.y[torch.as_tensor(idx).to(self.device)]
+        return self.normalize(x), self.y[torch.as_tensor(idx).to(self.device)]
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
         """Evaluation batches (resize + centre crop) of an interleaved shard, decoded by the workers."""
@@ -458,7 +464,7 @@ class StreamData(DeviceData):
         for loaded in self._dataloader(requests, persistent=False):
             self._receive(loaded)
             sel = loaded.indices[""].to(self.device)
-            yield self.normalize(self._to_device(loaded.images[""])).contiguous(), self.y[sel]
+            yield self.normalize(self._to_device(loaded.images[""])), self.y[sel]
 
     def close(self) -> None:
         """Stop the persistent training workers (they also stop with this object or the process)."""

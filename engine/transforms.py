@@ -129,10 +129,10 @@ class ImageTransform:
             resize = self.resize if self.kind == "eval" else max(h, w)
             box = center_crop_box(image.width, image.height, resize, h, w)
         out = image.resize((w, h), Image.BILINEAR, box=box)
+        if flip:  # Pillow's transpose: several times faster than copying a reversed numpy view
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
         arr = np.asarray(out, dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return arr[:, ::-1] if flip else arr
+        return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def open_image(path):
