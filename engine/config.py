@@ -41,7 +41,7 @@ from .schema import parse, suggest
 @dataclass
 class DataConfig:
     name: str = field(default="digits", metadata={"help": "registered dataset name (`batchkin plugins` lists them)"})
-    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder)"})
+    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder, imagelist, inaturalist)"})
     val_fraction: float = field(
         default=0.1, metadata={"ge": 0.0, "lt": 1.0, "help": "fraction of the training split held out for evaluation during training (stratified)"}
     )
