@@ -177,6 +177,9 @@ def subset_indices(y: torch.Tensor, num_classes: int, counts: list[int], gen: to
 
 def make_splits(ds: ImageDataset, cfg) -> Splits:
     """Split ``ds`` into train / val / test and apply the configured training subset."""
+    if getattr(cfg, "storage", "auto") == "stream" and isinstance(ds.x, torch.Tensor):
+        raise ConfigError(f"data.storage = 'stream' is not available for data.name = {cfg.name!r}, which is loaded "
+                          "into memory (streamed: imagefolder, imagelist, inaturalist); use 'memory' or 'auto'")
     num_classes = len(ds.classes)
     gen = torch.Generator().manual_seed(cfg.split_seed)
     if ds.test_x is None:

@@ -226,6 +226,11 @@ class Loaded:
     skipped: list = field(default_factory=list)  # (bad path, reason, replacement path)
     error: str | None = None
 
+    def pin_memory(self) -> Loaded:
+        """Page-lock the images (the DataLoader's pinning thread calls this with ``pin_memory``)."""
+        self.images = {k: v.pin_memory() for k, v in self.images.items()}
+        return self
+
 
 def augment_uniforms(seed: int, step: int, stream: str, slots: torch.Tensor) -> np.ndarray:
     """The training transform's uniforms ``[len(slots), UNIFORMS_PER_SAMPLE]`` of stream
@@ -308,7 +313,8 @@ class _StepRequests:
 
     def __iter__(self):
         for step, streams in enumerate(self.sampler, self.first_step):
-            yield Request(self.kind, dict(streams), self.seed, step, self.base_slot, self.hflip)
+            streams = {k: torch.as_tensor(v).cpu() for k, v in streams.items()}
+            yield Request(self.kind, streams, self.seed, step, self.base_slot, self.hflip)
 
 
 def wants_raw_images(state) -> bool:

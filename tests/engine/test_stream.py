@@ -363,6 +363,14 @@ def test_ssl_bases_read_the_steps_raw_images(tmp_path):
     assert images[:, 0, 0, 0].tolist() == state.splits.train.x.rows[idx.numpy()].tolist()
     with pytest.raises(RunError, match="not one of the current step's streams"):
         data.x[idx + 1]
+    # kNN evaluation encodes the streamed training split; the linear probe reads every split
+    from batchkin.plugins.ssl import probe_state
+    from batchkin.trainer import evaluate
+
+    metrics = evaluate(state, "val", DeviceData(state.splits.val, state.splits, state.device))
+    assert 0.0 <= metrics["top1"] <= 1.0 and len(metrics["per_class"]) == 2
+    probe = probe_state(state, epochs=2)
+    assert probe["feature_dim"] == state.unwrapped_model.feature_dim and 0.0 <= probe["top1"] <= 1.0
 
 
 def test_streamed_batches_outside_the_loop_and_unfaithful_samplers_are_refused(tmp_path):
@@ -515,3 +523,16 @@ def test_skip_bad_replaces_counts_and_logs_unreadable_images(tmp_path, capsys):
     assert [r.get("data/skipped_images") for r in lines if r["kind"] == "epoch"] == [1, 1]
     assert err.count(f"skipping unreadable image {root / bad}") == 1  # logged once, counted every time
     assert result.final["kind"] == "final" and lines[-1]["kind"] == "final"
+    # `batchkin eval` of the streamed run: the same test metrics from the saved weights
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["top1"] == result.final["test/top1"] and out["per_class"] == result.final["test/per_class"]
+
+
+def test_storage_stream_for_a_dataset_kept_in_memory_is_refused(tmp_path):
+    raw = config(tmp_path, name="synthetic")
+    raw["data"].pop("root")
+    with pytest.raises(ConfigError, match="data.storage = 'stream' is not available for data.name = 'synthetic'"):
+        prepare(raw)
+    raw["data"]["storage"] = "auto"
+    assert type(prepare(raw).train_data) is DeviceData
