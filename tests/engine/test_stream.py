@@ -9,7 +9,6 @@ class) or random noise (to see crops and flips).
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 from pathlib import Path
@@ -21,12 +20,13 @@ from PIL import Image
 
 from batchkin import faults
 from batchkin.cli import main
-from batchkin.data import DeviceData, make_splits
+from batchkin.data import DeviceData
 from batchkin.errors import ConfigError, DataError, RunError
 from batchkin.plugin import Plugins
 from batchkin.stream import ImageFiles, Request, StreamData, StreamDataset
 from batchkin.testing import run_plugin
 from batchkin.trainer import checkpoint_dict, fit, prepare, restore, train_step
+from test_engine_cli import set_args  # --set arguments of a raw config (this folder's CLI tests)
 
 SIZE = (12, 10)  # Pillow (width, height)
 
@@ -63,16 +63,6 @@ def config(root, name="imagefolder", epochs=2, model=None, **data) -> dict:
         "model": model or {"name": "resnet8", "width": 4},
         "optim": {"lr": 0.05},
     }
-
-
-def set_args(raw: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            out += set_args(value, f"{prefix}{key}.")
-        else:
-            out += ["--set", f"{prefix}{key}={json.dumps(value)}"]
-    return out
 
 
 def corrupt(path: Path) -> None:
