@@ -274,15 +274,17 @@ class StreamDataset(torch.utils.data.Dataset):
                     if not self.files.options.skip_bad:
                         out.error = unreadable(self.files.path(i), exc)
                         return out
-                    buf[k] = self._replacement(i, transform, None if u is None else u[k], exc, out)
-                    if out.error is not None:
+                    arr = self._replacement(i, transform, None if u is None else u[k], exc, out)
+                    if arr is None:
                         return out
+                    buf[k] = arr
             out.images[stream], out.indices[stream] = images, idx
         return out
 
-    def _replacement(self, i: int, transform, u, exc, out: Loaded) -> np.ndarray:
+    def _replacement(self, i: int, transform, u, exc, out: Loaded) -> np.ndarray | None:
         """The next readable image of sample ``i``'s class after ``i`` (cyclically), transformed
-        with ``i``'s random numbers; the swap is recorded in ``out.skipped``."""
+        with ``i``'s random numbers; the swap is recorded in ``out.skipped`` (None and
+        ``out.error`` set when no image of the class is readable)."""
         c = int(self.labels[i])
         if c not in self._members:
             self._members[c] = np.flatnonzero(self.labels == c)
@@ -297,7 +299,7 @@ class StreamDataset(torch.utils.data.Dataset):
             return arr
         out.error = (f"{unreadable(self.files.path(i), exc)}; data.skip_bad found no readable image of its "
                      f"class {c} to use instead")
-        return np.zeros(0)
+        return None
 
 
 def _identity(item):

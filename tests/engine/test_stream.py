@@ -526,3 +526,15 @@ def test_storage_stream_for_a_dataset_kept_in_memory_is_refused(tmp_path):
         prepare(raw)
     raw["data"]["storage"] = "auto"
     assert type(prepare(raw).train_data) is DeviceData
+
+
+def test_skip_bad_stops_when_no_image_of_the_class_is_readable(tmp_path):
+    root = coded_folder(tmp_path / "d", [6, 6])
+    state = prepare(config(root, skip_bad=True, val_fraction=0.0))
+    train = state.splits.train
+    ones = [i for i in range(len(train)) if int(train.y[i]) == 1]
+    for i in ones:
+        corrupt(Path(train.x.path(i)))
+    loaded = StreamDataset(train.x, train.y)[Request("train", {"": torch.tensor([ones[0], 0])}, seed=0, step=0)]
+    assert loaded.error.startswith(f"{train.x.path(ones[0])} is not a readable image")
+    assert loaded.error.endswith("data.skip_bad found no readable image of its class 1 to use instead")
