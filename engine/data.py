@@ -559,8 +559,8 @@ class DeviceData:
     The trainer iterates :meth:`steps` for the training indices.
     """
 
-    def __new__(cls, split: Split, *args, **kwargs):
-        if cls is DeviceData and not isinstance(split.x, torch.Tensor):
+    def __new__(cls, split: Split | None = None, *args, **kwargs):
+        if cls is DeviceData and split is not None and not isinstance(split.x, torch.Tensor):
             from .stream import StreamData
 
             cls = StreamData
