@@ -106,7 +106,8 @@ def register_datasets(register):
     ``options`` the loader is called as ``loader(data_config)`` and ``[data]`` may
     hold no keys but the engine's. Either way it returns a
     :class:`batchkin.data.ImageDataset` (uint8 images, int64 labels, an optional
-    official test split).
+    official test split; images that stay on disk come from
+    :func:`batchkin.stream.file_dataset`).
     """
 
 
