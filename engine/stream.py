@@ -93,6 +93,8 @@ HEADER_SAMPLE = 16
 STATS_SAMPLE = 256
 #: Missing files named in the error.
 MISSING_SHOWN = 5
+#: Files stat-ed per thread task when checking that a list's files exist.
+STAT_CHUNK = 4096
 
 
 # ------------------------------------------------------------------------------ the image source
@@ -534,7 +536,7 @@ def check_files_exist(table: PathTable, rows: np.ndarray, listed_in: str) -> Non
     def missing(chunk):
         return [int(r) for r in chunk if not os.path.isfile(table.path(int(r)))]
 
-    chunks = [rows[i : i + 4096] for i in range(0, len(rows), 4096)]
+    chunks = [rows[i : i + STAT_CHUNK] for i in range(0, len(rows), STAT_CHUNK)]
     if len(chunks) > 1:
         with ThreadPoolExecutor(max_workers=8) as pool:
             gone = [r for part in pool.map(missing, chunks) for r in part]

@@ -538,3 +538,18 @@ def test_skip_bad_stops_when_no_image_of_the_class_is_readable(tmp_path):
     loaded = StreamDataset(train.x, train.y)[Request("train", {"": torch.tensor([ones[0], 0])}, seed=0, step=0)]
     assert loaded.error.startswith(f"{train.x.path(ones[0])} is not a readable image")
     assert loaded.error.endswith("data.skip_bad found no readable image of its class 1 to use instead")
+
+
+def test_missing_files_are_found_by_the_threaded_check_in_list_order(tmp_path, monkeypatch):
+    from batchkin import stream
+
+    names = [f"f{i:02d}.png" for i in range(40)]
+    for i, name in enumerate(names):
+        if i not in (3, 17, 18, 39):
+            (tmp_path / name).touch()
+    monkeypatch.setattr(stream, "STAT_CHUNK", 6)  # 7 chunks over the thread pool
+    table = stream.PathTable(tmp_path, names)
+    with pytest.raises(DataError, match=r"^4 of the 40 files listed in L are missing under .*: "
+                                        r"f03.png, f17.png, f18.png, f39.png$"):
+        stream.check_files_exist(table, np.arange(40), "L")
+    stream.check_files_exist(table, np.array([0, 1, 2, 4]), "L")  # all present: no error
