@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -263,7 +264,7 @@ class StreamDataset(torch.utils.data.Dataset):
         h, w = transform.size
         for stream, idx in request.streams.items():
             idx = torch.as_tensor(idx, dtype=torch.int64)
-            images = torch.empty((len(idx), h, w, c), dtype=torch.uint8)
+            images = _batch_buffer((len(idx), h, w, c))
             buf = images.numpy()
             u = None
             if transform.random:
@@ -302,6 +303,16 @@ class StreamDataset(torch.utils.data.Dataset):
         out.error = (f"{unreadable(self.files.path(i), exc)}; data.skip_bad found no readable image of its "
                      f"class {c} to use instead")
         return None
+
+
+def _batch_buffer(shape: tuple) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a worker process, in shared memory from the start (as
+    the default collate allocates its batches), so sending it to the training process copies
+    nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
 def _identity(item):
