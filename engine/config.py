@@ -42,7 +42,7 @@ from .schema import check_depth, parse, shown, suggest
 @dataclass
 class DataConfig:
     name: str = field(default="digits", metadata={"help": "registered dataset name (`batchkin plugins` lists them)"})
-    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder)"})
+    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder, imagelist, inaturalist)"})
     val_fraction: float = field(
         default=0.1, metadata={"ge": 0.0, "lt": 1.0, "help": "fraction of the training split held out for evaluation during training (stratified)"}
     )
@@ -61,7 +61,26 @@ class DataConfig:
     augment: bool = field(default=True, metadata={"help": "random crop with padding (+ flip) during training"})
     crop_padding: int = field(default=2, metadata={"ge": 0, "help": "zero padding of the random crop, in pixels"})
     hflip: bool | None = field(default=None, metadata={"help": "random horizontal flip (default: the dataset's own choice)"})
-    image_size: list[int] = field(default_factory=list, metadata={"help": "[H, W] to resize image folders to (empty: keep)"})
+    image_size: list[int] = field(default_factory=list, metadata={
+        "help": "[H, W]: image folders in memory are resized to it, streamed images cropped to it (empty: the images' own size)"})
+    # streamed datasets (engine/stream.py): images stay on disk, DataLoader workers decode them
+    storage: Literal["auto", "memory", "stream"] = field(default="auto", metadata={
+        "help": "memory: decode the whole set onto the device; stream: decode batches from disk in worker processes; "
+                "auto: memory when the decoded set fits data.memory_budget_mb (list-file datasets always stream)"})
+    memory_budget_mb: int = field(default=2048, metadata={"ge": 0, "help": "storage = auto: the largest decoded set kept in memory, in MiB"})
+    num_workers: int = field(default=4, metadata={"ge": 0, "help": "streamed: DataLoader worker processes (0 = decode in the training process)"})
+    prefetch_factor: int = field(default=2, metadata={"ge": 1, "help": "streamed: batches each worker prepares ahead"})
+    persistent_workers: bool = field(default=True, metadata={"help": "streamed: keep the training workers alive between epochs"})
+    pin_memory: bool = field(default=True, metadata={"help": "streamed: page-locked batches for asynchronous copies (CUDA only)"})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "streamed: replace an unreadable image by the next readable one of its class and count it, instead of stopping"})
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={
+        "gt": 0.0, "le": 1.0, "help": "streamed training: random-resized crop area range"})
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata={
+        "gt": 0.0, "help": "streamed training: random-resized crop aspect-ratio range"})
+    resize_size: int = field(default=0, metadata={
+        "ge": 0, "help": "streamed evaluation: shorter side before the centre crop (0 = max(image_size) / crop_fraction)"})
+    crop_fraction: float = field(default=0.875, metadata={"gt": 0.0, "le": 1.0, "help": "streamed evaluation: centre-crop fraction"})
     synthetic_classes: int = field(default=4, metadata={"ge": 1, "help": "synthetic set: number of classes"})
     synthetic_per_class: int = field(default=48, metadata={"ge": 1, "help": "synthetic set: images per class"})
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8], metadata={"help": "synthetic set: [C, H, W]"})
@@ -75,6 +94,10 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be [H, W] with positive sizes; got {self.image_size}")
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"data.synthetic_shape must be [C, H, W] with positive sizes; got {self.synthetic_shape}")
+        for key in ("crop_scale", "crop_ratio"):
+            pair = getattr(self, key)
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ConfigError(f"data.{key} must be [low, high] with low <= high; got {pair}")
         if self.few_shot and self.imbalance_factor > 1:
             raise ConfigError("data.few_shot and data.imbalance_factor cannot both be set: choose one subset")
 

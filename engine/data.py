@@ -86,7 +86,14 @@ def check_memory(nbytes: int, what: str, error: type[Exception] = DataError) -> 
 
 @dataclass
 class ImageDataset:
-    """A whole dataset in memory: uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``."""
+    """A dataset: images ``[N, C, H, W]`` and int64 labels ``[N]``.
+
+    The images are a uint8 tensor (the whole set in memory) or, for streamed datasets,
+    an image source that stays on disk (:class:`batchkin.stream.ImageFiles`: indexable
+    by index tensors like a tensor, with a ``shape``). A dataset that ships its own
+    validation list sets ``val_x`` / ``val_y``; the validation split is then that list
+    and no part of the training data is held out.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -95,12 +102,18 @@ class ImageDataset:
     test_y: torch.Tensor | None = None
     hflip: bool = True  # whether horizontal flips preserve the labels' meaning
     name: str = ""
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     def __post_init__(self):
-        for what, x, y in (("training", self.x, self.y), ("test", self.test_x, self.test_y)):
+        for what, x, y in (("training", self.x, self.y), ("test", self.test_x, self.test_y),
+                           ("validation", self.val_x, self.val_y)):
             if x is None:
                 continue
-            if x.dtype != torch.uint8 or x.dim() != 4:
+            if not isinstance(x, torch.Tensor):
+                if not hasattr(x, "stats") or len(x.shape) != 4:
+                    raise DataError(f"{self.name}: {what} images must be a uint8 tensor [N, C, H, W] or an image source")
+            elif x.dtype != torch.uint8 or x.dim() != 4:
                 raise DataError(f"{self.name}: {what} images must be uint8 [N, C, H, W]; got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise DataError(f"{self.name}: {what} labels must be int64 [{x.shape[0]}]; got {y.dtype} {tuple(y.shape)}")
@@ -110,8 +123,9 @@ class ImageDataset:
                     f"{self.name}: {what} label {bad} is out of range for the {len(self.classes)} classes "
                     f"(labels must lie in [0, {len(self.classes) - 1}]; found {int(y.min())}..{int(y.max())})"
                 )
-        if self.test_x is not None and self.test_x.shape[1:] != self.x.shape[1:]:
-            raise DataError(f"{self.name}: test images {tuple(self.test_x.shape[1:])} differ from training images {tuple(self.x.shape[1:])}")
+        for what, x in (("test", self.test_x), ("validation", self.val_x)):
+            if x is not None and tuple(x.shape[1:]) != tuple(self.x.shape[1:]):
+                raise DataError(f"{self.name}: {what} images {tuple(x.shape[1:])} differ from training images {tuple(self.x.shape[1:])}")
 
 
 @dataclass
@@ -215,6 +229,9 @@ def subset_indices(y: torch.Tensor, num_classes: int, counts: list[int], gen: to
 
 def make_splits(ds: ImageDataset, cfg) -> Splits:
     """Split ``ds`` into train / val / test and apply the configured training subset."""
+    if getattr(cfg, "storage", "auto") == "stream" and isinstance(ds.x, torch.Tensor):
+        raise ConfigError(f"data.storage = 'stream' is not available for data.name = {cfg.name!r}, which is loaded "
+                          "into memory (streamed: imagefolder, imagelist, inaturalist); use 'memory' or 'auto'")
     num_classes = len(ds.classes)
     gen = torch.Generator().manual_seed(cfg.split_seed)
     if ds.test_x is None:
@@ -224,8 +241,13 @@ def make_splits(ds: ImageDataset, cfg) -> Splits:
     else:
         pool_x, pool_y = ds.x, ds.y
         test_split = Split(ds.test_x, ds.test_y)
-    train_idx, val_idx = stratified_split(pool_y, num_classes, cfg.val_fraction, gen)
-    tx, ty = pool_x[train_idx], pool_y[train_idx]
+    if ds.val_x is None:
+        train_idx, val_idx = stratified_split(pool_y, num_classes, cfg.val_fraction, gen)
+        tx, ty = pool_x[train_idx], pool_y[train_idx]
+        val_split = Split(pool_x[val_idx], pool_y[val_idx])
+    else:  # the dataset's own validation list
+        tx, ty = pool_x, pool_y
+        val_split = Split(ds.val_x, ds.val_y)
     available = torch.bincount(ty, minlength=num_classes).tolist()
     if min(available) < 1:
         raise DataError(_empty_class_message(ds, available.index(0)))
@@ -256,11 +278,18 @@ def make_splits(ds: ImageDataset, cfg) -> Splits:
     if sub is not None:
         tx, ty = tx[sub], ty[sub]
     train = Split(tx, ty)
-    xf = train.x.float() / 255.0
-    mean = xf.mean(dim=(0, 2, 3)).tolist()
-    std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    mean, std = image_stats(train.x, cfg.split_seed)
     hflip = ds.hflip if cfg.hflip is None else cfg.hflip
-    return Splits(train, Split(pool_x[val_idx], pool_y[val_idx]), test_split, list(ds.classes), hflip, mean, std)
+    return Splits(train, val_split, test_split, list(ds.classes), hflip, mean, std)
+
+
+def image_stats(x, seed: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (std at least 1e-3) of images in [0, 1]: over every image of a
+    tensor; an image source on disk estimates them from a seeded sample (its ``stats``)."""
+    if not isinstance(x, torch.Tensor):
+        return x.stats(seed)
+    xf = x.float() / 255.0
+    return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
 def check_crop_padding(cfg, size: tuple[int, int]) -> None:
@@ -513,22 +542,24 @@ def load_cifar(cfg, which: int) -> ImageDataset:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-def _image_files(root: Path, classes: list[str] | None) -> tuple[list[str], list[list[Path]]]:
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+def list_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """The image files of a folder with one subfolder per class (sorted), their labels and the
+    class names (the subfolders' names, sorted, unless ``classes`` gives them)."""
     if classes is None:
-        classes = [p.name for p in class_dirs]
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{root}: no class subfolders found")
-    files = []
-    for name in classes:
+    paths, labels = [], []
+    for c, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"{root}: class folder {name!r} is missing")
         found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-        files.append(found)
-    return classes, files
+        paths += found
+        labels += [c] * len(found)
+    return paths, labels, classes
 
 
 def _mode(channels: int) -> str:
@@ -562,29 +593,27 @@ def _read_image(f: Path, size: list[int]) -> np.ndarray:
 
 
 def _read_image_folder(root: Path, size: list[int], classes: list[str] | None = None):
-    classes, files = _image_files(root, classes)
-    n = sum(len(f) for f in files)
+    paths, labels, classes = list_image_folder(root, classes)
+    n = len(paths)
     if size:  # the whole set's size is known before the first image is decoded
         check_memory(n * 3 * size[0] * size[1], f"data.image_size = {size} for the {n} images of {root}", ConfigError)
-    images, labels, shape, first = [], [], None, None
-    for c, folder_files in enumerate(files):
-        for f in folder_files:
-            arr = _read_image(f, size)
-            if shape is None:
-                shape, first = arr.shape, f
-                check_memory(n * arr.size, f"the {n} images of {root} ({arr.shape[1]}x{arr.shape[2]}x{arr.shape[0]})")
-            elif arr.shape[0] != shape[0]:
-                raise DataError(
-                    f"images with different channels: {f} is {_mode(arr.shape[0])}, {first} is {_mode(shape[0])}; "
-                    f"convert the images to one mode (all grey or all RGB)"
-                )
-            elif arr.shape != shape:
-                raise DataError(
-                    f"images of mixed sizes: {f} is {arr.shape[1]}x{arr.shape[2]}x{arr.shape[0]}, "
-                    f"{first} is {shape[1]}x{shape[2]}x{shape[0]}; set data.image_size = [H, W] to resize"
-                )
-            images.append(arr)
-            labels.append(c)
+    images, shape, first = [], None, None
+    for f in paths:
+        arr = _read_image(f, size)
+        if shape is None:
+            shape, first = arr.shape, f
+            check_memory(n * arr.size, f"the {n} images of {root} ({arr.shape[1]}x{arr.shape[2]}x{arr.shape[0]})")
+        elif arr.shape[0] != shape[0]:
+            raise DataError(
+                f"images with different channels: {f} is {_mode(arr.shape[0])}, {first} is {_mode(shape[0])}; "
+                f"convert the images to one mode (all grey or all RGB)"
+            )
+        elif arr.shape != shape:
+            raise DataError(
+                f"images of mixed sizes: {f} is {arr.shape[1]}x{arr.shape[2]}x{arr.shape[0]}, "
+                f"{first} is {shape[1]}x{shape[2]}x{shape[0]}; set data.image_size = [H, W] to resize"
+            )
+        images.append(arr)
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes
 
 
@@ -595,6 +624,11 @@ def load_image_folder(cfg) -> ImageDataset:
     root = Path(cfg.root)
     _check_folder(root)
     _check_image_size(cfg.image_size)
+    from .stream import streamed_image_folder
+
+    streamed = streamed_image_folder(cfg)  # None when data.storage keeps the folder in memory
+    if streamed is not None:
+        return streamed
     if (root / "train").is_dir() and (root / "test").is_dir():
         x, y, classes = _read_image_folder(root / "train", cfg.image_size)
         tx, ty, _ = _read_image_folder(root / "test", cfg.image_size, classes)
@@ -643,8 +677,12 @@ BUILTIN_DATASETS = {
 
 @hookimpl
 def register_datasets(register):
+    from .stream import STREAMED_DATASETS
+
     for name, loader in BUILTIN_DATASETS.items():
         register(name, loader)
+    for name, (loader, options) in STREAMED_DATASETS.items():
+        register(name, loader, options=options)
 
 
 # ------------------------------------------------------------------------------ on-device batches
@@ -706,7 +744,19 @@ class ShuffleSampler:
 
 
 class DeviceData:
-    """A split on the device as uint8, with batched augmentation and normalisation."""
+    """A split on the device as uint8, with batched augmentation and normalisation.
+
+    ``DeviceData(split, ...)`` of a split whose images stay on disk builds a
+    :class:`batchkin.stream.StreamData` (same interface, batches decoded by workers).
+    The trainer iterates :meth:`steps` for the training indices.
+    """
+
+    def __new__(cls, split: Split | None = None, *args, **kwargs):
+        if cls is DeviceData and split is not None and not isinstance(split.x, torch.Tensor):
+            from .stream import StreamData
+
+            cls = StreamData
+        return super().__new__(cls)
 
     def __init__(self, split: Split, splits: Splits, device: torch.device):
         self.x = split.x.to(device)
@@ -736,6 +786,14 @@ class DeviceData:
         for start in range(0, len(idx), batch_size):
             sel = idx[start : start + batch_size]
             yield self.normalize(self.x[sel]), self.y[sel]
+
+    def steps(self, state):
+        """The training steps' index dicts: the run's sampler (a streamed split also loads
+        each step's images ahead here)."""
+        return iter(state.sampler)
+
+    def close(self) -> None:
+        """Release what the split holds beyond memory (a streamed split's workers)."""
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator | None,

@@ -112,7 +112,8 @@ def register_datasets(register):
     ``options`` the loader is called as ``loader(data_config)`` and ``[data]`` may
     hold no keys but the engine's. Either way it returns a
     :class:`batchkin.data.ImageDataset` (uint8 images, int64 labels, an optional
-    official test split).
+    official test split; images that stay on disk come from
+    :func:`batchkin.stream.file_dataset`).
     """
 
 
@@ -150,7 +151,10 @@ def build_sampler(state):
     ``{stream: LongTensor of dataset indices}`` (stream ``""`` fills ``batch["x"]``
     and ``batch["y"]``; stream ``"rev"`` fills ``batch["x_rev"]``/``batch["y_rev"]``),
     and ``state_dict()``/``load_state_dict()``. The engine's default is a seeded
-    uniform shuffle, sharded across processes.
+    uniform shuffle, sharded across processes. Its iteration must depend only on
+    its state (as an exact resume needs): a streamed dataset iterates a deep copy of
+    it ahead of training to load the batches, and refuses a copy that draws other
+    indices.
     """
 
 

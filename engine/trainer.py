@@ -650,7 +650,7 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         state.model.train()
         out.start_epoch(state.epoch, cfg.epochs, state.steps_per_epoch)
         t0, losses, n_img = time.perf_counter(), [], 0
-        for i, indices in enumerate(state.sampler, 1):
+        for i, indices in enumerate(state.train_data.steps(state), 1):  # the sampler's steps (streamed: loaded ahead)
             try:
                 loss = train_step(state, indices)
             except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -689,6 +689,7 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
                     run.commit_replacement()
                 run.last_epoch = state.epoch
             out.line(_epoch_line(record))
+    state.train_data.close()
     final = {}
     if state.epoch >= cfg.epochs:
         state.hooks.on_fit_end(state=state)
