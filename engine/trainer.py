@@ -106,7 +106,8 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     """The schedule as a function of the optimizer step (warm-up, then cosine/step/constant)."""
     s = cfg.schedule
     total = cfg.epochs * steps_per_epoch
-    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    warm = s.warmup_steps(cfg.epochs, steps_per_epoch)
+    milestones = s.milestone_steps(cfg.epochs, steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warm:
@@ -115,7 +116,7 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
             t = (step - warm) / max(total - warm, 1)
             return s.min_lr + (1 - s.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
         if s.name == "step":
-            return s.gamma ** sum(step >= m * steps_per_epoch for m in s.milestones)
+            return s.gamma ** sum(step >= m for m in milestones)
         return 1.0
 
     return factor
