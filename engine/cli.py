@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_arg(p)
 
+    c = sub.add_parser("config", help="list every config key (engine, models, datasets, methods): type, default, help")
+    c.add_argument("--method", action="append", default=[], metavar="NAME", help="only this method's table (repeatable)")
+    c.add_argument("--model", action="append", default=[], metavar="NAME", help="only this model's options (repeatable)")
+    c.add_argument("--dataset", action="append", default=[], metavar="NAME",
+                   help="only this dataset's options (repeatable)")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--markdown", action="store_true", help="Markdown tables (docs/config.md is this output)")
+    _add_plugin_arg(c)
+
     pr = sub.add_parser("probe", help="linear-probe accuracy of a self-supervised run's frozen encoder")
     pr.add_argument("run_dir", help="a run folder (uses checkpoints/last.pt)")
     pr.add_argument("--epochs", type=int, default=100)
@@ -326,6 +336,18 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from .options import listing, render_markdown, render_text
+    from .plugin import Plugins
+
+    data = listing(Plugins(extra_files=args.plugin), methods=args.method, models=args.model, datasets=args.dataset)
+    if args.json:
+        print_json(data)
+    else:
+        sys.stdout.write(render_markdown(data) if args.markdown else render_text(data))
+    return 0
+
+
 # ------------------------------------------------------------------------------ doctor / build
 
 
@@ -402,4 +424,4 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}
+COMMANDS = {"config": cmd_config, "probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
-from .schema import check_depth, parse, shown, suggest
+from .schema import LazyKeys, check_depth, describe, parse, shown, suggest
 
 
 @dataclass
@@ -275,6 +275,17 @@ def load_raw(path: str | Path | None) -> dict:
     return raw
 
 
+def config_keys(methods: Mapping | None = None) -> list[str]:
+    """Every dotted key of the engine's schema, ``model.name``, and of the options of
+    ``methods`` (name -> registry entry with ``options``): what an unknown key's message
+    searches for a suggestion (``lr`` -> ``optim.lr``)."""
+    keys = [k.key for k in describe(Config)] + ["model.name"]
+    for name, entry in (methods or {}).items():
+        options = getattr(entry, "options", None)
+        keys += [k.key for k in describe(options, f"{name}.")] if options is not None else []
+    return keys
+
+
 def build_config(raw: dict, known_methods) -> Config:
     """Check a raw config against the engine schema; method tables go to ``method_options``.
 
@@ -297,7 +308,8 @@ def build_config(raw: dict, known_methods) -> Config:
     if isinstance(raw.get("data"), dict):
         dataset_keys = {k: v for k, v in raw["data"].items() if k not in DATA_KEYS}
         raw["data"] = {k: v for k, v in raw["data"].items() if k in DATA_KEYS}
-    cfg = parse(Config, raw)
+    methods = known_methods if isinstance(known_methods, Mapping) else None
+    cfg = parse(Config, raw, elsewhere=LazyKeys(lambda: config_keys(methods)))
     cfg.data.options = dataset_keys
     cfg.model = {"name": "resnet8", **model}
     if not isinstance(cfg.model["name"], str):
