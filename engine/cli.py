@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--markdown", action="store_true", help="Markdown tables (docs/config.md is this output)")
     _add_plugin_arg(c)
 
-    pr = sub.add_parser("probe", help="linear-probe accuracy of a self-supervised run's frozen encoder")
+    pr = sub.add_parser("probe", help="linear-probe accuracy of a self-supervised run's frozen encoder "
+                                      "(recorded in the run's probe.json and report)")
     pr.add_argument("run_dir", help="a run folder (uses checkpoints/last.pt)")
     pr.add_argument("--epochs", type=int, default=100)
     pr.add_argument("--lr", type=float, default=0.1)
@@ -394,7 +395,7 @@ def cmd_build(args) -> int:
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
     from .schema import shown
-    from batchkin.probe import linear_probe
+    from batchkin.probe import linear_probe, save_result
 
     run = Path(args.run_dir)
     plugins = _run_plugins(run, args, quiet=True)
@@ -412,6 +413,7 @@ def cmd_probe(args) -> int:
     result = linear_probe(run, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, seed=args.seed,
                           checkpoint="best.pt" if args.best else "last.pt", plugins=plugins)
+    save_result(run, result)
     print_json({"run": str(run), **result})
     return 0
 

@@ -86,6 +86,9 @@ class Method:
       images (the SSL bases' view pipeline): while it is enabled the engine skips
       its crop, flip and normalisation and ``state.batch["x"]`` holds the uint8
       images as stored.
+    * ``evaluation`` — what the accuracies of a run measure when the method's ``forward``
+      in evaluation is not the classifier (the SSL bases: ``"kNN"``); the final line and
+      the report label them with it.
     """
 
     @dataclass
@@ -95,6 +98,7 @@ class Method:
     roles: frozenset[str] = frozenset()
     requires: tuple[str, ...] = ()
     raw_batch: bool = False
+    evaluation: str = "classifier"
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
