@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="run benchmarks and write bench/results/<device>/ (needs a source checkout)")
     bn.add_argument("kind", choices=["kernels", "e2e", "accuracy", "interleaved"])
     bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bn.add_argument("--quick", action="store_true", help="the smallest sizes only")
+    bn.add_argument("--quick", action="store_true",
+                    help="the smallest sizes only (results under bench/results/<device>/quick/)")
+    bn.add_argument("--update-readme", action="store_true",
+                    help="then regenerate the README's performance section from bench/results/ (full results only)")
 
     sub.add_parser("doctor", help="versions, devices and which path every kernel takes")
     b = sub.add_parser("build", help="compile the C++ kernels ahead of time")
@@ -421,7 +424,7 @@ def cmd_probe(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run
 
-    path = run(args.kind, args.device, args.quick)
+    path = run(args.kind, args.device, args.quick, update=args.update_readme)
     print(f"batchkin: results in {path}")
     return 0
 
