@@ -63,18 +63,24 @@ def suggest(name: str, choices, elsewhere=()) -> str:
     return f" (did you mean {leaves[close[0]]!r}?)" if close else ""
 
 
-def _type_name(tp) -> str:
+#: How a type is written: in a message ("list of int", "int or nothing") or in a listing
+#: ("list[int]", "int | unset"): the list form, the union separator, the word for None.
+_TYPE_STYLES = {"message": ("list of {}", " or ", "nothing"), "listing": ("list[{}]", " | ", "unset")}
+
+
+def _type_name(tp, style: str = "message") -> str:
+    listed, sep, none = _TYPE_STYLES[style]
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (list, tuple):
         (inner, *_) = get_args(tp) or (Any,)
-        return f"list of {_type_name(inner)}"
+        return listed.format(_type_name(inner, style))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return sep.join(_type_name(a, style) for a in get_args(tp))
     if tp is type(None):
-        return "nothing"
-    if dataclasses.is_dataclass(tp):
+        return none
+    if dataclasses.is_dataclass(tp) or tp is dict:
         return "table"
     return getattr(tp, "__name__", str(tp))
 
@@ -212,19 +218,7 @@ class KeyInfo:
 def type_label(tp) -> str:
     """A short name of a field's type for listings: ``int``, ``list[float]``, ``'a' | 'b'``,
     ``bool | unset``."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        (inner, *_) = get_args(tp) or (Any,)
-        return f"list[{type_label(inner)}]"
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("unset" if a is type(None) else type_label(a) for a in get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "table"
-    if tp is dict:
-        return "table"
-    return getattr(tp, "__name__", str(tp))
+    return _type_name(tp, "listing")
 
 
 def _default(f: dataclasses.Field):
