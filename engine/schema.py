@@ -45,17 +45,18 @@ _NUMERIC_BOUNDS = {
 def suggest(name: str, choices, elsewhere=()) -> str:
     """`` (did you mean 'x'?)`` for a key ``name`` that is not among ``choices``, or an empty string.
 
-    ``elsewhere`` are the dotted keys of other tables (``optim.lr``, ``ce.label_smoothing``):
-    a key whose leaf is exactly ``name`` is the best suggestion (``lr`` -> ``optim.lr``), then
-    the closest of ``choices``, then the key elsewhere whose leaf is closest to ``name``.
+    ``elsewhere`` are the dotted keys of other tables (``optim.lr``, ``ce.label_smoothing``).
+    The closest of ``choices`` is suggested first (a typo in the table: ``heads`` for ``head``),
+    then the keys elsewhere whose leaf is exactly ``name`` (``lr`` -> ``optim.lr``), then the
+    key elsewhere whose leaf is closest to ``name``.
     """
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
     elsewhere = [k for k in dict.fromkeys(elsewhere) if k not in choices]
     same = [k for k in elsewhere if k.rpartition(".")[2] == name]
     if same:
         return f" (did you mean {' or '.join(repr(k) for k in same[:3])}?)"
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
     leaves: dict[str, str] = {}
     for k in elsewhere:
         leaves.setdefault(k.rpartition(".")[2], k)

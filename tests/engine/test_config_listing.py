@@ -169,6 +169,7 @@ def test_cli_refuses_an_unknown_name_in_one_line(capsys, argv, fragment):
     ("epoch=3", "unknown config key epoch (did you mean 'epochs'?)"),  # a close key of the table itself
     ("optim.lrr=1", "unknown config key optim.lrr (did you mean 'lr'?)"),
     ("zzz=1", "unknown config key zzz"),
+    ("ce.weigth=1", "unknown config key ce.weigth (did you mean 'weight'?)"),  # a typo in the table comes first
 ])
 def test_set_of_a_key_in_another_table_suggests_its_full_name(capsys, tmp_path, setting, suggestion):
     out = tmp_path / "run"
