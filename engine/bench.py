@@ -9,14 +9,17 @@ range and the speed-up against the group's reference row (``path = "ref"``, or
 measures the ratio targets that sequential timing on a shared machine blurs (DRLoc against
 the original style, the engine against the plain loop) with the implementations alternating
 round by round (:func:`interleave`). Results go to ``bench/results/<device-name>/``
-as JSON and Markdown, and :func:`update_readme` regenerates the README's
-performance section from every results folder. On CUDA the run first measures
+as JSON and Markdown (``--quick`` runs to its ``quick/`` subfolder, so they never replace
+full results), and nothing else is written: the README's performance section is
+regenerated from every device's full results by :func:`update_readme` only when asked
+(``batchkin bench ... --update-readme``). On CUDA the run first measures
 the device's copy bandwidth and a large matmul, so rows that record the bytes
 they move (``extra_info["bytes"]``) or their FLOPs report the fraction of peak.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -176,12 +179,35 @@ def markdown_table(rows: list[dict], title: str, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None) -> Path:
-    """Run one kind of benchmark and write bench/results/<device>/<kind>.{json,md}."""
+def results_dir(root: Path, device: str, quick: bool) -> Path:
+    """Where a run's results go: ``bench/results/<device-name>/``, its ``quick/`` subfolder for ``--quick``."""
+    out = root / "bench" / "results" / device_name(device)
+    return out / "quick" if quick else out
+
+
+def _require(kind: str, *modules: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise BatchkinError(f"batchkin bench {kind} needs {module}, which is not installed: "
+                                "pip install -e '.[bench]'")
+
+
+def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None, update: bool = False) -> Path:
+    """Run one kind of benchmark and write bench/results/<device>/<kind>.{json,md} (``quick``: under
+    its quick/ subfolder); ``update`` then regenerates the README's performance section."""
     import torch
 
+    if update and quick:
+        raise BatchkinError("--update-readme takes full results only: --quick results are never shown in the README")
+    if update and kind == "accuracy":
+        raise BatchkinError("--update-readme regenerates the README's performance section (kernels, e2e, "
+                            "interleaved); the accuracy tables live in docs/results/")
+    if kind in ("kernels", "e2e"):
+        _require(kind, "pytest", "pytest_benchmark")
+    elif kind == "interleaved":
+        _require(kind, "pytest")
     root = repo_root()
-    out = root / "bench" / "results" / device_name(device)
+    out = results_dir(root, device, quick)
     out.mkdir(parents=True, exist_ok=True)
     try:
         import triton
@@ -204,7 +230,10 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
             raise BatchkinError(f"the accuracy benchmark failed (exit {r.returncode}): {' '.join(cmd)}")
         return root / "docs" / "results"
     if kind == "interleaved":
-        return _run_interleaved(root, out, device, quick, meta, env)
+        path = _run_interleaved(root, out, device, quick, meta, env)
+        if update:
+            update_readme(root)
+        return path
     if device == "cuda":
         meta["peaks"] = measure_peaks()
         if kind == "kernels":  # the Triton paths must pass parity on the GPU in the same call
@@ -230,7 +259,8 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
     title = {"kernels": "Kernel microbenchmarks", "e2e": "End-to-end training steps"}[kind]
     (out / f"{kind}.md").write_text(markdown_table(rows, title, meta))
     json_path.unlink()
-    update_readme(root)
+    if update:
+        update_readme(root)
     return out / f"{kind}.md"
 
 
@@ -274,12 +304,12 @@ def _run_interleaved(root: Path, out: Path, device: str, quick: bool, meta: dict
     lines += [f"| {r['case']} | {r['plain_s']:.3f} | {r['engine_s']:.3f} | {r['ratio_plain_over_engine']:.3f} | "
               f"{', '.join(f'{x:.2f}' for x in r['ratios'])} |" for r in engine]
     (out / "interleaved.md").write_text("\n".join(lines) + "\n")
-    update_readme(root)
     return out / "interleaved.md"
 
 
 def update_readme(root: Path | None = None) -> None:
-    """Regenerate the README's performance section from bench/results/*/*.md."""
+    """Regenerate the README's performance section from bench/results/*/*.md (full results
+    only: a quick/ subfolder is not read)."""
     root = root or repo_root()
     readme = root / "README.md"
     text = readme.read_text()

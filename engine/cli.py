@@ -61,7 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_plugin_arg(p)
 
-    pr = sub.add_parser("probe", help="linear-probe accuracy of a self-supervised run's frozen encoder")
+    c = sub.add_parser("config", help="list every config key (engine, models, datasets, methods): type, default, help")
+    c.add_argument("--method", action="append", default=[], metavar="NAME", help="only this method's table (repeatable)")
+    c.add_argument("--model", action="append", default=[], metavar="NAME", help="only this model's options (repeatable)")
+    c.add_argument("--dataset", action="append", default=[], metavar="NAME",
+                   help="only this dataset's options (repeatable)")
+    fmt = c.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--markdown", action="store_true", help="Markdown tables (docs/config.md is this output)")
+    _add_plugin_arg(c)
+
+    pr = sub.add_parser("probe", help="linear-probe accuracy of a self-supervised run's frozen encoder "
+                                      "(recorded in the run's probe.json and report)")
     pr.add_argument("run_dir", help="a run folder (uses checkpoints/last.pt)")
     pr.add_argument("--epochs", type=int, default=100)
     pr.add_argument("--lr", type=float, default=0.1)
@@ -74,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="run benchmarks and write bench/results/<device>/ (needs a source checkout)")
     bn.add_argument("kind", choices=["kernels", "e2e", "accuracy", "interleaved"])
     bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bn.add_argument("--quick", action="store_true", help="the smallest sizes only")
+    bn.add_argument("--quick", action="store_true",
+                    help="the smallest sizes only (results under bench/results/<device>/quick/)")
+    bn.add_argument("--update-readme", action="store_true",
+                    help="then regenerate the README's performance section from bench/results/ (full results only)")
 
     sub.add_parser("doctor", help="versions, devices and which path every kernel takes")
     b = sub.add_parser("build", help="compile the C++ kernels ahead of time")
@@ -326,6 +340,18 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from .options import listing, render_markdown, render_text
+    from .plugin import Plugins
+
+    data = listing(Plugins(extra_files=args.plugin), methods=args.method, models=args.model, datasets=args.dataset)
+    if args.json:
+        print_json(data)
+    else:
+        sys.stdout.write(render_markdown(data) if args.markdown else render_text(data))
+    return 0
+
+
 # ------------------------------------------------------------------------------ doctor / build
 
 
@@ -372,7 +398,7 @@ def cmd_build(args) -> int:
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
     from .schema import shown
-    from batchkin.probe import linear_probe
+    from batchkin.probe import linear_probe, save_result
 
     run = Path(args.run_dir)
     plugins = _run_plugins(run, args, quiet=True)
@@ -390,6 +416,7 @@ def cmd_probe(args) -> int:
     result = linear_probe(run, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           weight_decay=args.weight_decay, seed=args.seed,
                           checkpoint="best.pt" if args.best else "last.pt", plugins=plugins)
+    save_result(run, result)
     print_json({"run": str(run), **result})
     return 0
 
@@ -397,9 +424,9 @@ def cmd_probe(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run
 
-    path = run(args.kind, args.device, args.quick)
+    path = run(args.kind, args.device, args.quick, update=args.update_readme)
     print(f"batchkin: results in {path}")
     return 0
 
 
-COMMANDS = {"probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}
+COMMANDS = {"config": cmd_config, "probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}

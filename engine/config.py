@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
-from .schema import check_depth, parse, shown, suggest
+from .schema import LazyKeys, check_depth, describe, parse, shown, suggest
 
 
 @dataclass
@@ -121,11 +121,30 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: Literal["cosine", "step", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up"})
-    warmup_epochs: float = field(default=0.0, metadata={"ge": 0.0, "help": "linear warm-up length in epochs"})
+    warmup_epochs: float = field(default=0.0, metadata={
+        "ge": 0.0, "help": "linear warm-up length in epochs; at most half the run: a longer one (a short run, "
+                           "--set epochs=1) is cut to epochs / 2"})
     warmup_start: float = field(default=0.1, metadata={"ge": 0.0, "le": 1.0, "help": "warm-up starts at this fraction of lr"})
-    milestones: list[int] = field(default_factory=list, metadata={"ge": 1, "help": "step schedule: epochs at which lr is multiplied by gamma"})
+    milestones: list[int | float] = field(default_factory=list, metadata={
+        "gt": 0, "help": "step schedule: where lr is multiplied by gamma; epochs, or fractions of the run when every "
+                         "value is < 1 ([0.5, 0.75] scales with epochs)"})
     gamma: float = field(default=0.1, metadata={"gt": 0.0, "help": "step schedule factor"})
     min_lr: float = field(default=0.0, metadata={"ge": 0.0, "help": "cosine schedule floor, as a fraction of lr"})
+
+    def fractional(self) -> bool:
+        """Whether the milestones are fractions of the run (every value < 1)."""
+        return bool(self.milestones) and max(self.milestones) < 1
+
+    def milestone_steps(self, epochs: int, steps_per_epoch: int) -> list[float]:
+        """The optimizer steps at which lr is multiplied by gamma: ``round(f * epochs * steps_per_epoch)``
+        for fractions, ``m * steps_per_epoch`` for epochs."""
+        if self.fractional():
+            return [round(f * epochs * steps_per_epoch) for f in self.milestones]
+        return [m * steps_per_epoch for m in self.milestones]
+
+    def warmup_steps(self, epochs: int, steps_per_epoch: int) -> int:
+        """The warm-up's length in optimizer steps: ``warmup_epochs``, at most half the run."""
+        return int(round(min(self.warmup_epochs, epochs / 2) * steps_per_epoch))
 
 
 @dataclass
@@ -189,11 +208,14 @@ class Config:
             raise ConfigError(f"methods lists a method twice: {self.methods}")
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {shown(self.device)}")
-        for m in self.schedule.milestones:
+        milestones = self.schedule.milestones
+        if any(m < 1 for m in milestones) and any(m >= 1 for m in milestones):
+            raise ConfigError(f"schedule.milestones mixes fractions of the run (< 1) with epochs (>= 1): {milestones}; "
+                              "give all as epochs or all as fractions")
+        for m in milestones:
             if m > self.epochs:
-                raise ConfigError(f"schedule.milestones has epoch {m} beyond epochs = {self.epochs}")
-        if self.schedule.warmup_epochs > self.epochs:
-            raise ConfigError(f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds epochs ({self.epochs})")
+                raise ConfigError(f"schedule.milestones has epoch {m} beyond epochs = {self.epochs} (milestones "
+                                  "given as fractions of the run, e.g. [0.5, 0.75], scale with epochs)")
 
 
 def parse_value(text: str):
@@ -253,6 +275,17 @@ def load_raw(path: str | Path | None) -> dict:
     return raw
 
 
+def config_keys(methods: Mapping | None = None) -> list[str]:
+    """Every dotted key of the engine's schema, ``model.name``, and of the options of
+    ``methods`` (name -> registry entry with ``options``): what an unknown key's message
+    searches for a suggestion (``lr`` -> ``optim.lr``)."""
+    keys = [k.key for k in describe(Config)] + ["model.name"]
+    for name, entry in (methods or {}).items():
+        options = getattr(entry, "options", None)
+        keys += [k.key for k in describe(options, f"{name}.")] if options is not None else []
+    return keys
+
+
 def build_config(raw: dict, known_methods) -> Config:
     """Check a raw config against the engine schema; method tables go to ``method_options``.
 
@@ -275,7 +308,8 @@ def build_config(raw: dict, known_methods) -> Config:
     if isinstance(raw.get("data"), dict):
         dataset_keys = {k: v for k, v in raw["data"].items() if k not in DATA_KEYS}
         raw["data"] = {k: v for k, v in raw["data"].items() if k in DATA_KEYS}
-    cfg = parse(Config, raw)
+    methods = known_methods if isinstance(known_methods, Mapping) else None
+    cfg = parse(Config, raw, elsewhere=LazyKeys(lambda: config_keys(methods)))
     cfg.data.options = dataset_keys
     cfg.model = {"name": "resnet8", **model}
     if not isinstance(cfg.model["name"], str):

@@ -44,9 +44,9 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
-from .config import DATA_KEYS, DataConfig, dataset_options
+from .config import DATA_KEYS, DataConfig, config_keys, dataset_options
 from .errors import BatchkinError, ConfigError, DataError, PluginError, describe_exception, is_out_of_memory
-from .schema import parse, shown, to_dict
+from .schema import LazyKeys, parse, shown, to_dict
 
 ENTRY_POINT_GROUP = "batchkin"
 ENV_NO_AUTOLOAD = "BATCHKIN_DISABLE_PLUGIN_AUTOLOAD"
@@ -86,6 +86,9 @@ class Method:
       images (the SSL bases' view pipeline): while it is enabled the engine skips
       its crop, flip and normalisation and ``state.batch["x"]`` holds the uint8
       images as stored.
+    * ``evaluation`` — what the accuracies of a run measure when the method's ``forward``
+      in evaluation is not the classifier (the SSL bases: ``"kNN"``); the final line and
+      the report label them with it.
     """
 
     @dataclass
@@ -95,6 +98,7 @@ class Method:
     roles: frozenset[str] = frozenset()
     requires: tuple[str, ...] = ()
     raw_batch: bool = False
+    evaluation: str = "classifier"
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -406,7 +410,8 @@ class RunHooks:
         self.registry = plugins.registry  # where the run's dataset and model come from (run.json)
         for name in self.names:
             entry = plugins.method(name)
-            options = parse(entry.options, method_options.get(name, {}), name) if entry.options else None
+            options = parse(entry.options, method_options.get(name, {}), name,
+                            LazyKeys(lambda: config_keys(plugins.registry.methods))) if entry.options else None
             try:
                 self.methods[name] = entry.obj(options) if options is not None else entry.obj()
             except BatchkinError:

@@ -9,6 +9,8 @@ follows the classifier protocol; the model's ``eval_features`` are used when it 
 them (the SSL bases: DINO evaluates its teacher), else its ``forward_features``. The
 self-supervised methods are its main users: their val/test metrics during training
 are kNN accuracies, and the probe is the other standard measure of their features.
+``batchkin probe`` records its result in the run folder (:func:`save_result`: probe.json,
+one entry per checkpoint probed) and the run's report shows it.
 """
 
 from __future__ import annotations
@@ -148,3 +150,19 @@ def linear_probe(run_dir, *, epochs: int = 100, lr: float = 0.1, batch_size: int
         out = probe_state(state, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
     out.update({"run_dir": str(run), "checkpoint": checkpoint, "epoch": state.epoch})
     return out
+
+
+def save_result(run_dir, result: dict) -> Path:
+    """Record a probe result in ``run_dir/probe.json`` (written atomically; one entry per checkpoint
+    probed, ``last.pt`` / ``best.pt``, each the latest result; a non-finite number is ``null``)
+    and rewrite the run's report, which shows it."""
+    from .report import PROBE, write_report
+    from .rundir import RunDir
+
+    run = RunDir(run_dir)
+    probes = run.read_json(PROBE)
+    probes[str(result.get("checkpoint", "last.pt"))] = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+    run.write_json(PROBE, probes)
+    write_report(run.path)
+    return run.path / PROBE

@@ -6,7 +6,9 @@ Layout of a run folder::
     run.json           method order, versions, seed, device; where the methods, dataset and model came from
     metrics.jsonl      one JSON object per epoch (and the final test line)
     checkpoints/last.pt   latest epoch;  checkpoints/best.pt  best validation top-1
-    report.md, *.png   the report
+    classes.json       class names, training counts and groups (written with the report)
+    report.md, *.png   the report (partial after --until)
+    probe.json         the results of ``batchkin probe``, one per checkpoint probed
     .lock              the pid of the process using the folder
 
 Every file is written to a temporary file in the same folder, flushed, fsynced

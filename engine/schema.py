@@ -42,24 +42,46 @@ _NUMERIC_BOUNDS = {
 }
 
 
-def suggest(name: str, choices) -> str:
-    """`` (did you mean 'x'?)`` for the closest choice, or an empty string."""
+def suggest(name: str, choices, elsewhere=()) -> str:
+    """`` (did you mean 'x'?)`` for a key ``name`` that is not among ``choices``, or an empty string.
+
+    ``elsewhere`` are the dotted keys of other tables (``optim.lr``, ``ce.label_smoothing``).
+    The closest of ``choices`` is suggested first (a typo in the table: ``heads`` for ``head``),
+    then the keys elsewhere whose leaf is exactly ``name`` (``lr`` -> ``optim.lr``), then the
+    key elsewhere whose leaf is closest to ``name``.
+    """
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    elsewhere = [k for k in dict.fromkeys(elsewhere) if k not in choices]
+    same = [k for k in elsewhere if k.rpartition(".")[2] == name]
+    if same:
+        return f" (did you mean {' or '.join(repr(k) for k in same[:3])}?)"
+    leaves: dict[str, str] = {}
+    for k in elsewhere:
+        leaves.setdefault(k.rpartition(".")[2], k)
+    close = difflib.get_close_matches(name, list(leaves), n=1, cutoff=0.6)
+    return f" (did you mean {leaves[close[0]]!r}?)" if close else ""
 
 
-def _type_name(tp) -> str:
+#: How a type is written: in a message ("list of int", "int or nothing") or in a listing
+#: ("list[int]", "int | unset"): the list form, the union separator, the word for None.
+_TYPE_STYLES = {"message": ("list of {}", " or ", "nothing"), "listing": ("list[{}]", " | ", "unset")}
+
+
+def _type_name(tp, style: str = "message") -> str:
+    listed, sep, none = _TYPE_STYLES[style]
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (list, tuple):
         (inner, *_) = get_args(tp) or (Any,)
-        return f"list of {_type_name(inner)}"
+        return listed.format(_type_name(inner, style))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return sep.join(_type_name(a, style) for a in get_args(tp))
     if tp is type(None):
-        return "nothing"
-    if dataclasses.is_dataclass(tp):
+        return none
+    if dataclasses.is_dataclass(tp) or tp is dict:
         return "table"
     return getattr(tp, "__name__", str(tp))
 
@@ -99,7 +121,7 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {shown(value)}"
 
 
-def _coerce(value, tp, key: str):
+def _coerce(value, tp, key: str, elsewhere=()):
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -110,7 +132,7 @@ def _coerce(value, tp, key: str):
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, elsewhere)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key} must be {_type_name(tp)}, got {_describe(value)}")
@@ -128,7 +150,7 @@ def _coerce(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {_describe(value)}")
-        return parse(tp, value, key)
+        return parse(tp, value, key, elsewhere)
     if tp is Any:
         return value
     if tp is bool:
@@ -169,16 +191,88 @@ def _check_bounds(value, meta, key: str) -> None:
 
 
 def field_help(cls) -> dict[str, str]:
-    """``{field: help text}`` for a schema dataclass (used by the README config reference)."""
+    """``{field: help text}`` for a schema dataclass."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
-def parse(cls, data: dict | None, where: str = ""):
+#: A field without a default (the key must be given).
+REQUIRED = "(required)"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyInfo:
+    """One config key as ``batchkin config`` lists it: the dotted key, its type, default
+    (:data:`REQUIRED` when it has none; ``None`` when unset means "decided at run time"),
+    help text, bounds (``>= 0, < 1``) and whether ``--resume`` may change it."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+    bounds: str = ""
+    resume: bool = False
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def type_label(tp) -> str:
+    """A short name of a field's type for listings: ``int``, ``list[float]``, ``'a' | 'b'``,
+    ``bool | unset``."""
+    return _type_name(tp, "listing")
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return REQUIRED
+
+
+def describe(cls, prefix: str = "", defaults=None) -> list[KeyInfo]:
+    """Every key of the schema dataclass ``cls``, nested tables flattened into dotted keys
+    (``prefix`` is prepended: ``"optim."``). ``defaults``, an instance of ``cls``, gives the
+    defaults of a nested table whose parent's default differs from the table's own."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp, default = hints[f.name], getattr(defaults, f.name) if defaults is not None else _default(f)
+        if dataclasses.is_dataclass(tp):
+            inner = default if dataclasses.is_dataclass(default) else None
+            out += describe(tp, f"{prefix}{f.name}.", inner)
+            continue
+        if tp is dict:  # a free-form table checked by another schema ([model]: the model's own)
+            continue
+        meta = f.metadata
+        bounds = ", ".join(f"{symbol} {meta[name]}" for name, (_, symbol) in _NUMERIC_BOUNDS.items() if name in meta)
+        out.append(KeyInfo(f"{prefix}{f.name}", type_label(tp), default, meta.get("help", ""), bounds,
+                           bool(meta.get("resume"))))
+    return out
+
+
+class LazyKeys:
+    """Dotted keys computed on first use: only the message of an unknown key reads them."""
+
+    def __init__(self, compute):
+        self._compute, self._keys = compute, None
+
+    def __iter__(self):
+        if self._keys is None:
+            self._keys = list(self._compute())
+        return iter(self._keys)
+
+
+def parse(cls, data: dict | None, where: str = "", elsewhere=()):
     """Build a ``cls`` instance from a TOML table, checking every key.
 
     ``where`` is the table's dotted path, used in messages (``data.batch_size``).
     After field checks, a ``validate()`` method on the class (if any) runs and may
-    raise :class:`ConfigError` for constraints between fields.
+    raise :class:`ConfigError` for constraints between fields. An unknown key is
+    refused with a suggestion (:func:`suggest`) from the table's own keys, its nested
+    tables' and ``elsewhere`` (the dotted keys of other tables).
     """
     data = {} if data is None else data
     if not isinstance(data, dict):
@@ -188,13 +282,15 @@ def parse(cls, data: dict | None, where: str = ""):
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown config key {prefix}{key}{suggest(key, fields)}")
+            nested = [k.key.removeprefix(prefix) for k in describe(cls, prefix) if "." in k.key.removeprefix(prefix)]
+            others = [k.removeprefix(prefix) if k.startswith(prefix) else k for k in elsewhere]
+            raise ConfigError(f"unknown config key {prefix}{key}{suggest(key, fields, nested + others)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
             continue
         key = prefix + name
-        value = _coerce(data[name], hints[name], key)
+        value = _coerce(data[name], hints[name], key, elsewhere)
         _check_bounds(value, f.metadata, key)
         kwargs[name] = value
     obj = cls(**kwargs)

@@ -26,6 +26,7 @@ from .hookspecs import hookimpl
 from .metrics import classification_metrics, confusion_counts, shot_groups
 from .models import check_protocol, state_dict_mismatch
 from .plugin import Plugins, RunHooks
+from .report import class_info, final_line, write_report
 from .rundir import CHECKPOINT_FORMAT, MARKER, RunDir, load_checkpoint, plugin_file_records
 from .schema import dump_toml, parse, shown, to_dict
 from .state import State
@@ -106,7 +107,8 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
     """The schedule as a function of the optimizer step (warm-up, then cosine/step/constant)."""
     s = cfg.schedule
     total = cfg.epochs * steps_per_epoch
-    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    warm = s.warmup_steps(cfg.epochs, steps_per_epoch)
+    milestones = s.milestone_steps(cfg.epochs, steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warm:
@@ -115,7 +117,7 @@ def lr_factor(cfg: Config, steps_per_epoch: int):
             t = (step - warm) / max(total - warm, 1)
             return s.min_lr + (1 - s.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
         if s.name == "step":
-            return s.gamma ** sum(step >= m * steps_per_epoch for m in s.milestones)
+            return s.gamma ** sum(step >= m for m in milestones)
         return 1.0
 
     return factor
@@ -690,7 +692,7 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
                 run.last_epoch = state.epoch
             out.line(_epoch_line(record))
     state.train_data.close()
-    final = {}
+    final, classes = {}, class_info(state)
     if state.epoch >= cfg.epochs:
         state.hooks.on_fit_end(state=state)
         test_data = DeviceData(state.splits.test, state.splits, state.device)
@@ -700,10 +702,9 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         if rank0:
             folder.commit_resume(state)
             run.append_metrics(final)
-            out.line(_final_line(final))
-            from .report import write_report
-
-            write_report(run.path)
+            out.line(final_line(final, classes))
+    if rank0:  # the report (partial after --until) and classes.json, the class names and counts it shows
+        write_report(run.path, classes)
     dist_ctx.barrier()
     return RunResult(str(run.path), final, state)
 
@@ -749,15 +750,6 @@ def _epoch_line(r: dict) -> str:
         parts.append(f"balanced {100 * r['val/balanced_acc']:.2f}%")
     parts.append(f"{r['images_per_s']:.0f} img/s")
     return "batchkin: " + ", ".join(parts)
-
-
-def _final_line(r: dict) -> str:
-    def pct(v):
-        return "n/a" if v != v else f"{100 * v:.2f}%"
-
-    return (f"batchkin: test top1 {pct(r['test/top1'])}, balanced {pct(r['test/balanced_acc'])}, "
-            f"many {pct(r['test/many_acc'])} / medium {pct(r['test/medium_acc'])} / few {pct(r['test/few_acc'])} "
-            f"({r['test/shot_split']} split)")
 
 
 def plugins_origin(state: State, name: str) -> str:

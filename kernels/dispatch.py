@@ -7,7 +7,10 @@ Path selection lives here and only here. Every op of :data:`OPS` has up to four 
   declare sizes its kernels do not take (:attr:`OpInfo.triton_limits`);
 * ``cpp`` — a C++ extension from ``csrc/``, used for CPU tensors. It is compiled
   on first use with :func:`torch.utils.cpp_extension.load` and ninja into a cache
-  folder (never at import); ``batchkin build`` compiles every op ahead of time;
+  folder (never at import; one line on stderr says so); ``batchkin build`` compiles
+  every op ahead of time. Each build has its own folder named by :func:`build_key`
+  (the sources and headers, torch's version and location, Python, the compiler and the
+  flags), so environments that differ in any of them never rebuild each other's ops;
 * a ``native`` path — PyTorch code faster than the reference (batch attention's
   ``sdpa``): the CPU fast path of an op without C++, and the fallback elsewhere;
 * ``ref`` — the pure-PyTorch reference, which runs everywhere and is what the
@@ -24,9 +27,15 @@ which path runs and why (``batchkin doctor`` prints it for every op).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
+import json
 import os
+import platform
 import shutil
+import subprocess
+import sys
+import sysconfig
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -52,13 +61,64 @@ def requested_mode() -> str:
     return mode
 
 
+#: Compiler and linker flags of every C++ op (part of :func:`build_key`). No fused
+#: multiply-adds: the C++ paths round every product and sum as the references do.
+CPP_CFLAGS = ("-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off")
+CPP_LDFLAGS = ("-fopenmp",)
+BUILD_MESSAGE = "batchkin: building the C++ ops (first use, ~20 s)"
+
+
 def cache_dir() -> Path:
-    """Folder for compiled extensions, one subfolder per torch version."""
-    root = os.environ.get(ENV_CACHE) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "batchkin"
-    )
-    tag = torch.__version__.replace("+", "_")
-    return Path(root) / f"torch-{tag}"
+    """Folder of the compiled extensions (``$BATCHKIN_CACHE``, else ``~/.cache/batchkin``):
+    one subfolder per op and build key (:func:`build_dir`)."""
+    return Path(os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "batchkin"))
+
+
+@functools.lru_cache(maxsize=8)
+def compiler_identity(cxx: str) -> str:
+    """The compiler torch's extension builder runs for ``cxx`` ($CXX, else ``c++``): its real
+    path and the first line of ``--version``."""
+    path = shutil.which(cxx) or cxx
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return f"{os.path.realpath(path)}: {version.strip().splitlines()[0] if version.strip() else 'unknown version'}"
+
+
+def source_files(info: OpInfo) -> dict[str, bytes]:
+    """What the op's build reads from ``batchkin.csrc``: its sources and every header next to them."""
+    files = {name: csrc_path(name).read_bytes() for name in info.cpp_sources}
+    folder = csrc_path(info.cpp_sources[0]).parent if info.cpp_sources else None
+    for header in sorted(folder.glob("*.h")) if folder else ():
+        files.setdefault(header.name, header.read_bytes())
+    return files
+
+
+def build_inputs(info: OpInfo) -> dict:
+    """Everything a compiled op depends on besides its name: a sha256 per source and header,
+    torch (version, git commit, location, C++ ABI), Python (version, ABI tag, include folder),
+    the compiler, the flags and the machine."""
+    return {
+        "sources": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(source_files(info).items())},
+        "torch": [torch.__version__, getattr(torch.version, "git_version", ""), os.path.dirname(torch.__file__),
+                  bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", False))],
+        "python": [platform.python_version(), sys.implementation.cache_tag, sysconfig.get_paths().get("include", "")],
+        "compiler": compiler_identity(os.environ.get("CXX", "c++")),
+        "flags": [list(CPP_CFLAGS), list(CPP_LDFLAGS)],
+        "machine": platform.machine(),
+    }
+
+
+def build_key(info: OpInfo) -> str:
+    """A short hash of :func:`build_inputs`: equal inputs share a build, any difference gets its own."""
+    return hashlib.sha256(json.dumps(build_inputs(info), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_dir(info: OpInfo) -> Path:
+    """The build folder of op ``info``: ``<cache_dir>/<library>-<build key>``."""
+    return cache_dir() / f"{info.cpp_library}-{build_key(info)}"
 
 
 def csrc_path(filename: str) -> Path:
@@ -184,15 +244,17 @@ def load_cpp(info: OpInfo, *, verbose: bool = False) -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            build = cache_dir() / info.cpp_library
+            build = build_dir(info)
             build.mkdir(parents=True, exist_ok=True)
+            name = f"batchkin_{info.cpp_library}"
+            if not (build / f"{name}.so").is_file():
+                print(f"{BUILD_MESSAGE}: {info.cpp_library}", file=sys.stderr, flush=True)
             load(
-                name=f"batchkin_{info.cpp_library}",
+                name=name,
                 sources=[str(csrc_path(s)) for s in info.cpp_sources],
                 build_directory=str(build),
-                # no fused multiply-adds: the C++ paths round every product and sum as the references do
-                extra_cflags=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
-                extra_ldflags=["-fopenmp"],
+                extra_cflags=list(CPP_CFLAGS),
+                extra_ldflags=list(CPP_LDFLAGS),
                 is_python_module=False,
                 verbose=verbose,
             )

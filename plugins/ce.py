@@ -20,7 +20,9 @@ class CrossEntropy(Method):
 
     @dataclass
     class Options:
-        label_smoothing: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "help": "label smoothing"})
+        label_smoothing: float = field(default=0.0, metadata={
+            "ge": 0.0, "lt": 1.0, "help": "label smoothing eps: the target is (1 - eps) one-hot + eps / K "
+                                          "(torch's cross_entropy label_smoothing)"})
         weight: float = field(default=1.0, metadata={"ge": 0.0, "help": "weight of the term"})
 
     @hookimpl

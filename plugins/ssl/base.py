@@ -210,6 +210,7 @@ class SSLBase(Method):
 
     roles = frozenset({"ssl-base"})
     raw_batch = True  # the engine hands over the uint8 images: the bases draw their own views
+    evaluation = "kNN"  # val/test accuracies are the kNN classifier's (the report and final line say so)
     name = "ssl"  # the method's registered name: its config table and metric prefix
     sync_batchnorm = True  # under DDP on CUDA, train.sync_bn = "auto" converts the model to SyncBatchNorm
     Options = SSLOptions

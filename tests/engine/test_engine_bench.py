@@ -195,3 +195,73 @@ def test_interleaved_run_writes_both_tables(monkeypatch, tmp_path):
     saved = json.loads((tmp_path / "interleaved.json").read_text())
     assert saved["drloc"] == drloc and saved["engine"][0]["case"] == "ce-resnet32"
     assert (tmp_path / "README.md").read_text() == "x\n"
+
+
+# ------------------------------------------------------------------------------ where results go
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A source checkout with recorded results and a README with a performance section; pytest
+    (the benchmark run) is faked: it writes pytest-benchmark's JSON for one reference row."""
+    (tmp_path / "bench" / "results" / "old-device").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "old-device" / "e2e.md").write_text("### E2E\n\nrecorded table\n")
+    (tmp_path / "pyproject.toml").write_text("")
+    readme = f"# x\n\n{bench.README_START}\nold section\n{bench.README_END}\n\nafter\n"
+    (tmp_path / "README.md").write_text(readme)
+    monkeypatch.setattr(bench, "repo_root", lambda: tmp_path)
+    monkeypatch.setattr(bench, "device_name", lambda device: "dev")
+
+    def fake_pytest(cmd, cwd, env):
+        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--benchmark-json="))
+        Path(out).write_text(json.dumps({"benchmarks": [
+            {"group": "g", "name": "n", "extra_info": {"path": "ref"}, "stats": {"median": 0.5, "iqr": 0.0,
+                                                                                 "rounds": 3}}]}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_pytest)
+    return tmp_path, readme
+
+
+def test_a_quick_benchmark_writes_under_its_quick_folder_and_leaves_the_readme(checkout):
+    root, readme = checkout
+    path = bench.run("kernels", "cpu", quick=True)
+    assert path == root / "bench" / "results" / "dev" / "quick" / "kernels.md"
+    assert "| g | ref | 500.000 | 0.000 | 1.00x |" in path.read_text()
+    assert (root / "README.md").read_text() == readme
+    assert not (root / "bench" / "results" / "dev" / "kernels.md").exists()  # full results untouched
+
+
+def test_a_full_benchmark_changes_the_readme_only_when_asked(checkout):
+    root, readme = checkout
+    path = bench.run("kernels", "cpu", quick=False)
+    assert path == root / "bench" / "results" / "dev" / "kernels.md"
+    assert (root / "README.md").read_text() == readme
+    bench.run("kernels", "cpu", quick=True)  # quick results are never read into the README
+    bench.run("kernels", "cpu", quick=False, update=True)
+    text = (root / "README.md").read_text()
+    assert "old section" not in text and text.endswith(f"{bench.README_END}\n\nafter\n")
+    assert "#### dev — kernels" in text and "#### old-device — e2e" in text and "recorded table" in text
+    assert "quick" not in text.split(bench.README_START)[1]
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["bench", "kernels", "--quick", "--update-readme"], "--update-readme takes full results only"),
+    (["bench", "accuracy", "--update-readme"], "the accuracy tables live in docs/results/"),
+])
+def test_update_readme_refuses_what_it_cannot_show(checkout, capsys, argv, fragment):
+    from batchkin.cli import main
+
+    root, readme = checkout
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchkin: error: ") and fragment in err and err.count("\n") == 1
+    assert (root / "README.md").read_text() == readme
+    assert not (root / "bench" / "results" / "dev").exists()
+
+
+def test_a_missing_pytest_benchmark_is_one_line(checkout, monkeypatch):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "pytest_benchmark" else real(name))
+    with pytest.raises(bench.BatchkinError, match=r"needs pytest_benchmark, which is not installed: pip install -e '\.\[bench\]'"):
+        bench.run("e2e", "cpu", quick=True)

@@ -115,7 +115,6 @@ def test_wrong_types_are_named(methods, raw, message):
         ({"optim": {"betas": [0.9, 1.0]}}, "optim.betas must be < 1.0; got 1.0"),
         ({"optim": {"betas": [0.9]}}, "optim.betas must have two values"),
         ({"epochs": 3, "schedule": {"milestones": [2, 5]}}, "schedule.milestones has epoch 5 beyond epochs = 3"),
-        ({"epochs": 3, "schedule": {"warmup_epochs": 4}}, "schedule.warmup_epochs (4.0) exceeds epochs (3)"),
         ({"data": {"few_shot": 5, "imbalance_factor": 10}}, "data.few_shot and data.imbalance_factor cannot both be set"),
         ({"metrics": {"few_threshold": 50, "many_threshold": 10}}, "metrics.few_threshold must not exceed"),
         ({"methods": []}, "methods must name at least one method"),
