@@ -200,3 +200,23 @@ def test_the_methods_report_their_step_scalars():
     assert moco.step_metrics["moco/momentum"] == moco.hooks.methods["moco"].momentum
     bbn = run_plugin(["bbn"], steps=1, config=tiny_config(model={"name": "resnet8", "width": 4}))
     assert bbn.step_metrics == {"bbn/alpha": bbn.hooks.methods["bbn"].alpha}
+
+
+def test_a_line_torn_by_a_killed_process_is_dropped_on_resume(tmp_path):
+    """A process killed while appending leaves half a line: resume cuts steps.jsonl back to
+    the checkpoint's step and writes the CSV files again from whole rows only."""
+    from batchkin.loggers import RunLog
+    from batchkin.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "epoch", "epoch": 1, "step": 2, "loss": 0.5}) + "\n")
+    rows = [{"step": s, "epoch": 1 + (s > 2), "loss": 1.0 / s} for s in (1, 2, 3)]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    log = RunLog(run, ["jsonl", "csv"], pending=True)
+    log.step({"step": 3, "epoch": 2, "loss": 0.25})  # the resumed run's row: held until resume()
+    before = (tmp_path / "steps.jsonl").read_text()
+    assert before.endswith('{"step": 4, "lo') and not (tmp_path / "steps.csv").exists()
+    log.resume(step=2)
+    assert jsonl(tmp_path / "steps.jsonl") == rows[:2] + [{"step": 3, "epoch": 2, "loss": 0.25}]
+    assert [r["step"] for r in read_csv(tmp_path / "steps.csv")] == ["1", "2", "3"]
+    assert read_csv(tmp_path / "metrics.csv") == [{"kind": "epoch", "epoch": "1", "step": "2", "loss": "0.5"}]
