@@ -2,7 +2,8 @@
 
 A config is one TOML document. Top-level keys are the run's own (``seed``,
 ``epochs``, ``methods``, ``device``); tables configure the engine (``[data]``,
-``[model]``, ``[optim]``, ``[schedule]``, ``[train]``, ``[metrics]``) and each
+``[model]``, ``[optim]``, ``[schedule]``, ``[train]`` with ``[train.ema]`` and
+``[train.early_stop]``, ``[metrics]``, ``[log]``) and each
 method has its own table named after it (``[bbn]``, ``[drloc]``, ...), checked
 by that method's own schema. ``[model]`` holds ``name`` plus the options of the
 chosen model, checked by the model's schema. Likewise ``[data]`` holds the
@@ -148,6 +149,33 @@ class ScheduleConfig:
 
 
 @dataclass
+class EMAConfig:
+    """``[train.ema]``: an exponential moving average of the weights, evaluated in their place
+    (see docs/training.md). The decay of update ``t`` (optimizer steps counted from
+    ``start_step``) is timm's ``ModelEmaV3``: 0 (a copy) for the first, then ``decay``, or
+    with ``warmup`` ``min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``."""
+
+    enabled: bool = field(default=False, metadata={"help": "keep an EMA of the weights; validation, test, best.pt and eval use it"})
+    decay: float = field(default=0.999, metadata={"ge": 0.0, "lt": 1.0, "help": "the EMA's decay (its largest, with warmup)"})
+    warmup: bool = field(default=True, metadata={"help": "let the decay rise from 0 to decay (timm's EMA warm-up)"})
+    warmup_gamma: float = field(default=1.0, metadata={"gt": 0.0, "help": "warm-up: decay = 1 - (1 + t / gamma) ** -power"})
+    warmup_power: float = field(default=2 / 3, metadata={"gt": 0.0, "help": "warm-up: decay = 1 - (1 + t / gamma) ** -power"})
+    start_step: int = field(default=0, metadata={"ge": 0, "help": "optimizer steps during which the EMA copies the weights"})
+    eval_raw: bool = field(default=True, metadata={"help": "also evaluate the raw weights on the validation split (val_raw/...)"})
+
+
+@dataclass
+class EarlyStopConfig:
+    """``[train.early_stop]``: stop the run when a validation metric stops improving."""
+
+    patience: int = field(default=0, metadata={"ge": 0, "help": "evaluations without improvement before the run stops (0 = off)"})
+    metric: str = field(default="auto", metadata={"help": "the validation metric watched (auto = train.best_metric)"})
+    min_delta: float = field(default=0.0, metadata={"ge": 0.0, "help": "the smallest change that counts as an improvement"})
+    mode: Literal["auto", "max", "min"] = field(
+        default="auto", metadata={"help": "max: higher is better; min: lower; auto: min for a loss, else max"})
+
+
+@dataclass
 class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "mixed precision: auto = bf16 on GPUs that support it, else fp16 on CUDA, off on CPU"}
@@ -155,7 +183,9 @@ class TrainConfig:
     grad_clip: float = field(default=0.0, metadata={"ge": 0.0, "help": "clip the global gradient norm (0 = off)"})
     eval_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "evaluate on the validation split every N epochs"})
     checkpoint_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "write a checkpoint every N epochs (and at the end)"})
-    log_every: int = field(default=20, metadata={"ge": 1, "resume": True, "help": "steps between plain progress lines when not on a terminal"})
+    log_every: int = field(default=20, metadata={
+        "ge": 1, "resume": True,
+        "help": "optimizer steps between the step-level rows of the loggers (and plain progress lines off a terminal)"})
     on_nonfinite: Literal["stop", "skip"] = field(
         default="stop", metadata={"resume": True, "help": "a non-finite loss or gradient: stop the run, or skip the step"}
     )
@@ -164,6 +194,27 @@ class TrainConfig:
         default="auto", metadata={"help": "SyncBatchNorm under DDP on CUDA: auto = for methods that need it (moco, dino)"}
     )
     deterministic: bool = field(default=True, metadata={"help": "torch.use_deterministic_algorithms(warn_only) during the run"})
+    accumulate: int = field(default=1, metadata={
+        "ge": 1, "help": "micro-batches of data.batch_size whose gradients make one optimizer step"})
+    threads: Literal["auto"] | int = field(default="auto", metadata={
+        "ge": 1, "help": "torch intra-op CPU threads during the run; auto = the cores torch would use, less one, at least 1"})
+    best_metric: str = field(default="auto", metadata={
+        "help": "validation metric that chooses best.pt (auto = balanced_acc on long-tailed data, else top1)"})
+    ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA of the weights"})
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig, metadata={"help": "early stopping"})
+
+
+@dataclass
+class LogConfig:
+    """``[log]``: where the run's scalars go besides metrics.jsonl (always written)."""
+
+    backends: list[Literal["jsonl", "tensorboard", "csv"]] = field(default_factory=lambda: ["jsonl"], metadata={
+        "resume": True,
+        "help": "jsonl (always on), tensorboard (needs the tensorboard package), csv; rank 0 writes them"})
+
+    def validate(self):
+        if len(set(self.backends)) != len(self.backends):
+            raise ConfigError(f"log.backends lists a backend twice: {self.backends}")
 
 
 @dataclass
@@ -180,7 +231,7 @@ class MetricsConfig:
             raise ConfigError("metrics.few_threshold must not exceed metrics.many_threshold")
 
 
-ENGINE_TABLES = ("data", "model", "optim", "schedule", "train", "metrics")
+ENGINE_TABLES = ("data", "model", "optim", "schedule", "train", "metrics", "log")
 
 # the engine's own [data] keys; every other key of [data] belongs to the selected dataset
 DATA_KEYS = tuple(f.name for f in fields(DataConfig) if f.init)
@@ -197,6 +248,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # validated against the model's / each method's own schema by the plugin manager
     model: dict = field(default_factory=lambda: {"name": "resnet8"})
     method_options: dict = field(default_factory=dict, init=False)
@@ -388,7 +440,7 @@ def _diff(old: dict, new: dict, prefix: str = ""):
 
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig,
-             "metrics": MetricsConfig}
+             "metrics": MetricsConfig, "log": LogConfig}
 
 
 def _init_fields(cls) -> dict:

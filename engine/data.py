@@ -696,7 +696,8 @@ class ShuffleSampler:
     ``perm[s*B*W : (s+1)*B*W]`` (B the per-rank batch, W the world size) and rank
     ``r`` its slice ``r*B : (r+1)*B``. Two ranks with batch b therefore see exactly
     the samples one rank with batch 2b sees. ``state_dict`` records the position in
-    the epoch, so a resume continues mid-epoch.
+    the epoch, so a resume continues mid-epoch; iterating a finished epoch again yields
+    the whole epoch again (as ``DistributedSampler`` does).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, *, drop_last: bool = True, rank: int = 0, world: int = 1):
@@ -727,6 +728,8 @@ class ShuffleSampler:
         return torch.randperm(self.n, generator=gen)
 
     def __iter__(self):
+        if self.position >= len(self):
+            self.position = 0
         perm = self.permutation(self.epoch)
         g = self.batch_size * self.world
         for step in range(self.position, len(self)):

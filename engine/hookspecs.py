@@ -38,6 +38,8 @@ method in order; ``=`` marks a firstresult hook)::
     for epoch in epochs:                          # state.epoch counts from 1
         on_epoch_start(state)
         for step, indices in sampler:             # state.batch = on-device augmented batch
+                                                  # (train.accumulate = N: N micro-batches, the
+                                                  #  hooks below up to backward per micro-batch)
             transform_batch(state)                # may change state.batch in place
             with autocast:
                 state.outputs = forward(state)    # =  (engine: features -> transform_features -> classifier)
@@ -48,6 +50,7 @@ method in order; ``=`` marks a firstresult hook)::
             before_optimizer_step(state)          # may change or drop gradients
             clip; (non-finite check); optimizer step; schedule step
             after_step(state)                     # EMA updates, momentum encoders
+            (engine: EMA of the weights, [train.ema])
         on_epoch_end(state)                       # may add entries to state.epoch_metrics
         every eval_every epochs:
             for batch in val:                     # state.training = False
@@ -284,7 +287,8 @@ def before_optimizer_step(state):
 def after_step(state):
     """Fires after every optimizer step (also a skipped one: ``state.step_skipped``).
 
-    EMA and momentum-encoder updates belong here.
+    EMA and momentum-encoder updates belong here. Values of the step a method wants
+    logged go into ``state.step_metrics`` (written every ``train.log_every`` steps).
     """
 
 

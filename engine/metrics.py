@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 
 
+#: a training set whose largest class has at least this many times the images of its smallest is long-tailed
+LONG_TAIL_RATIO = 3.0
+
+
+def is_long_tailed(train_counts, imbalance_factor: float = 1.0) -> bool:
+    """Whether a run's training data is long-tailed: a long-tailed subset was asked for
+    (``data.imbalance_factor > 1``), or the largest class has at least :data:`LONG_TAIL_RATIO`
+    times the images of the smallest (a class without images counts as the smallest)."""
+    counts = [int(c) for c in train_counts]
+    if imbalance_factor > 1:
+        return True
+    if not counts:
+        return False
+    return max(counts) >= LONG_TAIL_RATIO * min(counts) and max(counts) > 0
+
+
 def shot_groups(train_counts, many_threshold: int = 100, few_threshold: int = 20, split: str = "auto"):
     """Assign each class to "many", "medium" or "few" by its number of training images.
 

@@ -89,6 +89,17 @@ class Method:
     * ``evaluation`` — what the accuracies of a run measure when the method's ``forward``
       in evaluation is not the classifier (the SSL bases: ``"kNN"``); the final line and
       the report label them with it.
+    * ``accumulation`` — what gradient accumulation (``train.accumulate = N > 1``) means
+      for the method (docs/training.md): ``"exact"`` when N micro-batches give the
+      optimizer step of one batch N times larger (BatchNorm aside: its statistics are
+      per micro-batch); ``"micro-batch"`` (the default) when what the method computes
+      across the batch sees one micro-batch of ``data.batch_size`` samples;
+      ``"refuse"`` when the method cannot train that way: the run is refused with one
+      line naming the method and ``accumulation_note`` (which says why). Hooks fire per
+      micro-batch (``transform_batch``, ``forward``, ``loss_terms``) or per optimizer
+      step (``before_optimizer_step``, ``after_step``).
+    * ``val_metrics`` — names of the metrics the method adds in ``on_evaluate``, so
+      that ``train.best_metric`` and ``train.early_stop.metric`` can name them.
     """
 
     @dataclass
@@ -99,6 +110,9 @@ class Method:
     requires: tuple[str, ...] = ()
     raw_batch: bool = False
     evaluation: str = "classifier"
+    accumulation: str = "micro-batch"
+    accumulation_note: str = ""
+    val_metrics: tuple[str, ...] = ()
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

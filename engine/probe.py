@@ -74,7 +74,10 @@ def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 def probe_state(state, *, epochs: int = 100, lr: float = 0.1, batch_size: int = 256, weight_decay: float = 0.0,
                 seed: int = 0) -> dict:
-    """The linear probe of a prepared run state (see :func:`linear_probe`)."""
+    """The linear probe of a prepared run state (see :func:`linear_probe`); a run with an EMA
+    of its weights (``[train.ema]``) is probed on the EMA weights (``"weights": "ema"``)."""
+    import contextlib
+
     from .data import DeviceData
     from .metrics import classification_metrics, confusion_counts
 
@@ -82,7 +85,8 @@ def probe_state(state, *, epochs: int = 100, lr: float = 0.1, batch_size: int = 
     model.eval()
     splits = state.splits
     bs = state.config.data.eval_batch_size
-    with torch.no_grad():
+    ema = getattr(state, "ema", None)
+    with torch.no_grad(), (ema.swapped() if ema is not None else contextlib.nullcontext()):
         parts = {name: DeviceData(getattr(splits, name), splits, state.device) for name in ("train", "val", "test")}
         feats = {name: encode(model, d, bs) for name, d in parts.items()}
     names = [n for n in ("val", "test") if len(parts[n])]
@@ -94,6 +98,8 @@ def probe_state(state, *, epochs: int = 100, lr: float = 0.1, batch_size: int = 
                            weight_decay=weight_decay, seed=seed)
     out = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
            "feature_dim": int(train_f.shape[1])}
+    if ema is not None:
+        out["weights"] = "ema"
     with torch.no_grad():
         pred = clf(train_f).argmax(1)
         out["train_top1"] = float((pred == parts["train"].y).float().mean())

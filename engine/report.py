@@ -21,9 +21,9 @@ classes.json and, when ``batchkin probe`` has run, probe.json — and writes:
 Accuracies of a run whose evaluation is not the classifier (an SSL base sets
 ``evaluation = "kNN"`` on its method class) are labelled with it: "kNN top-1".
 Many / medium / few are shown — in the report and the final line — only where the
-training data is long-tailed: the largest class has at least :data:`LONG_TAIL_RATIO`
-times the images of the smallest (digits at 130-145 images per class is not; its
-imbalance-factor-10 subset is).
+training data is long-tailed (:func:`batchkin.metrics.is_long_tailed`: a long-tailed
+subset was asked for, or the largest class has at least three times the images of the
+smallest; digits at 130-145 images per class is not, its imbalance-factor-10 subset is).
 
 Every file is written like a checkpoint (:func:`batchkin.rundir.atomic_write_bytes`):
 rendered in memory, written to a temporary file, fsynced and renamed, so a full disk
@@ -37,12 +37,11 @@ import io
 import tomllib
 from pathlib import Path
 
+from .metrics import is_long_tailed
 from .rundir import MARKER, RunDir, atomic_write_bytes, atomic_write_text
 
 CLASSES = "classes.json"
 PROBE = "probe.json"
-#: Training data is long-tailed when n_max / n_min reaches this ratio.
-LONG_TAIL_RATIO = 3.0
 #: The report lists classes one per row up to this many (the plot shows every class).
 CLASS_TABLE_MAX = 100
 SHOTS = ("many", "medium", "few")
@@ -50,11 +49,6 @@ SHOT_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 #: Per-epoch keys of the engine that the report shows in its own panels (not as method scalars).
 ENGINE_KEYS = {"kind", "epoch", "step", "loss", "lr", "images_per_s"}
 
-
-def is_long_tailed(train_counts) -> bool:
-    """Whether per-class training counts are long-tailed: ``max / min >= LONG_TAIL_RATIO``."""
-    counts = [int(c) for c in train_counts]
-    return bool(counts) and max(counts) >= LONG_TAIL_RATIO * max(min(counts), 1)
 
 
 def class_info(state) -> dict:
@@ -69,7 +63,7 @@ def class_info(state) -> dict:
     evaluation = next((e for e in (getattr(meth, "evaluation", "classifier") for meth in state.hooks.methods.values())
                        if e != "classifier"), "classifier")
     return {"names": [str(n) for n in state.splits.classes], "train_counts": counts, "groups": groups,
-            "shot_split": how, "long_tailed": is_long_tailed(counts), "evaluation": evaluation}
+            "shot_split": how, "long_tailed": is_long_tailed(counts, state.config.data.imbalance_factor), "evaluation": evaluation}
 
 
 def _prefix(classes: dict) -> str:

@@ -55,10 +55,18 @@ class State:
 
     ``batch`` holds the current on-device batch (``x``, ``y`` and other streams),
     ``outputs`` the forward pass's dict (``features``, ``streams``, ``logits``, ...),
-    ``loss_terms`` the named terms of the step and ``epoch_metrics`` the values to
-    log for the epoch. ``epoch`` counts from 1; ``step`` counts optimizer steps over
-    the whole run. ``generator(name)`` gives a method its own seeded random stream,
-    saved in checkpoints.
+    ``loss_terms`` the named terms of the step (``loss_values``: their values as
+    floats). ``epoch`` counts from 1; ``step`` counts optimizer steps over the whole
+    run, ``micro_step`` the micro-batches trained (equal without accumulation);
+    ``accumulation`` is ``(index, size)`` of the current micro-batch in its optimizer
+    step's group (``(0, 1)`` without ``train.accumulate``). ``generator(name)`` gives a
+    method its own seeded random stream, saved in checkpoints.
+
+    The methods' scalars reach every logger through two dicts (docs/training.md):
+    ``epoch_metrics`` (values of the epoch, set in ``on_epoch_start``/``on_epoch_end``,
+    written once per epoch) and ``step_metrics`` (values of the optimizer step, emptied
+    before its first micro-batch and logged every ``train.log_every`` steps; a tensor
+    is read from the device only then). Keys are ``"<method>/<name>"``.
     """
 
     config: Any
@@ -79,7 +87,17 @@ class State:
     outputs: dict = field(default_factory=dict)
     loss_terms: dict = field(default_factory=dict)
     epoch_metrics: dict = field(default_factory=dict)
+    step_metrics: dict = field(default_factory=dict)
+    loss_values: dict = field(default_factory=dict)
     step_skipped: bool = False
+    micro_step: int = 0
+    accumulation: tuple = (0, 1)
+    ema: Any = None  # batchkin.ema.WeightEMA when [train.ema] enabled
+    eval_weights: str = "model"  # "ema" while evaluation runs on the EMA weights
+    group_bad: bool = False  # a micro-batch of the current optimizer step had a non-finite loss term
+    step_lrs: list = field(default_factory=list)  # the learning rate of each parameter group in the last step
+    selection: Any = None  # batchkin.selection.Selection: best.pt and early stopping
+    accumulation_kinds: dict = field(default_factory=dict)  # method -> its Method.accumulation
     rank: int = 0
     world_size: int = 1
     generators: dict = field(default_factory=dict)

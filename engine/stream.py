@@ -45,10 +45,11 @@ sampler therefore always holds the position of the last step trained, so a check
 resumes exactly where training stopped; each delivered step is checked to carry the
 indices the trainer's sampler drew (a sampler whose copy draws differently is refused).
 
-Augmentation randomness: sample ``k`` of stream ``s`` at the run's optimizer step ``t``
-reads the uniforms ``batchkin.kernels.rng.uniform(derive_key(seed, t, s), slot * 64 + j)``
-with ``slot = rank * batch_size + k`` (its position in the global batch). It depends on
-no worker, no worker count and no process count (two ranks with batch b draw what one
+Augmentation randomness: sample ``k`` of stream ``s`` at the run's micro-batch ``t``
+(``state.micro_step``: the optimizer step without ``train.accumulate``) reads the
+uniforms ``batchkin.kernels.rng.uniform(derive_key(seed, t, s), slot * 64 + j)`` with
+``slot = rank * batch_size + k`` (its position in the global batch). It depends on no
+worker, no worker count and no process count (two ranks with batch b draw what one
 rank with batch 2b draws), a resumed run redraws exactly, and a sample drawn twice in an
 epoch (BBN's reversed stream samples with replacement) gets two different crops.
 
@@ -433,7 +434,7 @@ class StreamData(DeviceData):
         r = self._requests
         r.sampler = copy.deepcopy(state.sampler)
         r.kind = "raw" if self.raw_mode else ("train" if cfg.data.augment else "eval")
-        r.seed, r.first_step, r.hflip = cfg.seed, state.step, state.splits.hflip
+        r.seed, r.first_step, r.hflip = cfg.seed, state.micro_step, state.splits.hflip
         r.base_slot = state.rank * cfg.data.batch_size
         if self._loader is None:
             self._loader = self._dataloader(r, self.options.persistent_workers)

@@ -66,13 +66,14 @@ def run_plugin(
     plugin_files: Iterable[str | os.PathLike] = (),
     plugin_modules: Iterable = (),
 ) -> State:
-    """Build a run with ``methods`` enabled and train ``steps`` steps; returns the State.
+    """Build a run with ``methods`` enabled and train ``steps`` optimizer steps; returns the State.
 
     Fires the same hooks as a real run (configure, wrap_model, build_sampler,
     param_groups, on_fit_start, on_epoch_start, transform_batch, forward,
-    transform_features, loss_terms, after_step) and checks the loss is finite.
+    transform_features, loss_terms, after_step) and checks the loss is finite. With
+    ``train.accumulate = N`` in the config a step is N micro-batches, as in a run.
     """
-    from .trainer import prepare, train_step
+    from .trainer import micro_batches, prepare, train_step
 
     raw = copy.deepcopy(config) if config is not None else tiny_config()
     raw["methods"] = list(methods)
@@ -87,11 +88,12 @@ def run_plugin(
         state.model.train()
         done = 0
         while done < steps:
-            for indices in state.train_data.steps(state):
+            for _, indices in micro_batches(state, state.train_data.steps(state)):
                 loss = train_step(state, indices)
                 if not torch.isfinite(torch.tensor(loss)):
                     raise AssertionError(f"step {done + 1}: non-finite loss {loss}")
-                done += 1
+                index, size = state.accumulation
+                done += index == size - 1
                 if done == steps:
                     break
             else:

@@ -21,15 +21,19 @@ import torch.nn.functional as F  # noqa: F401  (used by plugins importing from h
 from . import __version__
 from .config import Config, build_config, load_raw, resume_changes
 from .data import DeviceData, ShuffleSampler, check_crop_padding, make_splits
+from .ema import WeightEMA
 from .errors import BatchkinError, ConfigError, NonFiniteError, PluginError, RunError, describe_exception, is_out_of_memory
 from .hookspecs import hookimpl
+from .loggers import NoLog, RunLog, check_backends
 from .metrics import classification_metrics, confusion_counts, shot_groups
 from .models import check_protocol, state_dict_mismatch
 from .plugin import Plugins, RunHooks
 from .report import class_info, final_line, write_report
 from .rundir import CHECKPOINT_FORMAT, MARKER, RunDir, load_checkpoint, plugin_file_records
 from .schema import dump_toml, parse, shown, to_dict
+from .selection import Selection
 from .state import State
+from .threads import run_threads
 from batchkin.kernels.rng import derive_key
 
 
@@ -217,6 +221,7 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
     model_options = parse(model_entry.options, {k: v for k, v in cfg.model.items() if k != "name"}, "model") \
         if model_entry.options else None
     hooks.configure(state=state)
+    state.accumulation_kinds = check_accumulation(state)
 
     dataset = plugins.dataset(cfg.data.name).obj(cfg.data)
     state.splits = splits = make_splits(dataset, cfg.data)
@@ -244,13 +249,39 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
         m = state.unwrapped_model
         m.forward_features = torch.compile(m.forward_features)
     state.sampler = hooks.build_sampler(state=state)
-    state.steps_per_epoch = len(state.sampler)
-    if state.steps_per_epoch < 1:
+    n_micro = len(state.sampler)
+    if n_micro < 1:
         raise ConfigError("an epoch has no training step; lower data.batch_size")
+    # the schedule counts optimizer steps: an epoch's last group may hold fewer micro-batches
+    state.steps_per_epoch = math.ceil(n_micro / cfg.train.accumulate)
     state.optimizer = build_optimizer(state)
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lr_factor(cfg, state.steps_per_epoch))
     state.scaler = torch.amp.GradScaler(device.type, enabled=state.amp_dtype == torch.float16)
+    if cfg.train.ema.enabled:
+        state.ema = WeightEMA(state.unwrapped_model, cfg.train.ema)
+    state.selection = Selection(state)
     return state
+
+
+ACCUMULATION_KINDS = ("exact", "micro-batch", "refuse")
+
+
+def check_accumulation(state: State) -> dict:
+    """Each method's answer to ``train.accumulate`` (its class attribute ``accumulation``):
+    ``{method: kind}``; a method that refuses accumulation stops the run with one line."""
+    n = state.config.train.accumulate
+    kinds = {}
+    for name, method in state.hooks.methods.items():
+        kind = getattr(method, "accumulation", "micro-batch")
+        if kind not in ACCUMULATION_KINDS:
+            raise PluginError(f"method {name!r} declares accumulation = {shown(kind)}; it must be one of "
+                              f"{', '.join(map(repr, ACCUMULATION_KINDS))}")
+        if kind == "refuse" and n > 1:
+            note = getattr(method, "accumulation_note", "") or "its maths need the whole batch"
+            raise ConfigError(f"train.accumulate = {n}: method {name!r} does not train with gradient accumulation: "
+                              f"{note}")
+        kinds[name] = kind
+    return kinds
 
 
 def resolved_config(state: State) -> dict:
@@ -266,11 +297,15 @@ def resolved_config(state: State) -> dict:
     return d
 
 
-def checkpoint_dict(state: State, best: dict) -> dict:
+def checkpoint_dict(state: State, best: dict | None = None) -> dict:
+    """Everything an exact resume needs (``best``: the best-checkpoint record, by default the
+    run's :class:`~batchkin.selection.Selection`'s)."""
+    selection = state.selection.state_dict() if state.selection is not None else {"best": {}, "early_stop": {}}
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": state.epoch,
         "step": state.step,
+        "micro_step": state.micro_step,
         "model": state.unwrapped_model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
@@ -283,7 +318,9 @@ def checkpoint_dict(state: State, best: dict) -> dict:
         "generators": {k: g.get_state() for k, g in state.generators.items()},
         "methods": state.hooks.state_dicts(),
         "method_order": list(state.hooks.names),
-        "best": best,
+        "best": selection["best"] if best is None else best,
+        "early_stop": selection["early_stop"],
+        "ema": state.ema.state_dict() if state.ema is not None else None,
         "versions": {"batchkin": __version__, "torch": str(torch.__version__)},
     }
 
@@ -317,12 +354,21 @@ def restore(state: State, ckpt: dict) -> dict:
              ("sampler", lambda: state.sampler.load_state_dict(ckpt["sampler"])),
              ("RNG", rng),
              ("methods'", lambda: state.hooks.load_state_dicts(ckpt["methods"])))
+    if state.ema is not None:
+        if not ckpt.get("ema"):
+            raise RunError("the checkpoint holds no EMA of the weights but the config enables train.ema: "
+                           "it was trained without one")
+        parts += (("EMA", lambda: state.ema.load_state_dict(ckpt["ema"])),)
+    if state.selection is not None:
+        parts += (("best-checkpoint and early-stop",
+                   lambda: state.selection.load_state_dict(ckpt.get("best"), ckpt.get("early_stop"))),)
     for part, load in parts:
         try:
             load()
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise RunError(f"the checkpoint's {part} state does not fit this run: {describe_exception(exc)}") from None
     state.epoch, state.step = ckpt["epoch"], ckpt["step"]
+    state.micro_step = int(ckpt.get("micro_step", ckpt["step"]))
     return ckpt.get("best", {})
 
 
@@ -332,22 +378,59 @@ def _autocast(state: State):
     return torch.autocast(state.device.type, dtype=state.amp_dtype)
 
 
-def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[bool]]:
-    """The loss value and whether each term is all-finite, read from the device at once.
+def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[float], list[bool]]:
+    """The loss value, each term's value and whether each term is all-finite, read from the
+    device at once.
 
-    One small tensor, [loss, isfinite(term_1), ..., isfinite(term_k)], crosses to the
-    host: one wait for the device instead of one per term plus one for the loss. The
-    value is None when the loss has more than one element (``float`` would refuse it).
+    One small tensor, [loss, mean(term_1), ..., mean(term_k), isfinite(term_1), ...,
+    isfinite(term_k)], crosses to the host: one wait for the device instead of one per
+    term plus one for the loss. The loss value is None when the loss has more than one
+    element (``float`` would refuse it).
     """
-    finite = torch.stack([torch.isfinite(t.detach()).all().to(loss.device) for t in terms.values()]).float()
+    dev = loss.device
+    parts = [t.detach().float().mean().to(dev) for t in terms.values()]
+    parts += [torch.isfinite(t.detach()).all().to(dev).float() for t in terms.values()]
     scalar = loss.numel() == 1
-    values = (torch.cat([loss.detach().float().reshape(1), finite]) if scalar else finite).tolist()
-    return (values[0] if scalar else None), [v != 0 for v in values[scalar:]]
+    values = torch.stack(([loss.detach().float().reshape(())] if scalar else []) + parts).tolist()
+    k = len(terms)
+    head = values[0] if scalar else None
+    values = values[scalar:]
+    return head, values[:k], [v != 0 for v in values[k:]]
+
+
+def _no_sync(state: State, sync: bool):
+    """DistributedDataParallel's ``no_sync`` for a micro-batch that does not end its group
+    (its gradients are reduced with the group's last backward)."""
+    if sync or not hasattr(state.model, "no_sync"):
+        return contextlib.nullcontext()
+    return state.model.no_sync()
+
+
+def micro_batches(state: State, steps):
+    """The epoch's steps (``state.train_data.steps(state)``), each with ``state.accumulation``
+    set to its ``(index, size)`` in its optimizer step's group: ``train.accumulate``
+    micro-batches per group, the epoch's last group holding what is left."""
+    n, total = state.config.train.accumulate, len(state.sampler)
+    for i, indices in enumerate(steps):
+        first = i - i % n
+        state.accumulation = (i - first, min(n, total - first))
+        yield i, indices
 
 
 def train_step(state: State, indices: dict) -> float:
+    """One micro-batch: data, ``transform_batch``, forward, loss terms, backward. The last
+    micro-batch of a group (``state.accumulation = (index, size)``, ``(0, 1)`` without
+    ``train.accumulate``) also makes the optimizer step: ``before_optimizer_step``, clip,
+    the non-finite check, optimizer, schedule, ``after_step``, EMA. Returns the
+    micro-batch's loss (the sum of its terms; backward uses it divided by ``size``)."""
     cfg = state.config
+    index, size = state.accumulation
+    first, last = index == 0, index == size - 1
     state.training = True
+    if first:
+        state.step_metrics = {}
+        state.step_skipped = False
+        state.group_bad = False  # a micro-batch of the group had a non-finite loss term (skipped)
     raw = any(getattr(m, "raw_batch", False) for m in state.hooks.methods.values())
     batch = {}
     with state.phase("data"):
@@ -374,13 +457,32 @@ def train_step(state: State, indices: dict) -> float:
         raise ConfigError(f"no enabled method produced a loss term (methods: {', '.join(state.hooks.names)}); add 'ce'")
     state.loss_terms = terms
     loss = sum(t.float() for t in terms.values())
-    state.step_skipped = False
-    loss_value, finite = _read_loss(loss, terms)
+    loss_value, term_values, finite = _read_loss(loss, terms)
+    state.loss_values = dict(zip(terms, term_values))
     bad = [k for k, ok in zip(terms, finite) if not ok]
+    where = f"epoch {state.epoch} step {state.step + 1}" + (f" (micro-batch {index + 1} of {size})" if size > 1 else "")
+
+    def detail():
+        return ", ".join(f"{k}={float(t.detach().float().mean()):.4g} (from {owner[k]})" for k, t in terms.items())
+
+    def non_finite(what: str):
+        msg = f"{where}: {what}; loss terms: {detail()}"
+        if cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(msg + " (train.on_nonfinite = 'stop')")
+        print(f"batchkin: skipping {msg}", file=sys.stderr, flush=True)
+        state.step_skipped = True
+
     with state.phase("backward"):
-        state.optimizer.zero_grad(set_to_none=True)
-        if not bad:
-            state.scaler.scale(loss).backward()
+        if first:
+            state.optimizer.zero_grad(set_to_none=True)
+        if bad:
+            state.group_bad = True
+            non_finite(f"non-finite loss term(s) {', '.join(f'{b!r} from method {owner[b]!r} (loss_terms)' for b in bad)}")
+        elif not state.group_bad:
+            with _no_sync(state, last):
+                state.scaler.scale(loss / size if size > 1 else loss).backward()
+        grads_finite = False
+        if last and not state.group_bad:
             state.scaler.unscale_(state.optimizer)
             state.hooks.before_optimizer_step(state=state)
             params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -391,38 +493,53 @@ def train_step(state: State, indices: dict) -> float:
                 norms = torch._foreach_norm([p.grad.detach() for p in params]) if params else [torch.zeros(())]
                 norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             grads_finite = bool(torch.isfinite(norm))
-        else:
-            grads_finite = False
-    if bad or not grads_finite:
-        if state.scaler.is_enabled() and not bad:
+    state.micro_step += 1
+    if not last:
+        return loss_value if loss_value is not None else float(loss.detach())
+    if state.group_bad:
+        state.step_skipped = True  # the skip was reported with its micro-batch
+    elif not grads_finite:
+        if state.scaler.is_enabled():
             state.scaler.update()  # fp16 overflow: the scaler skips the step and lowers its scale
             state.step_skipped = True
         else:
-            detail = ", ".join(
-                f"{k}={float(t.detach().float().mean()):.4g} (from {owner[k]})" for k, t in terms.items()
-            )
-            what = f"non-finite loss term(s) {', '.join(f'{b!r} from method {owner[b]!r} (loss_terms)' for b in bad)}" \
-                if bad else "non-finite gradients"
-            msg = f"epoch {state.epoch} step {state.step + 1}: {what}; loss terms: {detail}"
-            if cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(msg + " (train.on_nonfinite = 'stop')")
-            print(f"batchkin: skipping {msg}", file=sys.stderr, flush=True)
-            state.step_skipped = True
+            non_finite("non-finite gradients")
     else:
         with state.phase("optimizer"):
             state.scaler.step(state.optimizer)
             state.scaler.update()
+    state.step_lrs = [g["lr"] for g in state.optimizer.param_groups]  # the learning rates this step used
     with state.phase("optimizer"):
         state.scheduler.step()
     state.step += 1
     with state.phase("hooks"):
         state.hooks.after_step(state=state)
+    if state.ema is not None and not state.step_skipped:
+        with state.phase("optimizer"):
+            state.ema.update(state.step)
     return loss_value if loss_value is not None else float(loss.detach())
 
 
+def evaluate(state: State, split_name: str, data: DeviceData, weights: str = "auto") -> dict:
+    """Top-1, balanced, many/medium/few and per-class accuracy of ``state.model`` on a split.
+
+    ``weights``: ``"auto"`` evaluates the EMA of the weights when the run keeps one
+    (``[train.ema]``; the metrics then hold ``"weights": "ema"``), else the model's own;
+    ``"model"`` always the model's own."""
+    if weights == "auto" and state.ema is not None:
+        with state.ema.swapped():
+            state.eval_weights = "ema"
+            try:
+                metrics = _evaluate(state, split_name, data)
+            finally:
+                state.eval_weights = "model"
+        metrics["weights"] = "ema"
+        return metrics
+    return _evaluate(state, split_name, data)
+
+
 @torch.no_grad()
-def evaluate(state: State, split_name: str, data: DeviceData) -> dict:
-    """Top-1, balanced, many/medium/few and per-class accuracy of ``state.model`` on a split."""
+def _evaluate(state: State, split_name: str, data: DeviceData) -> dict:
     model = state.model
     was_training = model.training
     model.eval()
@@ -469,7 +586,8 @@ def fit(
     then the folder's saved config, in which only the keys that may change on resume
     may differ: :func:`batchkin.config.resume_changes`). ``until`` stops after that
     epoch while the schedule still spans ``epochs``.
-    The caller's global RNG state is restored when the run ends.
+    The caller's global RNG state and torch's thread count (``train.threads``) are
+    restored when the run ends.
 
     A command that fails leaves the folder as it was, and a killed one leaves a run in it:
 
@@ -488,6 +606,7 @@ def fit(
     folder = _Folder(RunDir(out), writer=dist_ctx.rank == 0)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    threads_before = torch.get_num_threads()
     try:
         with torch.random.fork_rng(devices=devices):
             return _fit(raw, folder, resume, overwrite, until, plugins or Plugins(), progress and folder.writer,
@@ -498,6 +617,8 @@ def fit(
         raise
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.set_num_threads(threads_before)
+        folder.log.close()
         if folder.writer:
             folder.run.discard_replacement()
             folder.run.unlock()
@@ -512,8 +633,10 @@ class _Folder:
         self.started = False  # the run is under way: an error says what the folder still holds
         self.pending = False  # a resume that has not committed anything yet
         self.done = 0  # epochs of the checkpoint resumed from
+        self.done_step = 0  # optimizer steps of the checkpoint resumed from
         self.changes: list = []  # config changes of the resume
         self.plugin_files: list[dict] = []  # run.json's plugin_files of this command
+        self.log = NoLog()  # the run's loggers (batchkin.loggers.RunLog on the writing rank)
 
     def what_is_left(self) -> str:
         run = self.run
@@ -549,6 +672,7 @@ class _Folder:
             run.write_text("config.toml", dump_toml(resolved_config(state)))
         run.remove_stale_temp_files()
         run.truncate_metrics(self.done)
+        self.log.resume(self.done_step)  # steps.jsonl cut back, TensorBoard and CSV written again
         self.pending = False
 
 
@@ -602,27 +726,31 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         folder.mode = run.check_new(overwrite) if rank0 else "fresh"
     if rank0 and folder.mode != "fresh":
         run.lock()  # refuse a folder another live run is using, before any work
+    early = build_config(raw, plugins.registry.methods)
     if resume:
-        folder.changes = resume_changes(saved, raw, _option_schemas(plugins, build_config(raw, plugins.registry.methods)))
+        folder.changes = resume_changes(saved, raw, _option_schemas(plugins, early))
     folder.plugin_files = plugin_file_records(plugins.origins.values())
+    threads, threads_why = run_threads(early.train.threads)
+    torch.set_num_threads(threads)  # fit() gives the caller's count back
     # config, data and model are checked before the folder is created or anything in it changes
     state = prepare(raw, plugins, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
     cfg = state.config
     if until is not None and until > cfg.epochs:
         raise ConfigError(f"--until {until} is beyond epochs = {cfg.epochs} (the schedule spans epochs; "
                           "set epochs to train longer)")
+    check_backends(cfg.log.backends)
     out.log_every = cfg.train.log_every
     # dropout and other ops without a generator argument draw from the global RNG: it is
     # forked for the run (fit() restores the caller's state), seeded, and saved in checkpoints
     torch.manual_seed(derive_key(cfg.seed, 0x6C6F6F70))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    best = {"epoch": 0, "top1": -1.0}
     if folder.mode == "resume":
         ckpt = load_checkpoint(run.checkpoint_path(), map_location=state.device)
         _check_epochs(cfg, until, ckpt["epoch"], run)
-        best = restore(state, ckpt)
-        folder.done = run.last_epoch = state.epoch
+        restore(state, ckpt)
+        folder.done, folder.done_step = state.epoch, state.step
+        run.last_epoch = state.epoch
         folder.pending = folder.started = True
     elif rank0:
         history = None
@@ -637,13 +765,19 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         folder.started = True
         run.write_json(MARKER, run_info(state, folder.plugin_files, history))
         run.write_text("config.toml", dump_toml(resolved_config(state)))
+    if rank0:
+        folder.log = RunLog(run, cfg.log.backends, pending=folder.pending)
     dist_ctx.barrier()
     dist_ctx.wrap(state)
     state.hooks.on_fit_start(state=state)
-    out.line(f"batchkin: methods in order: {' -> '.join(state.hooks.names)}; device {state.device}; "
-             f"{len(state.train_data)} training images, {state.steps_per_epoch} steps per epoch")
+    out.line(_start_line(state, threads, threads_why))
     val_data = DeviceData(state.splits.val, state.splits, state.device) if len(state.splits.val) else None
+    selection = state.selection
     last_epoch = cfg.epochs if until is None else until
+    if selection.stopped:
+        out.line(f"batchkin: note: the run stopped early after epoch {selection.stopped} "
+                 "(train.early_stop); it trains no further")
+        last_epoch = state.epoch
     while state.epoch < last_epoch:
         state.epoch += 1
         state.epoch_metrics = {}
@@ -651,62 +785,157 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         state.hooks.on_epoch_start(state=state)
         state.model.train()
         out.start_epoch(state.epoch, cfg.epochs, state.steps_per_epoch)
-        t0, losses, n_img = time.perf_counter(), [], 0
-        for i, indices in enumerate(state.train_data.steps(state), 1):  # the sampler's steps (streamed: loaded ahead)
+        t0, n_img = time.perf_counter(), 0
+        epoch_sums, group_sums = _Sums(), _Sums()
+        # the sampler's steps (streamed: loaded ahead), train.accumulate micro-batches per optimizer step
+        for i, indices in micro_batches(state, state.train_data.steps(state)):
             try:
                 loss = train_step(state, indices)
             except (torch.OutOfMemoryError, MemoryError) as exc:
-                raise RunError(_oom_message(state, i, exc)) from None
+                raise RunError(_oom_message(state, i + 1, exc)) from None
             except RuntimeError as exc:
                 if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
                     raise
-                raise RunError(_oom_message(state, i, exc)) from None
-            losses.append(loss)
+                raise RunError(_oom_message(state, i + 1, exc)) from None
+            epoch_sums.add(loss, state.loss_values)
+            group_sums.add(loss, state.loss_values)
             n_img += len(state.batch["y"])
-            out.update(i, loss, state.optimizer.param_groups[0]["lr"])
+            if state.accumulation[0] == state.accumulation[1] - 1:  # the group's optimizer step is done
+                out.update(i // cfg.train.accumulate + 1, group_sums.loss(), state.optimizer.param_groups[0]["lr"])
+                if state.step % cfg.train.log_every == 0:
+                    folder.log.step(_step_row(state, group_sums))
+                group_sums = _Sums()
         out.end_epoch()
         state.hooks.on_epoch_end(state=state)
         record = {
             "kind": "epoch", "epoch": state.epoch, "step": state.step,
-            "loss": sum(losses) / max(len(losses), 1),
+            "loss": epoch_sums.loss(),
             "lr": state.optimizer.param_groups[0]["lr"],
+            **_lr_row(state, [g["lr"] for g in state.optimizer.param_groups]),
             "images_per_s": n_img * state.world_size / max(time.perf_counter() - t0, 1e-9),
-            **{f"train/{k}": float(v.detach().float()) for k, v in state.loss_terms.items()},
+            **epoch_sums.terms(),
             **state.epoch_metrics,
         }
+        if state.ema is not None:
+            record["ema/decay"] = state.ema.decay
         improved = False
         if val_data is not None and (state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.epochs):
             val = evaluate(state, "val", val_data)
             record.update({f"val/{k}": v for k, v in val.items()})
-            if val["top1"] > best["top1"]:
-                best, improved = {"epoch": state.epoch, "top1": val["top1"]}, True
+            if state.ema is not None and cfg.train.ema.eval_raw:
+                record.update({f"val_raw/{k}": v for k, v in evaluate(state, "val", val_data, "model").items()})
+            improved = selection.update(state.epoch, val)
+        stop = bool(selection.stopped)
         if rank0:
             folder.commit_resume(state)
             if improved:
-                run.save_checkpoint(checkpoint_dict(state, best), "best.pt")
-            run.append_metrics(record)
-            if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch:
-                run.save_checkpoint(checkpoint_dict(state, best))
+                run.save_checkpoint(checkpoint_dict(state), "best.pt")
+            folder.log.epoch(record)
+            if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch or stop:
+                run.save_checkpoint(checkpoint_dict(state))
                 if run.staging is not None:
                     run.commit_replacement()
                 run.last_epoch = state.epoch
             out.line(_epoch_line(record))
+            if stop:
+                out.line(_stop_line(state))
+        if stop:
+            break
     state.train_data.close()
     final, classes = {}, class_info(state)
-    if state.epoch >= cfg.epochs:
+    if state.epoch >= cfg.epochs or selection.stopped:
         state.hooks.on_fit_end(state=state)
         test_data = DeviceData(state.splits.test, state.splits, state.device)
         test = evaluate(state, "test", test_data)
-        final = {"kind": "final", "epoch": state.epoch, "best_val_epoch": best["epoch"],
+        final = {"kind": "final", "epoch": state.epoch, "step": state.step, "best_val_epoch": selection.best["epoch"],
                  **{f"test/{k}": v for k, v in test.items()}}
+        if state.ema is not None and cfg.train.ema.eval_raw:
+            final.update({f"test_raw/{k}": v for k, v in evaluate(state, "test", test_data, "model").items()})
+        if selection.stopped:
+            final["early_stop_epoch"] = selection.stopped
         if rank0:
             folder.commit_resume(state)
-            run.append_metrics(final)
+            folder.log.epoch(final)
+            if selection.stopped:
+                info = run.read_json(MARKER)
+                info.setdefault("early_stop", {})["stopped_epoch"] = selection.stopped
+                run.write_json(MARKER, info)
             out.line(final_line(final, classes))
     if rank0:  # the report (partial after --until) and classes.json, the class names and counts it shows
         write_report(run.path, classes)
     dist_ctx.barrier()
     return RunResult(str(run.path), final, state)
+
+
+class _Sums:
+    """Running sums of micro-batch losses and loss terms (host floats: no device read)."""
+
+    def __init__(self):
+        self.loss_sum, self.n = 0.0, 0
+        self.term_sums: dict[str, list] = {}
+
+    def add(self, loss: float, terms: dict) -> None:
+        self.loss_sum += loss
+        self.n += 1
+        for k, v in terms.items():
+            acc = self.term_sums.setdefault(k, [0.0, 0])
+            acc[0] += v
+            acc[1] += 1
+
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    def terms(self) -> dict:
+        return {f"train/{k}": total / count for k, (total, count) in self.term_sums.items()}
+
+
+def _lr_row(state: State, lrs: list) -> dict:
+    """``lr/<group name>`` of every parameter group (a repeated name gets ``_2``, ``_3``, ...)."""
+    row = {}
+    for group, lr in zip(state.optimizer.param_groups, lrs):
+        name, k = f"lr/{group.get('name', 'group')}", 2
+        key = name
+        while key in row:
+            key, k = f"{name}_{k}", k + 1
+        row[key] = lr
+    return row
+
+
+def _step_row(state: State, sums: _Sums) -> dict:
+    """A step row of the loggers (batchkin.loggers): the step's loss and terms (means over its
+    micro-batches), each group's learning rate, the methods' step scalars, the EMA decay."""
+    row = {"step": state.step, "epoch": state.epoch, "loss": sums.loss(), **sums.terms(),
+           **_lr_row(state, state.step_lrs)}
+    for key, value in state.step_metrics.items():
+        row[key] = float(value)  # a tensor is read from the device here, every log_every steps
+    if state.ema is not None:
+        row["ema/decay"] = state.ema.decay
+    if state.step_skipped:
+        row["skipped"] = True
+    return row
+
+
+def _start_line(state: State, threads: int, why: str) -> str:
+    cfg = state.config
+    n = cfg.train.accumulate
+    steps = f"{state.steps_per_epoch} steps per epoch"
+    if n > 1:
+        steps = (f"{state.steps_per_epoch} optimizer steps per epoch, each of {n} micro-batches of "
+                 f"data.batch_size = {cfg.data.batch_size} (train.accumulate)")
+        partial = [m for m, kind in state.accumulation_kinds.items() if kind == "micro-batch"]
+        if partial:
+            steps += f"; {', '.join(partial)} compute across one micro-batch"
+    extra = "; EMA of the weights evaluated" if state.ema is not None else ""
+    return (f"batchkin: methods in order: {' -> '.join(state.hooks.names)}; device {state.device}, "
+            f"{threads} CPU thread{'s' if threads != 1 else ''} ({why}); "
+            f"{len(state.train_data)} training images, {steps}{extra}")
+
+
+def _stop_line(state: State) -> str:
+    sel = state.selection
+    return (f"batchkin: early stop after epoch {sel.stopped}: val {sel.stop_metric} did not improve by more than "
+            f"{sel.min_delta:g} in {sel.patience} evaluation{'s' if sel.patience != 1 else ''} "
+            f"(best {sel.stop_best}); the final test evaluation follows")
 
 
 def _replacing(run: RunDir, resume: bool, overwrite: bool) -> str:
@@ -722,13 +951,19 @@ def run_info(state: State, plugin_files: list[dict], overrides: list | None = No
     cfg, registry = state.config, state.hooks.registry
     info = {
         "methods": state.hooks.names, "seed": cfg.seed, "device": str(state.device),
-        "world_size": state.world_size, "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
+        "world_size": state.world_size, "threads": torch.get_num_threads(),
+        "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
         # where the dataset and the model came from, written as the methods' origins are
         "dataset": {"name": cfg.data.name, "origin": registry.datasets[cfg.data.name].origin},
         "model": {"name": cfg.model["name"], "origin": registry.models[cfg.model["name"]].origin},
         "plugin_files": plugin_files,  # eval and --resume load these again (checked by sha256)
         **system_info(),
     }
+    if state.selection is not None:
+        info.update(state.selection.describe())  # best_metric (and early_stop): what chose best.pt, what stops
+    if cfg.train.accumulate > 1:
+        info["accumulate"] = {"micro_batches": cfg.train.accumulate, "batch_size": cfg.data.batch_size,
+                              "methods": state.accumulation_kinds}
     if overrides:
         info["overrides"] = overrides
     return info
@@ -746,7 +981,7 @@ def _oom_message(state: State, step: int, exc: BaseException) -> str:
 def _epoch_line(r: dict) -> str:
     parts = [f"epoch {r['epoch']}", f"loss {r['loss']:.4f}"]
     if "val/top1" in r:
-        parts.append(f"val top1 {100 * r['val/top1']:.2f}%")
+        parts.append(f"val{' (EMA)' if r.get('val/weights') == 'ema' else ''} top1 {100 * r['val/top1']:.2f}%")
         parts.append(f"balanced {100 * r['val/balanced_acc']:.2f}%")
     parts.append(f"{r['images_per_s']:.0f} img/s")
     return "batchkin: " + ", ".join(parts)

@@ -218,6 +218,9 @@ def batchformer_logits(
 class BatchFormerMethod(Method):
     """BatchFormer as a batchkin method: a thin adapter over the functions above."""
 
+    accumulation = "micro-batch"
+    accumulation_note = "its attention across the batch spans one micro-batch of data.batch_size samples"
+
     @dataclass
     class Options:
         layers: int = field(default=1, metadata={"ge": 1, "help": "encoder layers"})

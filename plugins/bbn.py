@@ -331,6 +331,10 @@ class BilateralNet(Classifier):
 class BBN(Method):
     """BBN as a batchkin method: a thin adapter over the functions above."""
 
+    # a mean over samples; micro-batch s of both streams holds what rows s*B.. of the large batch would
+    # (alpha_schedule = "beta" draws its alpha per micro-batch)
+    accumulation = "exact"
+
     @dataclass
     class Options:
         sampler: Literal["reversed", "balanced", "instance"] = field(
@@ -400,6 +404,7 @@ class BBN(Method):
                                    generator=state.generator("bbn", "cpu"), beta=self.options.beta)
         self.alpha_sum += self.alpha
         self.alpha_count += 1
+        state.step_metrics["bbn/alpha"] = self.alpha
 
     @hookimpl
     def forward(self, state):

@@ -18,6 +18,8 @@ from batchkin.plugin import Method
 class CrossEntropy(Method):
     """Cross-entropy on the classifier's logits."""
 
+    accumulation = "exact"  # a mean over samples
+
     @dataclass
     class Options:
         label_smoothing: float = field(default=0.0, metadata={

@@ -218,6 +218,9 @@ class DINO(SSLBase):
     teacher's EMA are :class:`~batchkin.plugins.ssl.SSLBase`'s."""
 
     name = "dino"
+    # the loss is a mean over samples; the centre, a batch statistic, is updated once per optimizer
+    # step from the teacher outputs of all its micro-batches
+    accumulation = "exact"
 
     @dataclass
     class Options(SSLOptions):
@@ -267,6 +270,7 @@ class DINO(SSLBase):
         self.temp = self.options.warmup_teacher_temp
         self.local: LocalCrops | None = None
         self.entropy = torch.zeros(3)
+        self.teacher_rows: list[torch.Tensor] = []  # this optimizer step's teacher outputs, for the centre
 
     def build_model(self, state, encoder):
         o = self.options
@@ -320,6 +324,7 @@ class DINO(SSLBase):
     @hookimpl
     def loss_terms(self, state, outputs):
         step = outputs["ssl"]
+        self.teacher_rows.append(local_keys(step).detach())
         p = teacher_probs(local_keys(step), step.center, step.teacher_temp)
         per_sample, of_mean = teacher_entropy(p)
         one = torch.ones((), device=p.device)
@@ -344,11 +349,13 @@ class DINO(SSLBase):
 
     @hookimpl
     def after_step(self, state):
+        """The teacher's EMA, then the centre from the teacher outputs of every micro-batch of
+        the step (``train.accumulate``): the mean over the rows of the accumulated batch."""
         super().after_step(state)
-        step = state.outputs.get("ssl") if isinstance(state.outputs, dict) else None
-        if step is not None:
-            update_center(state.unwrapped_model.dino_center, local_keys(step), self.options.center_momentum,
-                          world_size=state.world_size)
+        rows, self.teacher_rows = self.teacher_rows, []
+        if rows:
+            update_center(state.unwrapped_model.dino_center, rows[0] if len(rows) == 1 else torch.cat(rows, dim=1),
+                          self.options.center_momentum, world_size=state.world_size)
 
 
 @hookimpl

@@ -167,6 +167,8 @@ def token_grids(model: nn.Module, image_shape) -> list[tuple[int, int, int]] | N
 class DRLoc(Method):
     """DRLoc as a batchkin method: a thin adapter over :func:`drloc_loss` and :func:`drloc_lambda`."""
 
+    accumulation = "exact"  # pairs are drawn per image: a mean over samples
+
     @dataclass
     class Options:
         head: Literal["l1", "ce", "cbr"] = field(

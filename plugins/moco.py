@@ -76,6 +76,9 @@ class MoCo(SSLBase):
     the momentum update are :class:`~batchkin.plugins.ssl.SSLBase`'s."""
 
     name = "moco"
+    accumulation = "refuse"
+    accumulation_note = ("its InfoNCE loss takes the negatives from the batch, and each micro-batch would see "
+                         "data.batch_size - 1 of them instead of the accumulated batch's; raise data.batch_size instead")
 
     @dataclass
     class Options(SSLOptions):

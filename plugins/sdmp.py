@@ -264,6 +264,8 @@ class SDMP(Method):
     """SDMP as a plugin over an SSL base (see the module docstring)."""
 
     requires = ("moco", "dino")
+    accumulation = "micro-batch"
+    accumulation_note = "each image's mixing partner is its flip within one micro-batch (flip = 'local' per micro-batch)"
 
     @dataclass
     class Options:

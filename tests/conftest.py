@@ -17,9 +17,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Two xdist workers on a two-core machine: one intra-op thread each, or OpenMP
-# threads oversubscribe the cores and every op slows down many times over.
+# threads oversubscribe the cores and every op slows down many times over. The
+# environment variable carries it to runs (train.threads = "auto" reads it) and to
+# child processes.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @contextlib.contextmanager

@@ -248,6 +248,7 @@ class SSLBase(Method):
         target, online = state.unwrapped_model.momentum_pairs()
         ema_update_(target, online, m)
         self.momentum = m
+        state.step_metrics[f"{self.name}/momentum"] = m
 
     @hookimpl
     def on_epoch_end(self, state):

@@ -39,7 +39,8 @@ class KNNEvaluator:
     The features are the model's ``eval_features`` (:func:`batchkin.probe.features_of`:
     the online encoder's, or DINO's teacher's). The bank (the training split's features,
     L2-normalised) is rebuilt at the first evaluation batch after any training step
-    (keyed by run and step), so the val and test evaluations of the same weights share it.
+    (keyed by run, step and ``state.eval_weights``: the EMA's weights or the model's), so
+    the val and test evaluations of the same weights share it.
     """
 
     def __init__(self, k: int = 20, temperature: float = 0.07):
@@ -49,7 +50,7 @@ class KNNEvaluator:
 
     def forward(self, state) -> dict:
         model = state.unwrapped_model
-        key = (id(state), state.step, state.epoch)
+        key = (id(state), state.step, state.epoch, getattr(state, "eval_weights", "model"))
         if self.key != key:
             was = model.training
             model.eval()

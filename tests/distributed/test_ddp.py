@@ -36,6 +36,26 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path, torchrun, single, m
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
 
 
+def test_two_ranks_accumulating_equal_one_rank_with_the_whole_batch(tmp_path, torchrun, single, metrics):
+    """2 ranks x 2 micro-batches of 4 (no_sync on the first, reduced with the second) make
+    the steps of one rank with batches of 16 (no augmentation: its draws are per micro-batch);
+    rank 0 alone writes the loggers' files."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    logs = ["--set", 'log.backends=["jsonl","csv"]', "--set", "train.log_every=1", "--set", "data.augment=false"]
+    r2 = torchrun(2, two, "--set", "data.batch_size=4", "--set", "train.accumulate=2", *logs)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    r1 = single(one, "--set", "data.batch_size=16", "--set", "data.augment=false")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    w2 = load_checkpoint(two / "checkpoints" / "last.pt")["model"]
+    w1 = load_checkpoint(one / "checkpoints" / "last.pt")["model"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["step"] for r in metrics(two)] == [r["step"] for r in metrics(one)]
+    steps = [json.loads(x)["step"] for x in (two / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, metrics(two)[-1]["step"] + 1))  # one row per step: rank 0's
+    assert (two / "steps.csv").read_text().count("\n") == len(steps) + 1
+
+
 def test_two_rank_evaluation_equals_one_rank(tmp_path, single, metrics):
     """The same weights evaluated by 2 processes and by 1 give identical metrics."""
     one = tmp_path / "one"

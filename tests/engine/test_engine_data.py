@@ -408,6 +408,31 @@ def test_sampler_resumes_mid_epoch():
     assert len(_epoch(fresh)) == 10
 
 
+def test_sampler_iterated_twice_yields_the_same_epoch_again():
+    """A finished epoch iterated again yields it again (as DistributedSampler and BBN's
+    sampler do), whole; an epoch left mid-way continues from its position first."""
+    s = ShuffleSampler(40, 4, seed=9, rank=1, world=2)
+    s.set_epoch(2)
+    first = _epoch(s)
+    again = _epoch(s)
+    assert len(first) == len(again) == len(s) == 5
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert s.state_dict() == {"epoch": 2, "position": 5}
+    # mid-epoch: the rest of the epoch, then the whole epoch again
+    it = iter(s)
+    head = [next(it)[""] for _ in range(2)]
+    resumed = ShuffleSampler(40, 4, seed=9, rank=1, world=2)
+    resumed.load_state_dict(s.state_dict())
+    rest = _epoch(resumed)
+    assert len(rest) == 3
+    for a, b in zip(head + rest, first):
+        assert torch.equal(a, b)
+    assert len(_epoch(resumed)) == 5
+    s.set_epoch(3)
+    assert not all(torch.equal(a, b) for a, b in zip(_epoch(s), first))
+
+
 def test_sampler_batch_larger_than_the_data_is_a_config_error():
     with pytest.raises(ConfigError, match="batch_size"):
         ShuffleSampler(10, 11, seed=0)
