@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 import json
 import re
 from pathlib import Path
@@ -48,13 +49,20 @@ def test_docs_config_md_is_the_listing_of_the_builtin_plugins(builtin, monkeypat
 def test_every_engine_field_is_listed_with_its_schema_default_and_help():
     listed = {k.key: k for k in engine_keys()}
     sections = {"": C.Config, "data.": C.DataConfig, "optim.": C.OptimConfig, "schedule.": C.ScheduleConfig,
-                "train.": C.TrainConfig, "metrics.": C.MetricsConfig}
+                "train.": C.TrainConfig, "metrics.": C.MetricsConfig, "log.": C.LogConfig}
     defaults = {"": C.Config(), "data.": C.DataConfig(), "optim.": C.OptimConfig(),
-                "schedule.": C.ScheduleConfig(), "train.": C.TrainConfig(), "metrics.": C.MetricsConfig()}
+                "schedule.": C.ScheduleConfig(), "train.": C.TrainConfig(), "metrics.": C.MetricsConfig(),
+                "log.": C.LogConfig()}
     count = 0
-    for prefix, cls in sections.items():
+    while sections:
+        prefix, cls = sections.popitem()
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in C.ENGINE_TABLES:
+                continue
+            if dataclasses.is_dataclass(hints[f.name]):  # a nested table such as train.ema: its keys are listed
+                sections[f"{prefix}{f.name}."] = hints[f.name]
+                defaults[f"{prefix}{f.name}."] = getattr(defaults[prefix], f.name)
                 continue
             key = listed[prefix + f.name]
             assert key.default == getattr(defaults[prefix], f.name), key
