@@ -8,6 +8,7 @@ writes the run folder and prints progress.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -32,6 +33,7 @@ class DistContext:
                 torch.cuda.set_device(local)
             timeout = datetime.timedelta(seconds=float(os.environ.get("BATCHKIN_DIST_TIMEOUT", "300")))
             dist.init_process_group(backend, timeout=timeout)
+            atexit.register(_release_process_group)
         return cls(rank, world, local)
 
     @property
@@ -84,3 +86,16 @@ class DistContext:
             print(f"batchkin: note: {', '.join(wanting)} would synchronise BatchNorm across ranks, but SyncBatchNorm "
                   "needs CUDA; BatchNorm statistics stay per rank on CPU", file=sys.stderr, flush=True)
         return bool(wanting) and cuda
+
+
+def _release_process_group() -> None:
+    """Destroy the process group this module started, while the interpreter is still whole.
+
+    Left to interpreter shutdown, gloo's worker threads can still hold finished work
+    (tensors with Python references); freeing them then aborts the process (SIGABRT,
+    "terminate called without an active exception") after a run that succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
