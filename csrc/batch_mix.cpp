@@ -315,14 +315,21 @@ std::tuple<at::Tensor, at::Tensor> batch_mix_cpu(const at::Tensor& x_in, const a
   const int64_t* op_p = op.data_ptr<int64_t>();
   const float* lam_p = lam.data_ptr<float>();
   const int64_t* box_p = boxes.data_ptr<int64_t>();
+  // the values, checked here (B and V*B small loops) rather than by the caller: a ValueError in
+  // Python, worded as batch_mix's own checks (the first bad op, then lam, then box)
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(op_p[b] >= kMixup && op_p[b] <= kResizemix, "_batch_mix_cpu: unknown operator code ", op_p[b]);
+    TORCH_CHECK_VALUE(op_p[b] >= kMixup && op_p[b] <= kResizemix, "op[", b, "] = ", op_p[b],
+                      " is not an operator code (0 mixup, 1 cutmix, 2 resizemix)");
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(lam_p[b] >= 0.0f && lam_p[b] <= 1.0f, "lam[", b, "] = ", lam_p[b], " is outside [0, 1]");
   }
   for (int64_t i = 0; i < V * B; ++i) {
     const int64_t* box = box_p + i * 4;
-    TORCH_CHECK(box[0] >= 0 && box[1] >= 0 && box[2] >= 0 && box[3] >= 0 && box[0] + box[2] <= H &&
-                    box[1] + box[3] <= W,
-                "_batch_mix_cpu: box ", i, " is not inside the image");
+    TORCH_CHECK_VALUE(box[0] >= 0 && box[1] >= 0 && box[2] >= 0 && box[3] >= 0 && box[0] + box[2] <= H &&
+                          box[1] + box[3] <= W,
+                      "boxes[", i / B, ", ", i % B, "] = [", box[0], ", ", box[1], ", ", box[2], ", ", box[3],
+                      "] (y0, x0, h, w) is not inside the ", H, "x", W, " image");
   }
 
   // contiguous and uninitialised: the mixing loop writes every element, and a fresh block's
