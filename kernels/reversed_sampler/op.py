@@ -121,7 +121,10 @@ def sample_epoch(
     checks.check_int("start", start, min_value=0, max_value=num_draws)
     stop = num_draws if stop is None else checks.check_int("stop", stop, min_value=start, max_value=num_draws)
     tables = prepare_tables(sorted_indices, counts, mode, weights)
-    return reversed_sampler_op(sorted_indices.contiguous(), *tables, key, start, stop)
+    args = (sorted_indices.contiguous(), *tables, key, start, stop)
+    if torch.compiler.is_compiling():
+        return reversed_sampler_op(*args)
+    return _run(_EPOCH_PATHS, None, *args)  # eager: the path itself, without the op's Python dispatch
 
 
 def _check_cdf(cdf, C: int) -> torch.Tensor:

@@ -778,6 +778,12 @@ def test_bad_inputs():
             dp.drloc_first_layer(grid, p, weight, bias)
         with pytest.raises(ValueError, match="pos (rows|cols)"):
             dp.drloc_first_layer(grid, p, weight, bias, strategy="project")
+        strided = torch.stack((pos, p), 2).flatten(1, 2)[:, 1::2]  # p's values, not contiguous
+        with pytest.raises(ValueError, match="pos (rows|cols)"):
+            dp.drloc_gather(grid, strided)
+    strided = torch.stack((pos.flip(1), pos), 2).flatten(1, 2)[:, 1::2]
+    assert not strided.is_contiguous() and all(torch.equal(a, b) for a, b in zip(dp.drloc_gather(grid, strided),
+                                                                                   dp.drloc_gather(grid, pos)))
     # the first layer's weight and bias
     with pytest.raises(ValueError, match="weight"):
         dp.drloc_first_layer(grid, pos, torch.randn(7, 5), bias)
