@@ -62,7 +62,8 @@ def _run(paths: dict, path: str | None, sorted_indices: torch.Tensor, *args) -> 
 def reversed_sampler_impl(
     sorted_indices, offsets, counts, cdf, key: int, start: int, stop: int, path: str = "ref"
 ) -> torch.Tensor:
-    """Run one path (``ref``/``cpp``/``triton``) directly on prepared tables (no validation)."""
+    """Run one path (``ref``/``cpp``/``triton``; ``None``: the dispatched one) directly on
+    prepared tables (no validation)."""
     return _run(_EPOCH_PATHS, path, sorted_indices, offsets, counts, cdf, key, start, stop)
 
 
