@@ -333,14 +333,44 @@ def _autocast(state: State):
 def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[bool]]:
     """The loss value and whether each term is all-finite, read from the device at once.
 
-    One small tensor, [loss, isfinite(term_1), ..., isfinite(term_k)], crosses to the
-    host: one wait for the device instead of one per term plus one for the loss. The
-    value is None when the loss has more than one element (``float`` would refuse it).
+    A one-element loss (the sum of the terms) is read alone: it is finite exactly when
+    every term is (a NaN or an infinity in any term makes the float32 sum non-finite), so
+    the terms are looked at only when it is not. Otherwise one small tensor, [loss,
+    isfinite(term_1), ..., isfinite(term_k)], crosses to the host: one wait for the device
+    instead of one per term plus one for the loss. The value is None when the loss has
+    more than one element (``float`` would refuse it).
     """
+    if loss.numel() == 1:
+        value = loss.item()
+        if math.isfinite(value):
+            return value, [True] * len(terms)
     finite = torch.stack([torch.isfinite(t.detach()).all().to(loss.device) for t in terms.values()]).float()
     scalar = loss.numel() == 1
     values = (torch.cat([loss.detach().float().reshape(1), finite]) if scalar else finite).tolist()
     return (values[0] if scalar else None), [v != 0 for v in values[scalar:]]
+
+
+_FLAGS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (found, one) for _grads_finite
+
+
+def _grads_finite(params: list) -> bool:
+    """Whether every gradient is finite: one fused pass over them (the kernel GradScaler uses,
+    multiplying by exactly 1.0) and one read of the flag; one tensor at a time where that
+    kernel refuses the gradients (several devices, sparse or complex ones)."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return True
+    first = grads[0].device
+    flags = _FLAGS.get(first)
+    if flags is None:
+        flags = _FLAGS[first] = (torch.zeros(1, device=first), torch.ones(1, device=first))
+    found, one = flags
+    try:
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        return not found.item()
+    except RuntimeError:  # NotImplementedError included: one tensor at a time
+        return all(bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()) for g in grads)
 
 
 def train_step(state: State, indices: dict) -> float:
@@ -371,24 +401,26 @@ def train_step(state: State, indices: dict) -> float:
     if not terms:
         raise ConfigError(f"no enabled method produced a loss term (methods: {', '.join(state.hooks.names)}); add 'ce'")
     state.loss_terms = terms
-    loss = sum(t.float() for t in terms.values())
+    values = [t.float() for t in terms.values()]
+    loss = sum(values[1:], values[0])  # one term is the loss itself (no 0 + term node in the graph)
     state.step_skipped = False
     loss_value, finite = _read_loss(loss, terms)
     bad = [k for k, ok in zip(terms, finite) if not ok]
     with state.phase("backward"):
         state.optimizer.zero_grad(set_to_none=True)
         if not bad:
-            state.scaler.scale(loss).backward()
-            state.scaler.unscale_(state.optimizer)
+            if state.scaler.is_enabled():
+                state.scaler.scale(loss).backward()
+                state.scaler.unscale_(state.optimizer)
+            else:
+                loss.backward()
             state.hooks.before_optimizer_step(state=state)
             params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if cfg.train.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                grads_finite = bool(torch.isfinite(norm))
             else:
-                # one fused pass (the same kernel clip_grad_norm_ uses) for the non-finite check
-                norms = torch._foreach_norm([p.grad.detach() for p in params]) if params else [torch.zeros(())]
-                norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-            grads_finite = bool(torch.isfinite(norm))
+                grads_finite = _grads_finite(params)
         else:
             grads_finite = False
     if bad or not grads_finite:
@@ -408,8 +440,11 @@ def train_step(state: State, indices: dict) -> float:
             state.step_skipped = True
     else:
         with state.phase("optimizer"):
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
+            if state.scaler.is_enabled():
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+            else:
+                state.optimizer.step()
     with state.phase("optimizer"):
         state.scheduler.step()
     state.step += 1
