@@ -82,33 +82,42 @@ def measure_peaks() -> dict:
     return {"copy_GBps": round(2 * x.numel() / copy_s / 1e9, 1), "matmul_bf16_TFLOPs": round(2 * 8192**3 / mm_s / 1e12, 1)}
 
 
-def interleave(fns: dict, rounds: int, baseline: str) -> dict:
+def interleave(fns: dict, rounds: int, baseline: str, *, timer=None, repeat: int = 1) -> dict:
     """Time the callables ``fns`` (name -> no-argument function) in alternating order.
 
-    Every round runs each callable once, the order reversed on odd rounds, so a machine
-    whose speed drifts over minutes (a shared VM) slows every implementation alike; the
-    ratio ``baseline time / name time`` is taken within each round and its median reported
-    (``median_ratio[name]``), with the median seconds per callable and every ratio. Call
-    each function once before (warm-up) if it compiles or caches anything.
+    Every round runs each callable once (``repeat`` times in a row, timed together and
+    divided), the order reversed on odd rounds, so a machine whose speed drifts over minutes
+    (a shared VM) slows every implementation alike; the ratio ``baseline time / name time`` is
+    taken within each round and its median reported (``median_ratio[name]``), with the
+    median seconds per callable, every ratio and every time (``times``). ``timer`` is
+    ``time.perf_counter`` by default; ``time.process_time`` (the process's CPU time) leaves
+    out the time a single-threaded benchmark spends descheduled. Call each function once
+    before (warm-up) if it compiles or caches anything.
     """
     import statistics
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not one of {', '.join(fns)}")
+    clock = timer or time.perf_counter
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    ratios = {n: [b / t for b, t in zip(times[baseline], times[n])] for n in names}
+            fn = fns[name]
+            t0 = clock()
+            for _ in range(repeat):
+                fn()
+            times[name].append((clock() - t0) / repeat)
+    ratios = {n: [b / t if t > 0 else float("inf") for b, t in zip(times[baseline], times[n])] for n in names}
     return {"rounds": rounds, "baseline": baseline,
             "median_s": {n: statistics.median(times[n]) for n in names},
             "median_ratio": {n: statistics.median(ratios[n]) for n in names},
-            "ratios": {n: [round(r, 3) for r in ratios[n]] for n in names}}
+            "ratios": {n: [round(r, 3) for r in ratios[n]] for n in names},
+            "times": times}
 
 
 def summarize(raw: dict, peaks: dict | None = None) -> list[dict]:

@@ -715,11 +715,12 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
                 best, improved = {"epoch": state.epoch, "top1": val["top1"]}, True
         if rank0:
             folder.commit_resume(state)
-            if improved:
-                run.save_checkpoint(checkpoint_dict(state, best), "best.pt")
+            save_last = state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch
+            if improved:  # best.pt and last.pt of one epoch: serialised once
+                run.save_checkpoint(ckpt := checkpoint_dict(state, best), "best.pt", keep=save_last)
             run.append_metrics(record)
-            if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch:
-                run.save_checkpoint(checkpoint_dict(state, best))
+            if save_last:
+                run.save_checkpoint(ckpt if improved else checkpoint_dict(state, best))
                 if run.staging is not None:
                     run.commit_replacement()
                 run.last_epoch = state.epoch
