@@ -120,14 +120,17 @@ def sample_mix_params(
     op = op if per_sample_op else np.repeat(op, B)
     side = np.sqrt(1.0 - lam.astype(np.float64))
     size = np.array([[H], [W]], dtype=np.int64)
-    hw = np.minimum(np.maximum(np.rint(size * side).astype(np.int64), 0), size)  # [2, B]: h, w
+    # [2, B]: h, w; within [0, H] and [0, W] as they stand (side <= 1), so the clamp is free
+    hw = np.rint(size * side).astype(np.int64)
     room = size - hw  # the last valid corner, H - h and W - w
     u = torch.rand(num_views, 2, B, generator=generator, dtype=torch.float64).numpy()
-    # uniform over the H-h+1 (W-w+1) valid positions; the min guards u*(n) rounding up to n
-    corner = np.minimum(np.floor(u * (room + 1)).astype(np.int64), room)  # [V, 2, B]: y0, x0
+    # uniform over the H-h+1 (W-w+1) valid positions (truncation is floor here: u * n >= 0);
+    # the min guards u*(n) rounding up to n
+    corner = np.minimum((u * (room + 1)).astype(np.int64), room)  # [V, 2, B]: y0, x0
     boxes = np.empty((num_views, B, 4), dtype=np.int64)
     boxes[:, :, :2] = corner.transpose(0, 2, 1)
     boxes[:, :, 2:] = hw.T
-    op, lam, boxes = torch.from_numpy(op), torch.from_numpy(lam), torch.from_numpy(boxes)
-    params = MixParams(op, lam, boxes)
-    return params.to(device) if device is not None else params
+    params = MixParams(torch.from_numpy(op), torch.from_numpy(lam), torch.from_numpy(boxes))
+    if device is None or torch.device(device).type == "cpu":
+        return params
+    return params.to(device)

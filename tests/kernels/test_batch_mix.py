@@ -444,6 +444,21 @@ def test_non_contiguous_input(path):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((1, 6, 2, 9, 64), torch.float32), ((1, 6, 2, 9, 65), torch.float32), ((2, 6, 2, 5, 256), torch.uint8),
+     ((2, 6, 2, 5, 257), torch.uint8), ((1, 5, 1, 4, 128), torch.float16)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_cpp_short_and_long_rows_match_reference(shape, dtype):
+    """Rows of up to 256 bytes are pasted over a whole-plane copy, longer ones written once
+    in address order: both sides of the boundary give the reference's bits."""
+    x, op, lam, boxes = _case(shape, dtype, 61)
+    ref, ref_eff = bm.batch_mix_impl(x, op, lam, boxes, path="ref")
+    out, eff = bm.batch_mix_impl(x, op, lam, boxes, path="cpp")
+    assert torch.equal(out, ref) and torch.equal(eff, ref_eff)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
 def test_cpp_large_output_matches_reference(dtype):
     """Outputs of 32 MiB and more take the huge-page allocation; planes of odd size, so
