@@ -338,6 +338,11 @@ def _ratio(cell: dict | None) -> str:
     return f"{cell['ratio']:.2f}x [{lo:.2f}-{hi:.2f}]"
 
 
+def _table(intro: str, header: list[str], body: list[str]) -> list[str]:
+    """A paragraph, then a Markdown table of ``header`` and the ``body`` rows, then a blank line."""
+    return [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body, ""]
+
+
 def peers_markdown(result: dict) -> str:
     """peers.json as Markdown: every target as peer time / batchkin time (median [range] of the rounds)."""
     meta, k, e = result["meta"], result["kernels"], result.get("engine") or {}
@@ -351,73 +356,71 @@ def peers_markdown(result: dict) -> str:
              "cell is peer time / batchkin time, the median and [range] over the rounds (above 1: batchkin is faster).",
              ""]
     if "overhead" in sec:
-        lines += ["Public call against the kernel it runs (µs per call; target: at most 20 µs over the kernel):", "",
-                  "| call | kernel (µs) | public call (µs) | overhead (µs), median [range] |", "|---|---|---|---|"]
+        body = []
         for r in sec["overhead"]["rows"]:
             over = "-" if r["overhead_us"] is None else \
                 f"{r['overhead_us']:.1f} [{r['overhead_range_us'][0]:.1f} - {r['overhead_range_us'][1]:.1f}]"
-            lines.append(f"| {r['call']} | {r['kernel_us'] if r['kernel_us'] is not None else '-'} | "
-                         f"{r['public_us']} | {over} |")
-        lines.append("")
+            body.append(f"| {r['call']} | {r['kernel_us'] if r['kernel_us'] is not None else '-'} | "
+                        f"{r['public_us']} | {over} |")
+        lines += _table("Public call against the kernel it runs (µs per call; target: at most 20 µs over the kernel):",
+                        ["call", "kernel (µs)", "public call (µs)", "overhead (µs), median [range]"], body)
     if "mixing" in sec:
-        lines += ["Mixing: timm's `Mixup` (it draws its own parameters, mixes in place and builds the mixed one-hot "
-                  "targets) against batchkin's draw + mix (`sample_mix_params` + `batch_mix`, per-sample lam and "
-                  "boxes, a new tensor); `lerp`, `paste` and `resize_paste` (given one lam or box) against `batch_mix` "
-                  "given its parameters; floor: `out.copy_(x)` of the same bytes, batchkin's mixing as a fraction of "
-                  "its speed:", "",
-                  "| shape | op | dtype | draw + mix (ms) | mix (ms) | fraction of copy | timm batch | timm elem | "
-                  "lerp / paste |", "|---|---|---|---|---|---|---|---|---|"]
+        body = []
         for r in sec["mixing"]["rows"]:
             d, g = r["vs_draw_and_mix"], r["vs_mix"]
             eager = g.get("lerp") or g.get("paste") or g.get("resize_paste")
-            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['operator']} | {r['dtype']} | {r['batchkin_ms']} | "
-                         f"{r['batchkin_mix_ms']} | {r['copy_fraction']:.2f} | {_ratio(d.get('timm_batch'))} | "
-                         f"{_ratio(d.get('timm_elem'))} | {_ratio(eager)} |")
-        lines.append("")
+            body.append(f"| {'x'.join(map(str, r['shape']))} | {r['operator']} | {r['dtype']} | {r['batchkin_ms']} | "
+                        f"{r['batchkin_mix_ms']} | {r['copy_fraction']:.2f} | {_ratio(d.get('timm_batch'))} | "
+                        f"{_ratio(d.get('timm_elem'))} | {_ratio(eager)} |")
+        lines += _table(
+            "Mixing: timm's `Mixup` (it draws its own parameters, mixes in place and builds the mixed one-hot targets) "
+            "against batchkin's draw + mix (`sample_mix_params` + `batch_mix`, per-sample lam and boxes, a new tensor); "
+            "`lerp`, `paste` and `resize_paste` (given one lam or box) against `batch_mix` given its parameters; floor: "
+            "`out.copy_(x)` of the same bytes, batchkin's mixing as a fraction of its speed:",
+            ["shape", "op", "dtype", "draw + mix (ms)", "mix (ms)", "fraction of copy", "timm batch", "timm elem",
+             "lerp / paste"], body)
     if "sampler" in sec:
-        lines += ["BBN's reversed stream, one epoch (target: at least 2x `WeightedRandomSampler`): `BBNSampler` as the "
-                  "engine iterates it (per-step index tensors of both streams) against the same dual stream built from "
-                  "the peers (the uniform permutation plus `BatchSampler(WeightedRandomSampler)` batches as tensors), "
-                  "and the epoch's reversed draws as one tensor against `list(WeightedRandomSampler)` and "
-                  "`torch.multinomial` of the same number of draws:", "",
-                  "| labels | classes | draws | BBNSampler (ms) | dual stream from peers | reversed epoch (ms) | "
-                  "list(WeightedRandomSampler) | multinomial |", "|---|---|---|---|---|---|---|---|"]
+        body = []
         for r in sec["sampler"]["rows"]:
             a, b = r["vs_bbn"], r["vs_reversed_epoch"]
-            lines.append(f"| {r['labels']} | {r['classes']} | {r['draws']} | {a['bbn']['ms']} | "
-                         f"{_ratio(a['wrs_dual_stream'])} | {b['bbn_reversed_epoch']['ms']} | {_ratio(b['wrs_list'])} | "
-                         f"{_ratio(b['multinomial'])} |")
-        lines.append("")
+            body.append(f"| {r['labels']} | {r['classes']} | {r['draws']} | {a['bbn']['ms']} | "
+                        f"{_ratio(a['wrs_dual_stream'])} | {b['bbn_reversed_epoch']['ms']} | {_ratio(b['wrs_list'])} | "
+                        f"{_ratio(b['multinomial'])} |")
+        lines += _table(
+            "BBN's reversed stream, one epoch (target: at least 2x `WeightedRandomSampler`): `BBNSampler` as the engine "
+            "iterates it (per-step index tensors of both streams) against the same dual stream built from the peers (the "
+            "uniform permutation plus `BatchSampler(WeightedRandomSampler)` batches as tensors), and the epoch's reversed "
+            "draws as one tensor against `list(WeightedRandomSampler)` and `torch.multinomial` of the same number of "
+            "draws:",
+            ["labels", "classes", "draws", "BBNSampler (ms)", "dual stream from peers", "reversed epoch (ms)",
+             "list(WeightedRandomSampler)", "multinomial"], body)
     if "layer" in sec:
-        lines += ["BatchFormer layer forward + backward (training mode, dropout 0.5, same weights) against "
-                  "`nn.TransformerEncoderLayer` and its `torch.compile`; floor: the layer's matrix products alone:", "",
-                  "| B | C | batchkin (ms) | nn.TransformerEncoderLayer | torch.compile | batchkin / GEMM floor |",
-                  "|---|---|---|---|---|---|"]
-        for r in sec["layer"]["rows"]:
-            t = r["times"]
-            lines.append(f"| {r['B']} | {r['C']} | {t['batchkin']['ms']} | {_ratio(t['torch'])} | "
-                         f"{_ratio(t.get('torch_compile'))} | {r['over_gemm_floor']}x |")
-        lines.append("")
+        body = [f"| {r['B']} | {r['C']} | {r['times']['batchkin']['ms']} | {_ratio(r['times']['torch'])} | "
+                f"{_ratio(r['times'].get('torch_compile'))} | {r['over_gemm_floor']}x |" for r in sec["layer"]["rows"]]
+        lines += _table(
+            "BatchFormer layer forward + backward (training mode, dropout 0.5, same weights) against "
+            "`nn.TransformerEncoderLayer` and its `torch.compile`; floor: the layer's matrix products alone:",
+            ["B", "C", "batchkin (ms)", "nn.TransformerEncoderLayer", "torch.compile", "batchkin / GEMM floor"], body)
     if e:
         st, fx = e["step"], e["fixed"]
         lines += [f"Engine, {st['case']}: per-step overhead against a plain loop, step by step for {st['rounds']} "
                   f"rounds ({st['timer']}): plain {st['plain_ms']:.3f} ms, engine {st['engine_ms']:.3f} ms, plain / "
                   f"engine {st['plain_over_engine']:.3f} (quartiles {st['quartiles']}), an overhead of "
-                  f"{st['overhead_pct']:.1f}% (target: at most 2%).", "",
-                  f"fit's fixed cost, {fx['case']}, {fx['rounds']} rounds (wall time; a side's time minus the plain "
-                  f"loop's {1e3 * fx['plain_epoch_s']:.0f} ms in the same round; imports and plugin discovery "
-                  f"({1e3 * fx['plugins_s']:.0f} ms, once) before):", "",
-                  "| | fixed cost (ms), median [range] | included |", "|---|---|---|",
-                  f"| batchkin `fit` | {1e3 * fx['batchkin_fixed_s']:.1f} [{1e3 * fx['batchkin_fixed_range_s'][0]:.1f} - "
-                  f"{1e3 * fx['batchkin_fixed_range_s'][1]:.1f}] | config, model, run folder, durable writes "
-                  f"({fx['batchkin_fsyncs']} fsyncs: {1e3 * fx['batchkin_fsync_s']:.1f} ms, the report's included), "
-                  "checkpoints, metrics |"]
+                  f"{st['overhead_pct']:.1f}% (target: at most 2%).", ""]
+        body = [f"| batchkin `fit` | {1e3 * fx['batchkin_fixed_s']:.1f} [{1e3 * fx['batchkin_fixed_range_s'][0]:.1f} - "
+                f"{1e3 * fx['batchkin_fixed_range_s'][1]:.1f}] | config, model, run folder, durable writes "
+                f"({fx['batchkin_fsyncs']} fsyncs: {1e3 * fx['batchkin_fsync_s']:.1f} ms, the report's included), "
+                "checkpoints, metrics |"]
         if fx.get("lightning_fixed_s") is not None:
-            lines.append(f"| Lightning `Trainer` + `fit` | {1e3 * fx['lightning_fixed_s']:.1f} "
-                         f"[{1e3 * fx['lightning_fixed_range_s'][0]:.1f} - {1e3 * fx['lightning_fixed_range_s'][1]:.1f}] "
-                         "| trainer, callbacks, checkpoint, logger |")
+            body.append(f"| Lightning `Trainer` + `fit` | {1e3 * fx['lightning_fixed_s']:.1f} "
+                        f"[{1e3 * fx['lightning_fixed_range_s'][0]:.1f} - {1e3 * fx['lightning_fixed_range_s'][1]:.1f}] "
+                        "| trainer, callbacks, checkpoint, logger |")
+        lines += _table(f"fit's fixed cost, {fx['case']}, {fx['rounds']} rounds (wall time; a side's time minus the plain "
+                        f"loop's {1e3 * fx['plain_epoch_s']:.0f} ms in the same round; imports and plugin discovery "
+                        f"({1e3 * fx['plugins_s']:.0f} ms, once) before):",
+                        ["", "fixed cost (ms), median [range]", "included"], body)
         apart = fx["batchkin_apart_s"]
-        lines += ["", "Apart from batchkin's fixed cost (Lightning's `fit` does none of them): dataset loading "
+        lines += ["Apart from batchkin's fixed cost (Lightning's `fit` does none of them): dataset loading "
                   f"{1e3 * apart['dataset']:.1f} ms, validation and test evaluation {1e3 * apart['evaluation']:.1f} ms, "
                   f"the report (PNG plots) {1e3 * apart['report']:.1f} ms.", ""]
     return "\n".join(lines) + "\n"
