@@ -21,7 +21,7 @@
 //
 // The work is split with at::parallel_for over the V*B*C image planes; every
 // output element is written exactly once into one new, uninitialised tensor. On Linux
-// outputs of 32 MiB and more are huge-page blocks, and freed ones are cached for reuse
+// outputs of 8 MiB and more are huge-page blocks, and freed ones are cached for reuse
 // (large_blocks.h).
 
 #include <ATen/ATen.h>

@@ -461,7 +461,7 @@ def test_cpp_short_and_long_rows_match_reference(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
 def test_cpp_large_output_matches_reference(dtype):
-    """Outputs of 32 MiB and more take the huge-page allocation; planes of odd size, so
+    """Outputs of 8 MiB and more take the huge-page allocation; planes of odd size, so
     neither the tensor nor the planes line up with 2 MiB pages. Values must not change."""
     shape = (2, 9, 3, 400, 523) if dtype == torch.float32 else (2, 9, 3, 800, 1047)
     assert torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() >= 32 << 20

@@ -560,7 +560,7 @@ def test_unique_cpp_over_several_chunks_and_thread_counts(dtype, threads, torch_
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the block cache is Linux only")
 def test_unique_cpp_large_outputs_reuse_blocks_and_overwrite_them():
-    """Outputs and grid gradients of 32 MiB and more come from the cached huge-page blocks
+    """Outputs and grid gradients of 8 MiB and more come from the cached huge-page blocks
     (csrc/large_blocks.h): a freed one is reused and every element of it rewritten."""
     B, C, H, W, m, hidden = 64, 8, 2, 2, 128, 1024  # output 64*128*1024*4 B = 32 MiB
     _, grid, weight, bias, pos, _ = _first_layer_case(B, C, H, W, m, hidden, torch.float32, "tokens", seed=3)
