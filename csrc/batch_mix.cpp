@@ -21,7 +21,7 @@
 //
 // The work is split with at::parallel_for over the V*B*C image planes; every
 // output element is written exactly once into one new, uninitialised tensor. On Linux
-// outputs of 32 MiB and more are huge-page blocks, and freed ones are cached for reuse
+// outputs of 8 MiB and more are huge-page blocks, and freed ones are cached for reuse
 // (large_blocks.h).
 
 #include <ATen/ATen.h>
@@ -49,6 +49,7 @@ namespace {
 constexpr int64_t kMixup = 0;
 constexpr int64_t kCutmix = 1;
 constexpr int64_t kResizemix = 2;
+constexpr int64_t kShortRowBytes = 256;  // rows up to this size: copy the plane, then paste the box
 
 template <typename T>
 inline float load_f(T v) {
@@ -231,10 +232,14 @@ void mix_plane(const T* __restrict own, const T* __restrict prt, T* __restrict d
     return;
   }
   // every output element is written once, in address order: rows above the box, then
-  // each box row (x_i's left part, the pasted part, x_i's right part), then rows below
+  // each box row (x_i's left part, the pasted part, x_i's right part), then rows below.
+  // Rows of a few dozen bytes (32x32 images) would make that a few copies of a few bytes
+  // each per row: there x_i's plane is copied whole first and the box rows are written
+  // over it (the plane is in cache by then, so the box is written twice at little cost)
   const int64_t y1 = y0 + bh;
   const int64_t x1 = x0 + bw;
-  std::memcpy(dst, own, sizeof(T) * static_cast<size_t>(y0 * W));
+  const bool short_rows = W * static_cast<int64_t>(sizeof(T)) <= kShortRowBytes;
+  std::memcpy(dst, own, sizeof(T) * static_cast<size_t>(short_rows ? HW : y0 * W));
   if (code == kResizemix) {
     if (s.vb != vb) {  // the taps depend on the (view, sample) only: shared by its channels
       s.ty.build(H, bh);
@@ -248,7 +253,7 @@ void mix_plane(const T* __restrict own, const T* __restrict prt, T* __restrict d
   for (int64_t y = y0; y < y1; ++y) {
     T* drow = dst + y * W;
     const T* orow = own + y * W;
-    std::memcpy(drow, orow, sizeof(T) * static_cast<size_t>(x0));
+    if (!short_rows) std::memcpy(drow, orow, sizeof(T) * static_cast<size_t>(x0));
     if (code == kCutmix) {
       std::memcpy(drow + x0, prt + y * W + x0, sizeof(T) * static_cast<size_t>(bw));
     } else {
@@ -263,9 +268,9 @@ void mix_plane(const T* __restrict own, const T* __restrict prt, T* __restrict d
         out[d] = store_f<T>(top[d] * wt + bot[d] * wb);
       }
     }
-    std::memcpy(drow + x1, orow + x1, sizeof(T) * static_cast<size_t>(W - x1));
+    if (!short_rows) std::memcpy(drow + x1, orow + x1, sizeof(T) * static_cast<size_t>(W - x1));
   }
-  std::memcpy(dst + y1 * W, own + y1 * W, sizeof(T) * static_cast<size_t>((H - y1) * W));
+  if (!short_rows) std::memcpy(dst + y1 * W, own + y1 * W, sizeof(T) * static_cast<size_t>((H - y1) * W));
 }
 
 template <typename T>
@@ -315,14 +320,21 @@ std::tuple<at::Tensor, at::Tensor> batch_mix_cpu(const at::Tensor& x_in, const a
   const int64_t* op_p = op.data_ptr<int64_t>();
   const float* lam_p = lam.data_ptr<float>();
   const int64_t* box_p = boxes.data_ptr<int64_t>();
+  // the values, checked here (B and V*B small loops) rather than by the caller: a ValueError in
+  // Python, worded as batch_mix's own checks (the first bad op, then lam, then box)
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(op_p[b] >= kMixup && op_p[b] <= kResizemix, "_batch_mix_cpu: unknown operator code ", op_p[b]);
+    TORCH_CHECK_VALUE(op_p[b] >= kMixup && op_p[b] <= kResizemix, "op[", b, "] = ", op_p[b],
+                      " is not an operator code (0 mixup, 1 cutmix, 2 resizemix)");
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(lam_p[b] >= 0.0f && lam_p[b] <= 1.0f, "lam[", b, "] = ", lam_p[b], " is outside [0, 1]");
   }
   for (int64_t i = 0; i < V * B; ++i) {
     const int64_t* box = box_p + i * 4;
-    TORCH_CHECK(box[0] >= 0 && box[1] >= 0 && box[2] >= 0 && box[3] >= 0 && box[0] + box[2] <= H &&
-                    box[1] + box[3] <= W,
-                "_batch_mix_cpu: box ", i, " is not inside the image");
+    TORCH_CHECK_VALUE(box[0] >= 0 && box[1] >= 0 && box[2] >= 0 && box[3] >= 0 && box[0] + box[2] <= H &&
+                          box[1] + box[3] <= W,
+                      "boxes[", i / B, ", ", i % B, "] = [", box[0], ", ", box[1], ", ", box[2], ", ", box[3],
+                      "] (y0, x0, h, w) is not inside the ", H, "x", W, " image");
   }
 
   // contiguous and uninitialised: the mixing loop writes every element, and a fresh block's

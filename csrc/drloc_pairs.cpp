@@ -60,17 +60,22 @@ void check_grid(const at::Tensor& grid, const char* name) {
               " must be float32, float16 or bfloat16");
 }
 
-void check_pos(const at::Tensor& pos, int64_t B, int64_t H, int64_t W) {
-  TORCH_CHECK(pos.dim() == 3 && pos.size(0) == B && pos.size(2) == 4, "pos must have shape [B, m, 4]");
-  TORCH_CHECK(pos.scalar_type() == at::kLong, "pos must be int64");
-  TORCH_CHECK(pos.device().is_cpu(), "pos must be a CPU tensor");
+void check_pos(const at::Tensor& pos_in, int64_t B, int64_t H, int64_t W) {
+  TORCH_CHECK(pos_in.dim() == 3 && pos_in.size(0) == B && pos_in.size(2) == 4, "pos must have shape [B, m, 4]");
+  TORCH_CHECK(pos_in.scalar_type() == at::kLong, "pos must be int64");
+  TORCH_CHECK(pos_in.device().is_cpu(), "pos must be a CPU tensor");
+  // the range checks of the Python API (a ValueError, the same words), done here as the
+  // positions are read: rows of every pair first, then columns
+  const at::Tensor pos = pos_in.contiguous();
   const int64_t* p = pos.data_ptr<int64_t>();
   const int64_t n = pos.numel() / 4;
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(p[4 * i] >= 0 && p[4 * i] < H && p[4 * i + 2] >= 0 && p[4 * i + 2] < H,
-                "pos rows must lie in [0, H)");
-    TORCH_CHECK(p[4 * i + 1] >= 0 && p[4 * i + 1] < W && p[4 * i + 3] >= 0 && p[4 * i + 3] < W,
-                "pos cols must lie in [0, W)");
+    TORCH_CHECK_VALUE(p[4 * i] >= 0 && p[4 * i] < H && p[4 * i + 2] >= 0 && p[4 * i + 2] < H,
+                      "pos rows (entries 0 and 2) must lie in [0, H) = [0, ", H, ")");
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(p[4 * i + 1] >= 0 && p[4 * i + 1] < W && p[4 * i + 3] >= 0 && p[4 * i + 3] < W,
+                      "pos cols (entries 1 and 3) must lie in [0, W) = [0, ", W, ")");
   }
 }
 

@@ -1,9 +1,11 @@
 // Large output tensors for the CPU ops: huge-page blocks and a small cache of freed ones.
 //
 // large_empty(sizes, options) returns an uninitialised contiguous tensor. Below
-// kLargeMinBytes it is at::empty. From kLargeMinBytes on (32 MiB: glibc's largest mmap
-// threshold, so a block this size would be a fresh private mapping there too, returned to
-// the system when freed) it is a 2 MiB-aligned anonymous mapping advised to use
+// kLargeMinBytes it is at::empty. From kLargeMinBytes on (8 MiB: above glibc's default mmap
+// threshold, where a block may be a fresh private mapping, returned to the system when freed,
+// or heap memory given back and faulted in again, depending on what the process allocated
+// before: a uint8 128x3x224x224 output, 19 MiB, cost from 1x to 3x its mixing in one process
+// over a benchmark's rounds) it is a 2 MiB-aligned anonymous mapping advised to use
 // transparent huge pages, and when the tensor is freed its block joins a cache of
 // kCachedBlocks blocks that later calls of the same byte size reuse.
 //
@@ -35,7 +37,7 @@
 
 namespace batchkin {
 
-constexpr size_t kLargeMinBytes = size_t{32} << 20;
+constexpr size_t kLargeMinBytes = size_t{8} << 20;
 constexpr size_t kCachedBlocks = 2;
 
 #if defined(__linux__)

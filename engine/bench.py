@@ -8,7 +8,10 @@ range and the speed-up against the group's reference row (``path = "ref"``, or
 (every method's baseline-vs-method table, 3 seeds, into docs/results/). ``interleaved``
 measures the ratio targets that sequential timing on a shared machine blurs (DRLoc against
 the original style, the engine against the plain loop) with the implementations alternating
-round by round (:func:`interleave`). Results go to ``bench/results/<device-name>/``
+round by round (:func:`interleave`). ``peers`` times batchkin against the libraries a user
+would otherwise call (timm's Mixup, ``WeightedRandomSampler``, ``nn.TransformerEncoderLayer``,
+Lightning's Trainer; ``bench/peers_kernels.py`` and ``bench/peers_engine.py``) and ``gpu`` runs
+``bench/gpu_check.py`` (its dry run on the CPU). Results go to ``bench/results/<device-name>/``
 as JSON and Markdown (``--quick`` runs to its ``quick/`` subfolder, so they never replace
 full results), and nothing else is written: the README's performance section is
 regenerated from every device's full results by :func:`update_readme` only when asked
@@ -85,33 +88,42 @@ def measure_peaks() -> dict:
     return {"copy_GBps": round(2 * x.numel() / copy_s / 1e9, 1), "matmul_bf16_TFLOPs": round(2 * 8192**3 / mm_s / 1e12, 1)}
 
 
-def interleave(fns: dict, rounds: int, baseline: str) -> dict:
+def interleave(fns: dict, rounds: int, baseline: str, *, timer=None, repeat: int = 1) -> dict:
     """Time the callables ``fns`` (name -> no-argument function) in alternating order.
 
-    Every round runs each callable once, the order reversed on odd rounds, so a machine
-    whose speed drifts over minutes (a shared VM) slows every implementation alike; the
-    ratio ``baseline time / name time`` is taken within each round and its median reported
-    (``median_ratio[name]``), with the median seconds per callable and every ratio. Call
-    each function once before (warm-up) if it compiles or caches anything.
+    Every round runs each callable once (``repeat`` times in a row, timed together and
+    divided), the order reversed on odd rounds, so a machine whose speed drifts over minutes
+    (a shared VM) slows every implementation alike; the ratio ``baseline time / name time`` is
+    taken within each round and its median reported (``median_ratio[name]``), with the
+    median seconds per callable, every ratio and every time (``times``). ``timer`` is
+    ``time.perf_counter`` by default; ``time.process_time`` (the process's CPU time) leaves
+    out the time a single-threaded benchmark spends descheduled. Call each function once
+    before (warm-up) if it compiles or caches anything.
     """
     import statistics
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
     if baseline not in fns:
         raise ValueError(f"baseline {baseline!r} is not one of {', '.join(fns)}")
+    clock = timer or time.perf_counter
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(rounds):
         for name in names if i % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    ratios = {n: [b / t for b, t in zip(times[baseline], times[n])] for n in names}
+            fn = fns[name]
+            t0 = clock()
+            for _ in range(repeat):
+                fn()
+            times[name].append((clock() - t0) / repeat)
+    ratios = {n: [b / t if t > 0 else float("inf") for b, t in zip(times[baseline], times[n])] for n in names}
     return {"rounds": rounds, "baseline": baseline,
             "median_s": {n: statistics.median(times[n]) for n in names},
             "median_ratio": {n: statistics.median(ratios[n]) for n in names},
-            "ratios": {n: [round(r, 3) for r in ratios[n]] for n in names}}
+            "ratios": {n: [round(r, 3) for r in ratios[n]] for n in names},
+            "times": times}
 
 
 def summarize(raw: dict, peaks: dict | None = None) -> list[dict]:
@@ -234,6 +246,10 @@ def run(kind: str, device: str, quick: bool, extra_args: list[str] | None = None
         if update:
             update_readme(root)
         return path
+    if kind == "peers":
+        return _run_peers(root, out, device, quick, meta, env)
+    if kind == "gpu":
+        return _run_gpu_check(root, device, env, extra_args)
     if device == "cuda":
         meta["peaks"] = measure_peaks()
         if kind == "kernels":  # the Triton paths must pass parity on the GPU in the same call
@@ -305,6 +321,139 @@ def _run_interleaved(root: Path, out: Path, device: str, quick: bool, meta: dict
               f"{', '.join(f'{x:.2f}' for x in r['ratios'])} |" for r in engine]
     (out / "interleaved.md").write_text("\n".join(lines) + "\n")
     return out / "interleaved.md"
+
+
+def _run_peers(root: Path, out: Path, device: str, quick: bool, meta: dict, env: dict) -> Path:
+    """The peers comparison (bench/peers_kernels.py, then bench/peers_engine.py), both on one torch
+    thread timed in process CPU time; peers.json is rewritten as each part ends. The README is
+    left alone."""
+    if device != "cpu":
+        raise BatchkinError("batchkin bench peers runs on the CPU; on a GPU run bench/gpu_check.sh (batchkin bench gpu)")
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    meta = {**meta, "threads": 1, "timer": "process CPU time (one torch thread)"}
+    partial = out / "peers_kernels.partial.json"
+    result: dict = {"meta": meta}
+    kernels_cmd = [sys.executable, "bench/peers_kernels.py", "--json", str(partial), *(["--quick"] if quick else [])]
+    result["kernels"] = _json_of(kernels_cmd, root, env)
+    partial.unlink(missing_ok=True)
+    (out / "peers.json").write_text(json.dumps(result, indent=1))
+    rounds = ["--rounds", "3", "--step-rounds", "60"] if quick else ["--rounds", "9", "--step-rounds", "400"]
+    result["engine"] = _json_of([sys.executable, "bench/peers_engine.py", *rounds], root, env)
+    (out / "peers.json").write_text(json.dumps(result, indent=1))
+    (out / "peers.md").write_text(peers_markdown(result))
+    return out / "peers.md"
+
+
+def _run_gpu_check(root: Path, device: str, env: dict, extra_args: list[str] | None) -> Path:
+    """bench/gpu_check.py: on CUDA into bench/results/<gpu>/, on the CPU its dry run into a temporary folder."""
+    import tempfile
+
+    args = list(extra_args or [])
+    if device == "cpu":
+        args = ["--dry", "--out", tempfile.mkdtemp(prefix="batchkin-gpu-check-dry-"), *args]
+    r = subprocess.run([sys.executable, "bench/gpu_check.py", *args], cwd=root, env=env)
+    where = Path(args[args.index("--out") + 1]) if "--out" in args else root / "bench" / "results" / device_name(device)
+    if r.returncode != 0:
+        raise BatchkinError(f"the GPU check failed (exit {r.returncode}); see {where / 'gpu_check.md'}")
+    return where / "gpu_check.md"
+
+
+def _ratio(cell: dict | None) -> str:
+    """``median [min-max]x`` of a peers row's ratio (peer time / batchkin time)."""
+    if not cell:
+        return "-"
+    lo, hi = cell["range"]
+    return f"{cell['ratio']:.2f}x [{lo:.2f}-{hi:.2f}]"
+
+
+def _table(intro: str, header: list[str], body: list[str]) -> list[str]:
+    """A paragraph, then a Markdown table of ``header`` and the ``body`` rows, then a blank line."""
+    return [intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body, ""]
+
+
+def peers_markdown(result: dict) -> str:
+    """peers.json as Markdown: every target as peer time / batchkin time (median [range] of the rounds)."""
+    meta, k, e = result["meta"], result["kernels"], result.get("engine") or {}
+    sec = k["sections"]
+    lines = ["### batchkin against its peers", "",
+             f"Device: {meta['device']}; torch {meta['torch']}; timm {k.get('timm')} (its `timm/data/mixup.py` loaded by "
+             f"file path: timm's package import needs torchvision, which this CPU torch cannot import; the file imports "
+             f"only numpy and torch, nothing stubbed); lightning {e.get('fixed', {}).get('lightning')}; {meta['date']}. "
+             f"Command: `{meta['command']}`. One torch thread, timed in process CPU time (time spent descheduled by "
+             "the shared machine's other work does not count); implementations alternate round by round and each "
+             "cell is peer time / batchkin time, the median and [range] over the rounds (above 1: batchkin is faster).",
+             ""]
+    if "overhead" in sec:
+        body = []
+        for r in sec["overhead"]["rows"]:
+            over = "-" if r["overhead_us"] is None else \
+                f"{r['overhead_us']:.1f} [{r['overhead_range_us'][0]:.1f} - {r['overhead_range_us'][1]:.1f}]"
+            body.append(f"| {r['call']} | {r['kernel_us'] if r['kernel_us'] is not None else '-'} | "
+                        f"{r['public_us']} | {over} |")
+        lines += _table("Public call against the kernel it runs (µs per call; target: at most 20 µs over the kernel):",
+                        ["call", "kernel (µs)", "public call (µs)", "overhead (µs), median [range]"], body)
+    if "mixing" in sec:
+        body = []
+        for r in sec["mixing"]["rows"]:
+            d, g = r["vs_draw_and_mix"], r["vs_mix"]
+            eager = g.get("lerp") or g.get("paste") or g.get("resize_paste")
+            body.append(f"| {'x'.join(map(str, r['shape']))} | {r['operator']} | {r['dtype']} | {r['batchkin_ms']} | "
+                        f"{r['batchkin_mix_ms']} | {r['copy_fraction']:.2f} | {_ratio(d.get('timm_batch'))} | "
+                        f"{_ratio(d.get('timm_elem'))} | {_ratio(eager)} |")
+        lines += _table(
+            "Mixing: timm's `Mixup` (it draws its own parameters, mixes in place and builds the mixed one-hot targets) "
+            "against batchkin's draw + mix (`sample_mix_params` + `batch_mix`, per-sample lam and boxes, a new tensor); "
+            "`lerp`, `paste` and `resize_paste` (given one lam or box) against `batch_mix` given its parameters; floor: "
+            "`out.copy_(x)` of the same bytes, batchkin's mixing as a fraction of its speed:",
+            ["shape", "op", "dtype", "draw + mix (ms)", "mix (ms)", "fraction of copy", "timm batch", "timm elem",
+             "lerp / paste"], body)
+    if "sampler" in sec:
+        body = []
+        for r in sec["sampler"]["rows"]:
+            a, b = r["vs_bbn"], r["vs_reversed_epoch"]
+            body.append(f"| {r['labels']} | {r['classes']} | {r['draws']} | {a['bbn']['ms']} | "
+                        f"{_ratio(a['wrs_dual_stream'])} | {b['bbn_reversed_epoch']['ms']} | {_ratio(b['wrs_list'])} | "
+                        f"{_ratio(b['multinomial'])} |")
+        lines += _table(
+            "BBN's reversed stream, one epoch (target: at least 2x `WeightedRandomSampler`): `BBNSampler` as the engine "
+            "iterates it (per-step index tensors of both streams) against the same dual stream built from the peers (the "
+            "uniform permutation plus `BatchSampler(WeightedRandomSampler)` batches as tensors), and the epoch's reversed "
+            "draws as one tensor against `list(WeightedRandomSampler)` and `torch.multinomial` of the same number of "
+            "draws:",
+            ["labels", "classes", "draws", "BBNSampler (ms)", "dual stream from peers", "reversed epoch (ms)",
+             "list(WeightedRandomSampler)", "multinomial"], body)
+    if "layer" in sec:
+        body = [f"| {r['B']} | {r['C']} | {r['times']['batchkin']['ms']} | {_ratio(r['times']['torch'])} | "
+                f"{_ratio(r['times'].get('torch_compile'))} | {r['over_gemm_floor']}x |" for r in sec["layer"]["rows"]]
+        lines += _table(
+            "BatchFormer layer forward + backward (training mode, dropout 0.5, same weights) against "
+            "`nn.TransformerEncoderLayer` and its `torch.compile`; floor: the layer's matrix products alone:",
+            ["B", "C", "batchkin (ms)", "nn.TransformerEncoderLayer", "torch.compile", "batchkin / GEMM floor"], body)
+    if e:
+        st, fx = e["step"], e["fixed"]
+        lines += [f"Engine, {st['case']}: per-step overhead against a plain loop, step by step for {st['rounds']} "
+                  f"rounds ({st['timer']}): plain {st['plain_ms']:.3f} ms, engine {st['engine_ms']:.3f} ms, plain / "
+                  f"engine {st['plain_over_engine']:.3f} (quartiles {st['quartiles']}), an overhead of "
+                  f"{st['overhead_pct']:.1f}% (target: at most 2%).", ""]
+        body = [f"| batchkin `fit` | {1e3 * fx['batchkin_fixed_s']:.1f} [{1e3 * fx['batchkin_fixed_range_s'][0]:.1f} - "
+                f"{1e3 * fx['batchkin_fixed_range_s'][1]:.1f}] | config, model, run folder, checkpoints, metrics, "
+                f"durable writes ({fx['batchkin_fsyncs']} fsyncs waiting {1e3 * fx['batchkin_fsync_s']:.1f} ms) |"]
+        if fx.get("batchkin_fixed_without_fsync_s") is not None:
+            body.append(f"| batchkin `fit` without its fsync waits | {1e3 * fx['batchkin_fixed_without_fsync_s']:.1f} | "
+                        "the same, less the time the durable writes wait for the disk (Lightning does not fsync) |")
+        if fx.get("lightning_fixed_s") is not None:
+            body.append(f"| Lightning `Trainer` + `fit` | {1e3 * fx['lightning_fixed_s']:.1f} "
+                        f"[{1e3 * fx['lightning_fixed_range_s'][0]:.1f} - {1e3 * fx['lightning_fixed_range_s'][1]:.1f}] "
+                        "| trainer, callbacks, checkpoint, logger |")
+        lines += _table(f"fit's fixed cost, {fx['case']}, {fx['rounds']} rounds (wall time; a side's time minus the plain "
+                        f"loop's {1e3 * fx['plain_epoch_s']:.0f} ms in the same round; imports and plugin discovery "
+                        f"({1e3 * fx['plugins_s']:.0f} ms, once) before):",
+                        ["", "fixed cost (ms), median [range]", "included"], body)
+        apart = fx["batchkin_apart_s"]
+        lines += ["Apart from batchkin's fixed cost (Lightning's `fit` does none of them): dataset loading "
+                  f"{1e3 * apart['dataset']:.1f} ms, validation and test evaluation {1e3 * apart['evaluation']:.1f} ms, "
+                  f"the report (PNG plots) {1e3 * apart['report']:.1f} ms.", ""]
+    return "\n".join(lines) + "\n"
 
 
 def update_readme(root: Path | None = None) -> None:

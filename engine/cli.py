@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_arg(pr, run_files=True)
 
     bn = sub.add_parser("bench", help="run benchmarks and write bench/results/<device>/ (needs a source checkout)")
-    bn.add_argument("kind", choices=["kernels", "e2e", "accuracy", "interleaved"])
+    bn.add_argument("kind", choices=["kernels", "e2e", "accuracy", "interleaved", "peers", "gpu"])
     bn.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bn.add_argument("--quick", action="store_true",
                     help="the smallest sizes only (results under bench/results/<device>/quick/)")

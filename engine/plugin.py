@@ -494,7 +494,9 @@ class RunHooks:
     def __getattr__(self, hook):  # state.hooks.transform_features(...) -> pm.hook call
         if hook.startswith("_") or hook in ("hook", "pm", "methods", "names", "origins", "registry"):
             raise AttributeError(hook)
-        return getattr(self.hook, hook)
+        caller = getattr(self.hook, hook)
+        setattr(self, hook, caller)  # found directly from now on (pluggy keeps one caller per hook)
+        return caller
 
     def call_each(self, hook: str, **kwargs) -> list[tuple[str, object]]:
         """Call ``hook`` through pluggy (one call, the methods in the config's order) and return

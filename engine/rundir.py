@@ -115,6 +115,7 @@ class RunDir:
         self.staging: Path | None = None
         self.last_epoch: int | None = None  # epoch of the checkpoints/last.pt in ``final``
         self._locked = False
+        self._kept: tuple[dict, bytes] | None = None  # save_checkpoint(keep=True)'s dict and bytes
 
     @property
     def ckpt_dir(self) -> Path:
@@ -335,13 +336,23 @@ class RunDir:
         kept = [r for r in self.read_metrics() if r.get("kind") == "epoch" and r.get("epoch", 0) <= last_epoch]
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
-    def save_checkpoint(self, state: dict, name: str = "last.pt") -> Path:
+    def save_checkpoint(self, state: dict, name: str = "last.pt", *, keep: bool = False) -> Path:
+        """Write ``state`` as checkpoints/``name`` atomically. With ``keep`` its bytes are kept
+        for the next call, which reuses them if it saves the same dict (best.pt and last.pt
+        of one epoch are serialised once); any call drops them."""
         import io
 
-        buf = io.BytesIO()
-        torch.save(state, buf)
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] is state:
+            data = kept[1]
+        else:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            data = buf.getvalue()
         path = self.ckpt_dir / name
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, data)
+        if keep:
+            self._kept = (state, data)
         return path
 
     def checkpoint_path(self, name: str = "last.pt") -> Path:

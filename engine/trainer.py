@@ -382,20 +382,20 @@ def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[floa
     """The loss value, each term's value and whether each term is all-finite, read from the
     device at once.
 
-    One small tensor, [loss, mean(term_1), ..., mean(term_k), isfinite(term_1), ...,
-    isfinite(term_k)], crosses to the host: one wait for the device instead of one per
-    term plus one for the loss. The loss value is None when the loss has more than one
+    One small tensor, [loss, mean(term_1), ..., mean(term_k)], crosses to the host: one wait
+    for the device instead of one per term plus one for the loss. A term's float32 mean is
+    finite exactly when its elements are (a NaN or an infinity anywhere reaches it; only a
+    sum past float32's range, a diverged step anyway, reads as non-finite), so the means
+    double as the finiteness flags. The loss value is None when the loss has more than one
     element (``float`` would refuse it).
     """
     dev = loss.device
-    parts = [t.detach().float().mean().to(dev) for t in terms.values()]
-    parts += [torch.isfinite(t.detach()).all().to(dev).float() for t in terms.values()]
     scalar = loss.numel() == 1
+    parts = [t.detach().float().mean().to(dev) for t in terms.values()]
     values = torch.stack(([loss.detach().float().reshape(())] if scalar else []) + parts).tolist()
-    k = len(terms)
     head = values[0] if scalar else None
-    values = values[scalar:]
-    return head, values[:k], [v != 0 for v in values[k:]]
+    means = values[scalar:]
+    return head, means, [math.isfinite(v) for v in means]
 
 
 def _no_sync(state: State, sync: bool):
@@ -415,6 +415,29 @@ def micro_batches(state: State, steps):
         first = i - i % n
         state.accumulation = (i - first, min(n, total - first))
         yield i, indices
+
+
+_FLAGS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (found, one) for _grads_finite
+
+
+def _grads_finite(params: list) -> bool:
+    """Whether every gradient is finite: one fused pass over them (the kernel GradScaler uses,
+    multiplying by exactly 1.0) and one read of the flag; one tensor at a time where that
+    kernel refuses the gradients (several devices, sparse or complex ones)."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return True
+    first = grads[0].device
+    flags = _FLAGS.get(first)
+    if flags is None:
+        flags = _FLAGS[first] = (torch.zeros(1, device=first), torch.ones(1, device=first))
+    found, one = flags
+    try:
+        found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+        return not found.item()
+    except RuntimeError:  # NotImplementedError included: one tensor at a time
+        return all(bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()) for g in grads)
 
 
 def train_step(state: State, indices: dict) -> float:
@@ -456,7 +479,8 @@ def train_step(state: State, indices: dict) -> float:
     if not terms:
         raise ConfigError(f"no enabled method produced a loss term (methods: {', '.join(state.hooks.names)}); add 'ce'")
     state.loss_terms = terms
-    loss = sum(t.float() for t in terms.values())
+    values = [t.float() for t in terms.values()]
+    loss = sum(values[1:], values[0])  # one term is the loss itself (no 0 + term node in the graph)
     loss_value, term_values, finite = _read_loss(loss, terms)
     state.loss_values = dict(zip(terms, term_values))
     bad = [k for k, ok in zip(terms, finite) if not ok]
@@ -479,20 +503,20 @@ def train_step(state: State, indices: dict) -> float:
             state.group_bad = True
             non_finite(f"non-finite loss term(s) {', '.join(f'{b!r} from method {owner[b]!r} (loss_terms)' for b in bad)}")
         elif not state.group_bad:
+            scaled = loss / size if size > 1 else loss
             with _no_sync(state, last):
-                state.scaler.scale(loss / size if size > 1 else loss).backward()
+                (state.scaler.scale(scaled) if state.scaler.is_enabled() else scaled).backward()
         grads_finite = False
         if last and not state.group_bad:
-            state.scaler.unscale_(state.optimizer)
+            if state.scaler.is_enabled():
+                state.scaler.unscale_(state.optimizer)
             state.hooks.before_optimizer_step(state=state)
             params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if cfg.train.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                grads_finite = bool(torch.isfinite(norm))
             else:
-                # one fused pass (the same kernel clip_grad_norm_ uses) for the non-finite check
-                norms = torch._foreach_norm([p.grad.detach() for p in params]) if params else [torch.zeros(())]
-                norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-            grads_finite = bool(torch.isfinite(norm))
+                grads_finite = _grads_finite(params)
     state.micro_step += 1
     if not last:
         return loss_value if loss_value is not None else float(loss.detach())
@@ -506,8 +530,11 @@ def train_step(state: State, indices: dict) -> float:
             non_finite("non-finite gradients")
     else:
         with state.phase("optimizer"):
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
+            if state.scaler.is_enabled():
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+            else:
+                state.optimizer.step()
     state.step_lrs = [g["lr"] for g in state.optimizer.param_groups]  # the learning rates this step used
     with state.phase("optimizer"):
         state.scheduler.step()
@@ -828,11 +855,12 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
         stop = bool(selection.stopped)
         if rank0:
             folder.commit_resume(state)
-            if improved:
-                run.save_checkpoint(checkpoint_dict(state), "best.pt")
+            save_last = state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch or stop
+            if improved:  # best.pt and last.pt of one epoch: serialised once
+                run.save_checkpoint(ckpt := checkpoint_dict(state), "best.pt", keep=save_last)
             folder.log.epoch(record)
-            if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch or stop:
-                run.save_checkpoint(checkpoint_dict(state))
+            if save_last:
+                run.save_checkpoint(ckpt if improved else checkpoint_dict(state))
                 if run.staging is not None:
                     run.commit_replacement()
                 run.last_epoch = state.epoch

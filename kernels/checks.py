@@ -7,6 +7,7 @@ never as an error from inside a kernel.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -57,3 +58,12 @@ def check_int(name: str, value, *, min_value: int | None = None, max_value: int 
     if max_value is not None and value > max_value:
         raise ValueError(f"{name} must be <= {max_value}; got {value}")
     return value
+
+
+ENV_CHECKS = "BATCHKIN_CHECKS"
+
+
+def debug_checks() -> bool:
+    """Whether ``BATCHKIN_CHECKS=1`` asks the ops for every check, those that read tensor values
+    (a host sync on CUDA) included; by default an op checks values only where that is free."""
+    return os.environ.get(ENV_CHECKS, "0") not in ("", "0")

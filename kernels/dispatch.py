@@ -234,6 +234,8 @@ def load_cpp(info: OpInfo, *, verbose: bool = False) -> bool:
     """
     if info.cpp_library is None:
         return False
+    if info._cpp_loaded is not None:  # settled: no lock on an op's every call
+        return info._cpp_loaded
     with info._lock:
         if info._cpp_loaded is not None:
             return info._cpp_loaded
@@ -273,9 +275,28 @@ def cpp_error(info: OpInfo) -> str:
 _warned: set[str] = set()
 
 
+#: ``select``'s answers: (op, device type, BATCHKIN_KERNELS as set, sizes) -> path
+_SELECTED: dict[tuple, str] = {}
+
+
 def select(name: str, device: torch.device | str, **sizes: int) -> str:
-    """The path op ``name`` takes for tensors on ``device`` (``sizes``: see :attr:`OpInfo.triton_limits`)."""
-    return explain(name, device, build=True, **sizes)[0]
+    """The path op ``name`` takes for tensors on ``device`` (``sizes``: see :attr:`OpInfo.triton_limits`).
+
+    Resolved once per (op, device type, ``BATCHKIN_KERNELS`` value, sizes) and then read from a
+    dict, so an op's call pays a lookup, not :func:`explain` (a path that cannot run is not
+    remembered: it raises every time). :func:`clear_selection` forgets the answers.
+    """
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (name, dev, os.environ.get(ENV_MODE), *sizes.items())
+    path = _SELECTED.get(key)
+    if path is None:
+        path = _SELECTED[key] = explain(name, device, build=True, **sizes)[0]
+    return path
+
+
+def clear_selection() -> None:
+    """Forget :func:`select`'s remembered paths (e.g. after changing an op's :class:`OpInfo`)."""
+    _SELECTED.clear()
 
 
 def explain(name: str, device: torch.device | str, *, build: bool = False, **sizes: int) -> tuple[str, str]:

@@ -16,6 +16,8 @@ on the host by :func:`derive_key`, so no device ever syncs with the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -38,9 +40,13 @@ def derive_key(seed: int, *stream: int) -> int:
     """Fold a seed of any size and stream ids (epoch, step, rank, ...) into a 32-bit key."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return _derive_key(int(seed), *(int(word) for word in stream))
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of ints, called with the same words every epoch / step
+def _derive_key(*words: int) -> int:
     key = 0x9E3779B9
-    for word in (seed, *stream):
-        word = int(word)
+    for word in words:
         # every 32-bit limb of the word, sign included, mixes into the key
         limbs = [(word >> s) & MASK32 for s in (0, 32, 64, 96)] + [1 if word < 0 else 0]
         for limb in limbs:

@@ -55,7 +55,9 @@ from torch import nn
 from batchkin.data import ShuffleSampler
 from batchkin.errors import ConfigError, DataError, RunError
 from batchkin.hookspecs import hookimpl
-from batchkin.kernels.reversed_sampler import MODES, class_sorted_table, sample_epoch
+from batchkin.kernels.reversed_sampler import (
+    MODES, class_sorted_table, epoch_key, prepare_tables, reversed_sampler_impl, sample_epoch,
+)
 from batchkin.kernels.rng import derive_key
 from batchkin.models import Classifier
 from batchkin.plugin import Method
@@ -174,9 +176,12 @@ class BBNSampler:
     in the epoch, over all ranks) from :func:`sample_epoch` with seed
     ``derive_key(seed, REVERSED_STREAM)`` and the epoch; it is cut exactly like the
     uniform stream: step ``s`` covers draws ``s*B*W .. (s+1)*B*W - 1`` and rank ``r``
-    takes its slice ``r*B .. (r+1)*B - 1`` of them (only that slice is computed). So
+    takes its slice ``r*B .. (r+1)*B - 1`` of them. So
     every rank's pair of batches has equal sizes, the ranks' shards are disjoint and
     cover the epoch, and ``state_dict`` (the position in the epoch) resumes mid-epoch.
+    The epoch's draws are computed once, on the first step of the epoch that asks for
+    them (one op call; a draw is a function of ``(seed, epoch, i)`` alone, so this equals
+    drawing each step's slice on its own), and each step yields a view of its slice.
     """
 
     def __init__(self, labels: torch.Tensor, num_classes: int, batch_size: int, seed: int, *,
@@ -195,6 +200,8 @@ class BBNSampler:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         g = batch_size * world
         self.num_draws = len(self.uniform) * g if drop_last else len(labels)
+        self.tables = prepare_tables(self.sorted_indices, self.counts, mode)  # checked once, here
+        self._drawn: tuple[int, torch.Tensor] | None = None  # (epoch, its draws)
 
     @property
     def epoch(self) -> int:
@@ -218,25 +225,54 @@ class BBNSampler:
         per = math.ceil(size / self.world)
         return min(lo + self.rank * per, lo + size), min(lo + (self.rank + 1) * per, lo + size)
 
+    def epoch_draws(self) -> torch.Tensor:
+        """The reversed stream's ``num_draws`` draws of the current epoch (computed once per epoch)."""
+        if self._drawn is None or self._drawn[0] != self.epoch:
+            # sample_epoch's draws from the tables prepared at construction (the dispatched path)
+            key = epoch_key(self.stream_seed, self.epoch)
+            draws = reversed_sampler_impl(self.sorted_indices, *self.tables, key, 0, self.num_draws, path=None)
+            self._drawn = (self.epoch, draws)
+        return self._drawn[1]
+
     def reversed_indices(self, step: int) -> torch.Tensor:
         start, stop = self.shard(step)
-        return sample_epoch(self.sorted_indices, self.counts, self.num_draws, seed=self.stream_seed,
-                            epoch=self.epoch, mode=self.mode, start=start, stop=stop)
+        return self.epoch_draws()[start:stop]
 
     def __iter__(self):
         """One epoch of steps, from the saved position (a resumed sampler continues mid-epoch).
-        Iterating a finished epoch again yields it again, as ``DistributedSampler`` does."""
+        Iterating a finished epoch again yields it again, as ``DistributedSampler`` does.
+
+        Both streams are cut by the same spans (:meth:`shard`): the uniform one from the
+        :class:`~batchkin.data.ShuffleSampler`'s permutation, whose position this advances."""
         if self.position >= len(self):
             self.uniform.load_state_dict({"epoch": self.epoch, "position": 0})
-        for item in self.uniform:
-            step = self.uniform.position - 1  # ShuffleSampler advances its position before yielding
-            yield {"": item[""], "rev": self.reversed_indices(step)}
+        first = self.position
+        g = self.batch_size
+        if self.world == 1:  # steps of g draws (the last one shorter without drop_last)
+            spans = [(lo, min(lo + g, self.num_draws)) for lo in range(first * g, self.num_draws, g)]
+        else:
+            spans = [self.shard(step) for step in range(first, len(self))]
+        uniform = _views(self.uniform.permutation(self.epoch), spans)
+        reversed_ = _views(self.epoch_draws(), spans)
+        for step, u, r in zip(range(first, len(self)), uniform, reversed_):
+            self.uniform.position = step + 1
+            yield {"": u, "rev": r}
 
     def state_dict(self) -> dict:
         return self.uniform.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.uniform.load_state_dict(state)
+
+
+def _views(t: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+    """Views ``t[lo:hi]`` of increasing, disjoint ``spans``, made by one ``split`` call."""
+    sizes, end = [], 0
+    for lo, hi in spans:
+        sizes += (lo - end, hi - lo)
+        end = hi
+    sizes.append(len(t) - end)
+    return t.split(sizes)[1::2]
 
 
 # ------------------------------------------------------------------------------ the bilateral model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import checks
@@ -108,21 +109,28 @@ def sample_mix_params(
         )
     codes = operator_codes(ops)
 
-    lam_raw = torch.rand(B, generator=generator, dtype=torch.float64)
-    lam = (0.8 * lam_raw + 0.1).to(torch.float32)
-    choice = torch.randint(len(codes), (B if per_sample_op else 1,), generator=generator)
-    op = torch.tensor(codes, dtype=torch.int64)[choice].expand(B).contiguous()
-
-    side = torch.sqrt(1.0 - lam.to(torch.float64))
-    h = torch.round(H * side).to(torch.int64).clamp_(0, H)
-    w = torch.round(W * side).to(torch.int64).clamp_(0, W)
-    boxes = torch.empty(num_views, B, 4, dtype=torch.int64)
-    for v in range(num_views):
-        uy = torch.rand(B, generator=generator, dtype=torch.float64)
-        ux = torch.rand(B, generator=generator, dtype=torch.float64)
-        # uniform over the H-h+1 (W-w+1) valid positions; the min guards u*(n) rounding up to n
-        y0 = torch.minimum(torch.floor(uy * (H - h + 1)).to(torch.int64), H - h)
-        x0 = torch.minimum(torch.floor(ux * (W - w + 1)).to(torch.int64), W - w)
-        boxes[v] = torch.stack((y0, x0, h, w), dim=-1)
-    params = MixParams(op, lam, boxes)
-    return params.to(device) if device is not None else params
+    # the uniforms come in the documented order (lam_raw [B], the operator, then (rows [B],
+    # columns [B]) per view, drawn as one [V, 2, B] block); the float64 arithmetic on them runs
+    # in NumPy, whose IEEE operations (sqrt, round half to even, floor) give torch's bits at a
+    # fraction of its per-call cost on small arrays
+    lam_raw = torch.rand(B, generator=generator, dtype=torch.float64).numpy()
+    lam = (0.8 * lam_raw + 0.1).astype(np.float32)
+    choice = torch.randint(len(codes), (B if per_sample_op else 1,), generator=generator).numpy()
+    op = np.asarray(codes, dtype=np.int64)[choice]
+    op = op if per_sample_op else np.repeat(op, B)
+    side = np.sqrt(1.0 - lam.astype(np.float64))
+    size = np.array([[H], [W]], dtype=np.int64)
+    # [2, B]: h, w; within [0, H] and [0, W] as they stand (side <= 1), so the clamp is free
+    hw = np.rint(size * side).astype(np.int64)
+    room = size - hw  # the last valid corner, H - h and W - w
+    u = torch.rand(num_views, 2, B, generator=generator, dtype=torch.float64).numpy()
+    # uniform over the H-h+1 (W-w+1) valid positions (truncation is floor here: u * n >= 0);
+    # the min guards u*(n) rounding up to n
+    corner = np.minimum((u * (room + 1)).astype(np.int64), room)  # [V, 2, B]: y0, x0
+    boxes = np.empty((num_views, B, 4), dtype=np.int64)
+    boxes[:, :, :2] = corner.transpose(0, 2, 1)
+    boxes[:, :, 2:] = hw.T
+    params = MixParams(torch.from_numpy(op), torch.from_numpy(lam), torch.from_numpy(boxes))
+    if device is None or torch.device(device).type == "cpu":
+        return params
+    return params.to(device)

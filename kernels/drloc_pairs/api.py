@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from .. import checks, dispatch
 from .cost import choose_first_layer_strategy
 from .op import (
+    drloc_pairs_impl,
+    drloc_positions_impl,
     drloc_first_layer_unique_op,
     drloc_gather_cat_op,
     drloc_gather_op,
@@ -67,7 +69,9 @@ def drloc_positions(B: int, m: int, H: int, W: int, key, device=None) -> torch.T
     _check_counts(B, m)
     key = _check_key(key)
     device = torch.device("cpu") if device is None else torch.device(device)
-    return drloc_positions_op(B, m, H, W, key, device)
+    if torch.compiler.is_compiling():
+        return drloc_positions_op(B, m, H, W, key, device)
+    return drloc_positions_impl(B, m, H, W, key, device, dispatch.select("drloc_pairs", device))  # eager: no op dispatch
 
 
 def drloc_targets(pos: torch.Tensor, H: int, W: int, mode: str = "abs", normalize: bool = False) -> torch.Tensor:
@@ -119,7 +123,9 @@ def drloc_pairs(grid: torch.Tensor, m: int, key, mode: str = "abs", normalize: b
     _check_counts(grid.shape[0], m)
     signed_mode = _check_mode(mode, normalize)
     key = _check_key(key)
-    return drloc_pairs_op(grid, m, key, signed_mode, normalize)
+    if torch.compiler.is_compiling() or (grid.requires_grad and torch.is_grad_enabled()):
+        return drloc_pairs_op(grid, m, key, signed_mode, normalize)  # the registered op and its autograd
+    return drloc_pairs_impl(grid, m, key, mode, normalize, dispatch.select("drloc_pairs", grid.device))
 
 
 def _project(grid: torch.Tensor, w_ab: torch.Tensor) -> torch.Tensor:

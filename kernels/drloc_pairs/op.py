@@ -136,9 +136,12 @@ def _select(device: torch.device) -> str:
 
 
 def _checked(impl, grid, pos, *args):
-    """``impl(grid, pos, *args, path)`` on the dispatched path, the positions checked first."""
-    _check_pos_range(pos, grid.shape[2], grid.shape[3])
-    return impl(grid, pos, *args, _select(grid.device))
+    """``impl(grid, pos, *args, path)`` on the dispatched path, the positions checked first
+    (the C++ kernels check them as they read them, with the same ValueError)."""
+    path = _select(grid.device)
+    if path != "cpp":
+        _check_pos_range(pos, grid.shape[2], grid.shape[3])
+    return impl(grid, pos, *args, path)
 
 
 def _channels_last(grid: torch.Tensor) -> bool:

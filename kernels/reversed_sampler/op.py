@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import checks, dispatch
 from .reference import reversed_sampler_from_uniforms_reference, reversed_sampler_reference
-from .tables import _FLOAT_DTYPES, MAX_DRAWS, _check_sorted_indices, _counts_matching, epoch_key, prepare_tables
+from .tables import (
+    _FLOAT_DTYPES, MAX_DRAWS, SamplerTables, _check_sorted_indices, _counts_matching, epoch_key, prepare_tables,
+)
 from .triton import reversed_sampler_triton_launch
 
 INFO = dispatch.REGISTRY["reversed_sampler"]
@@ -62,7 +66,8 @@ def _run(paths: dict, path: str | None, sorted_indices: torch.Tensor, *args) -> 
 def reversed_sampler_impl(
     sorted_indices, offsets, counts, cdf, key: int, start: int, stop: int, path: str = "ref"
 ) -> torch.Tensor:
-    """Run one path (``ref``/``cpp``/``triton``) directly on prepared tables (no validation)."""
+    """Run one path (``ref``/``cpp``/``triton``; ``None``: the dispatched one) directly on
+    prepared tables (no validation)."""
     return _run(_EPOCH_PATHS, path, sorted_indices, offsets, counts, cdf, key, start, stop)
 
 
@@ -102,6 +107,41 @@ def _(sorted_indices, offsets, counts, cdf, u_class, u_inst):
     return sorted_indices.new_empty(u_class.shape, dtype=torch.int64)
 
 
+_TABLES: dict = {}  # prepare_tables' arguments (as _identity keys) -> (weak refs to its tensors, SamplerTables)
+_TABLES_MAX = 8
+
+
+def _identity(value):
+    """A key part for an argument of prepare_tables: a tensor's identity and version (its
+    content cannot change without the version changing), a sequence's values, None or a str."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    if isinstance(value, (list, tuple)):
+        return ("values", tuple(value))
+    return value if value is None or isinstance(value, str) else ("other", id(value))
+
+
+def _prepared(sorted_indices, counts, mode, weights) -> SamplerTables:
+    """:func:`prepare_tables`, remembered for the same arguments (repeated draws from one table
+    do not rebuild it). A tensor argument must be the same tensor (held by a weak reference, so
+    a new tensor at a freed one's address is not taken for it) at the same version."""
+    parts = (sorted_indices, counts, mode, weights)
+    tensors = [v for v in parts if isinstance(v, torch.Tensor)]
+    key = tuple(_identity(v) for v in parts)
+    try:
+        hit = _TABLES.get(key)
+    except TypeError:  # unhashable values: prepare_tables says what is wrong with them
+        return prepare_tables(sorted_indices, counts, mode, weights)
+    if hit is not None and len(hit[0]) == len(tensors) and all(r() is t for r, t in zip(hit[0], tensors)):
+        return hit[1]
+    tables = prepare_tables(sorted_indices, counts, mode, weights)
+    if not any(isinstance(k, tuple) and k[0] == "other" for k in key):
+        if len(_TABLES) >= _TABLES_MAX:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = ([weakref.ref(t) for t in tensors], tables)
+    return tables
+
+
 def sample_epoch(
     sorted_indices: torch.Tensor, counts, num_draws: int, *, seed: int, epoch: int, mode: str = "reversed",
     weights=None, start: int = 0, stop: int | None = None,
@@ -120,8 +160,11 @@ def sample_epoch(
     key = epoch_key(seed, epoch)
     checks.check_int("start", start, min_value=0, max_value=num_draws)
     stop = num_draws if stop is None else checks.check_int("stop", stop, min_value=start, max_value=num_draws)
-    tables = prepare_tables(sorted_indices, counts, mode, weights)
-    return reversed_sampler_op(sorted_indices.contiguous(), *tables, key, start, stop)
+    tables = _prepared(sorted_indices, counts, mode, weights)
+    args = (sorted_indices.contiguous(), *tables, key, start, stop)
+    if torch.compiler.is_compiling():
+        return reversed_sampler_op(*args)
+    return _run(_EPOCH_PATHS, None, *args)  # eager: the path itself, without the op's Python dispatch
 
 
 def _check_cdf(cdf, C: int) -> torch.Tensor:

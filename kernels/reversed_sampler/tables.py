@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import checks, rng
@@ -33,8 +34,8 @@ def _counts_cpu(counts, name: str = "counts") -> torch.Tensor:
         values = torch.tensor(list(counts), dtype=torch.int64)
     else:
         raise TypeError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {type(counts).__name__}")
-    bad = torch.nonzero(values <= 0).flatten()
-    if bad.numel():
+    bad = np.flatnonzero(values.numpy() <= 0)
+    if bad.size:
         j = int(bad[0])
         raise ValueError(
             f"{name}[{j}] is {int(values[j])}: class {j} is empty or has a non-positive count "
@@ -59,12 +60,13 @@ def _weights_cpu(weights, num_classes: int, name: str = "weights") -> torch.Tens
         raise TypeError(f"{name} must be a 1-D tensor or a sequence of numbers, got {type(weights).__name__}")
     if values.numel() != num_classes:
         raise ValueError(f"{name} must have one entry per class ({num_classes}); got {values.numel()}")
-    if not bool(torch.isfinite(values).all()):
+    v = values.numpy()  # the checks read the values through NumPy (a few small arrays: cheaper than torch's ops)
+    if not np.isfinite(v).all():
         raise ValueError(f"{name} must be finite; got {values.tolist() if num_classes <= 16 else 'a NaN or inf'}")
-    if bool((values < 0).any()):
-        j = int(torch.nonzero(values < 0).flatten()[0])
+    if (v < 0).any():
+        j = int(np.flatnonzero(v < 0)[0])
         raise ValueError(f"{name}[{j}] is {float(values[j])}: weights must be >= 0")
-    if not bool((values > 0).any()):
+    if not (v > 0).any():
         raise ValueError(f"{name} are all 0: at least one class needs a positive weight")
     return values
 
@@ -86,19 +88,23 @@ def class_probabilities(counts, mode: str = "reversed", weights=None) -> torch.T
     The result is on ``counts``' device (CPU for a sequence).
     """
     mode = _check_mode(mode)
-    n = _counts_cpu(counts)
+    p = _probabilities(_counts_cpu(counts), mode, weights)
+    device = counts.device if isinstance(counts, torch.Tensor) else torch.device("cpu")
+    return p.to(device)
+
+
+def _probabilities(n: torch.Tensor, mode: str, weights) -> torch.Tensor:
+    """:func:`class_probabilities` of checked CPU counts ``n`` (float64, CPU)."""
     if weights is not None:
         w = _weights_cpu(weights, n.numel())
-    elif mode == "reversed":
-        n64 = n.to(torch.float64)
-        w = n64.max() / n64
+    elif mode == "reversed":  # elementwise IEEE division: NumPy's bits are torch's
+        n64 = n.numpy().astype(np.float64)
+        w = torch.from_numpy(n64.max() / n64)
     elif mode == "balanced":
         w = torch.ones(n.numel(), dtype=torch.float64)
     else:  # instance
         w = n.to(torch.float64)
-    p = w / w.sum()
-    device = counts.device if isinstance(counts, torch.Tensor) else torch.device("cpu")
-    return p.to(device)
+    return w / w.sum()  # the sum in torch (its reduction order is the sampler's definition)
 
 
 def class_cdf(probabilities) -> torch.Tensor:
@@ -110,11 +116,15 @@ def class_cdf(probabilities) -> torch.Tensor:
     are exactly 1.0. Returned on the input's device.
     """
     num = probabilities.numel() if isinstance(probabilities, torch.Tensor) else len(probabilities)
-    w = _weights_cpu(probabilities, num, name="probabilities")
-    csum = torch.cumsum(w, 0)
-    cdf = csum / csum[-1]  # exact 1.0 from the last positive entry on
+    cdf = _cumulative(_weights_cpu(probabilities, num, name="probabilities"))
     device = probabilities.device if isinstance(probabilities, torch.Tensor) else torch.device("cpu")
     return cdf.to(device)
+
+
+def _cumulative(w: torch.Tensor) -> torch.Tensor:
+    """:func:`class_cdf` of checked float64 CPU weights."""
+    csum = torch.cumsum(w, 0)
+    return csum / csum[-1]  # exact 1.0 from the last positive entry on
 
 
 def class_sorted_table(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +176,12 @@ def prepare_tables(sorted_indices: torch.Tensor, counts, mode: str = "reversed",
     """Validate the class table and build :class:`SamplerTables` on ``sorted_indices``' device."""
     _check_sorted_indices(sorted_indices)
     n = _counts_matching(sorted_indices, counts)
-    cdf = class_cdf(class_probabilities(n, mode, weights))
-    offsets = torch.cumsum(n, 0) - n
+    cdf = _cumulative(_probabilities(n, _check_mode(mode), weights))
+    counts_np = n.numpy()
+    offsets = torch.from_numpy(np.cumsum(counts_np) - counts_np)
     device = sorted_indices.device
+    if device.type == "cpu":
+        return SamplerTables(offsets, n, cdf)
     return SamplerTables(offsets.to(device), n.to(device), cdf.to(device))
 
 

@@ -444,9 +444,24 @@ def test_non_contiguous_input(path):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [((1, 6, 2, 9, 64), torch.float32), ((1, 6, 2, 9, 65), torch.float32), ((2, 6, 2, 5, 256), torch.uint8),
+     ((2, 6, 2, 5, 257), torch.uint8), ((1, 5, 1, 4, 128), torch.float16)],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
+def test_cpp_short_and_long_rows_match_reference(shape, dtype):
+    """Rows of up to 256 bytes are pasted over a whole-plane copy, longer ones written once
+    in address order: both sides of the boundary give the reference's bits."""
+    x, op, lam, boxes = _case(shape, dtype, 61)
+    ref, ref_eff = bm.batch_mix_impl(x, op, lam, boxes, path="ref")
+    out, eff = bm.batch_mix_impl(x, op, lam, boxes, path="cpp")
+    assert torch.equal(out, ref) and torch.equal(eff, ref_eff)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
 def test_cpp_large_output_matches_reference(dtype):
-    """Outputs of 32 MiB and more take the huge-page allocation; planes of odd size, so
+    """Outputs of 8 MiB and more take the huge-page allocation; planes of odd size, so
     neither the tensor nor the planes line up with 2 MiB pages. Values must not change."""
     shape = (2, 9, 3, 400, 523) if dtype == torch.float32 else (2, 9, 3, 800, 1047)
     assert torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() >= 32 << 20
@@ -648,13 +663,62 @@ def test_bad_views_shapes():
 
 
 def test_bad_values_are_caught_by_cpp_too():
+    """The C++ kernel checks the values as it reads them, with the Python checks' messages."""
     assert dispatch.load_cpp(bm.INFO)
     x = torch.zeros(2, 1, 4, 4)
-    with pytest.raises(RuntimeError, match="operator code"):
-        torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([0, 5]), torch.ones(2), torch.zeros(1, 2, 4, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="not inside"):
+    ok_boxes = torch.zeros(1, 2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^op\[1\] = 5 is not an operator code \(0 mixup, 1 cutmix, 2 resizemix\)$"):
+        torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([0, 5]), torch.ones(2), ok_boxes)
+    with pytest.raises(ValueError, match=r"^lam\[0\] = nan is outside \[0, 1\]$"):
+        torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([0, 1]), torch.tensor([float("nan"), 0.5]), ok_boxes)
+    with pytest.raises(ValueError, match=r"^boxes\[0, 0\] = \[0, 0, 5, 1\] \(y0, x0, h, w\) is not inside the 4x4 image$"):
         torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([1, 1]), torch.ones(2), torch.tensor([[[0, 0, 5, 1], [0, 0, 1, 1]]]))
 
+
+_TRITON = pytest.mark.triton
+
+
+@pytest.mark.parametrize(
+    "mode,check_values,checked",
+    [("cpp", None, True), ("cpp", False, True), ("ref", None, True), ("ref", True, True),
+     pytest.param("triton", None, False, marks=_TRITON), pytest.param("triton", False, False, marks=_TRITON),
+     pytest.param("triton", True, True, marks=_TRITON)],
+)
+def test_value_checks_per_path(monkeypatch, mode, check_values, checked):
+    """Where the values are checked: the C++ kernel always (in the op), the references unless
+    ``check_values=False``, the Triton kernel only when asked (``True`` or ``BATCHKIN_CHECKS=1``);
+    it stays inside the images whatever the values."""
+    monkeypatch.setenv(dispatch.ENV_MODE, mode)
+    monkeypatch.delenv("BATCHKIN_CHECKS", raising=False)
+    x, _, lam, _ = _good()
+    bad_box = torch.tensor([[[0, 0, 4, 4]] * 3 + [[5, 0, 4, 4]]])
+    if checked:
+        with pytest.raises(ValueError, match=r"^boxes\[0, 3\] = \[5, 0, 4, 4\] \(y0, x0, h, w\) is not inside"):
+            bm.batch_mix(x, "cutmix", lam, bad_box, check_values=check_values)
+        return
+    out, _ = bm.batch_mix(x, "cutmix", lam, bad_box, check_values=check_values)
+    assert torch.equal(out[3, :, 5:, :4], x[0, :, 5:, :4])  # the box's part inside the image
+    assert torch.equal(out[3, :, :5], x[3, :, :5]) and torch.equal(out[3, :, 5:, 4:], x[3, :, 5:, 4:])
+    monkeypatch.setenv("BATCHKIN_CHECKS", "1")
+    if check_values is None:
+        with pytest.raises(ValueError, match=r"boxes\[0, 3\]"):
+            bm.batch_mix(x, "cutmix", lam, bad_box)
+    else:
+        bm.batch_mix(x, "cutmix", lam, bad_box, check_values=False)  # False wins over the switch
+
+
+def test_eager_call_skips_the_op_dispatch_but_not_its_autograd_refusal(monkeypatch):
+    """Eager calls run the dispatched path directly (the same result as the registered op);
+    an input that requires grad goes through the op."""
+    x, op, lam, boxes = _case((2, 4, 3, 6, 5), torch.float32, 98)
+    calls = []
+    monkeypatch.setattr(bm.op, "batch_mix_op", lambda *a: calls.append(1) or torch.ops.batchkin.batch_mix(*a))
+    out, eff = bm.batch_mix(x, op, lam, boxes)
+    assert calls == []
+    ref, ref_eff = torch.ops.batchkin.batch_mix(x, op, lam, boxes)
+    assert torch.equal(out, ref) and torch.equal(eff, ref_eff)
+    out, _ = bm.batch_mix(x.requires_grad_(True), op, lam, boxes)
+    assert calls == [1]  # test_not_differentiable: the op refuses the backward
 
 
 _AOT_SCRIPT = r"""

@@ -560,7 +560,7 @@ def test_unique_cpp_over_several_chunks_and_thread_counts(dtype, threads, torch_
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the block cache is Linux only")
 def test_unique_cpp_large_outputs_reuse_blocks_and_overwrite_them():
-    """Outputs and grid gradients of 32 MiB and more come from the cached huge-page blocks
+    """Outputs and grid gradients of 8 MiB and more come from the cached huge-page blocks
     (csrc/large_blocks.h): a freed one is reused and every element of it rewritten."""
     B, C, H, W, m, hidden = 64, 8, 2, 2, 128, 1024  # output 64*128*1024*4 B = 32 MiB
     _, grid, weight, bias, pos, _ = _first_layer_case(B, C, H, W, m, hidden, torch.float32, "tokens", seed=3)
@@ -778,6 +778,12 @@ def test_bad_inputs():
             dp.drloc_first_layer(grid, p, weight, bias)
         with pytest.raises(ValueError, match="pos (rows|cols)"):
             dp.drloc_first_layer(grid, p, weight, bias, strategy="project")
+        strided = torch.stack((pos, p), 2).flatten(1, 2)[:, 1::2]  # p's values, not contiguous
+        with pytest.raises(ValueError, match="pos (rows|cols)"):
+            dp.drloc_gather(grid, strided)
+    strided = torch.stack((pos.flip(1), pos), 2).flatten(1, 2)[:, 1::2]
+    assert not strided.is_contiguous() and all(torch.equal(a, b) for a, b in zip(dp.drloc_gather(grid, strided),
+                                                                                   dp.drloc_gather(grid, pos)))
     # the first layer's weight and bias
     with pytest.raises(ValueError, match="weight"):
         dp.drloc_first_layer(grid, pos, torch.randn(7, 5), bias)

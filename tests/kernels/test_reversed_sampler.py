@@ -628,3 +628,30 @@ print("compiled")
 @aot
 def test_triton_kernel_compiles_for_cuda():
     compile_for_cuda(_AOT_SCRIPT)
+
+
+def test_sample_epoch_reuses_its_tables_only_for_the_same_unchanged_arguments(monkeypatch):
+    """Repeated calls on one table build it once; a table changed in place, another tensor, other
+    values or another mode build it again, so every call samples what it is given."""
+    from batchkin.kernels.reversed_sampler import op
+
+    built = []
+    real = op.prepare_tables
+    monkeypatch.setattr(op, "prepare_tables", lambda *a: built.append(a[2]) or real(*a))
+    monkeypatch.setattr(op, "_TABLES", {})
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    si, counts = rs.class_sorted_table(labels, 3)
+    first = rs.sample_epoch(si, counts, 40, seed=1, epoch=1)
+    assert torch.equal(rs.sample_epoch(si, counts, 40, seed=1, epoch=1), first) and built == ["reversed"]
+    rs.sample_epoch(si, counts, 40, seed=1, epoch=2, mode="balanced")
+    assert built == ["reversed", "balanced"]
+    si2, counts2 = rs.class_sorted_table(torch.tensor([0, 1, 1, 1, 1, 1, 1, 2, 2, 2]), 3)
+    si.copy_(si2)  # the same tensors, changed in place
+    counts.copy_(counts2)
+    again = rs.sample_epoch(si, counts, 40, seed=1, epoch=1)
+    assert built == ["reversed", "balanced", "reversed"]
+    assert torch.equal(again, rs.sample_epoch(si2.clone(), counts2.tolist(), 40, seed=1, epoch=1))
+    rs.sample_epoch(si2.clone(), counts2.tolist(), 40, seed=1, epoch=3)  # a new tensor: built again
+    assert len(built) == 5
+    with pytest.raises(TypeError, match=r"counts\[1\] must be an int"):
+        rs.sample_epoch(si, [1, [6], 3], 40, seed=1, epoch=1)

@@ -19,7 +19,7 @@ from batchkin.config import build_config
 from batchkin.data import ShuffleSampler, make_splits
 from batchkin.errors import ConfigError, DataError, PluginError
 from batchkin.hookspecs import hookimpl
-from batchkin.kernels.reversed_sampler import class_probabilities, class_sorted_table, sample_epoch
+from batchkin.kernels.reversed_sampler import class_probabilities, class_sorted_table, epoch_key, sample_epoch
 from batchkin.kernels.rng import derive_key
 from batchkin.models import CifarResNet
 from batchkin.plugin import Method, Plugins
@@ -272,6 +272,31 @@ def test_sampler_iterated_twice_yields_the_same_epoch_again():
     assert len(again) == 9 and all(torch.equal(a[""], b[""]) for a, b in zip(first, again))
     s.set_epoch(4)
     assert not torch.equal(next(iter(s))[""], first[0][""])
+
+
+def test_sampler_draws_each_epoch_once(monkeypatch):
+    """One op call per epoch, whatever the number of steps, re-iterations and resumes in it;
+    a new epoch (set_epoch or a loaded state) draws again."""
+    calls = []
+    real = bbn.reversed_sampler_impl
+
+    def counting(sorted_indices, offsets, counts, cdf, key, start, stop, path):
+        calls.append((key, start, stop))
+        return real(sorted_indices, offsets, counts, cdf, key, start, stop, path)
+
+    monkeypatch.setattr(bbn, "reversed_sampler_impl", counting)
+    s = bbn.BBNSampler(LABELS, 5, 8, seed=4)
+    key = {e: epoch_key(s.stream_seed, e) for e in (2, 3)}
+    s.set_epoch(2)
+    first = list(s)
+    list(s)
+    assert calls == [(key[2], 0, 72)] and len(first) == 9
+    s.set_epoch(3)
+    list(s)
+    s.load_state_dict({"epoch": 2, "position": 5})
+    rest = list(s)
+    assert calls == [(key[2], 0, 72), (key[3], 0, 72), (key[2], 0, 72)]
+    assert all(torch.equal(a["rev"], b["rev"]) for a, b in zip(first[5:], rest))
 
 
 def _rank_streams(world, batch, drop_last, epoch, seed=5, stop_after=None, resume_from=None):
