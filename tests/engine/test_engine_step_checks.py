@@ -44,13 +44,18 @@ def test_grads_finite_checks_one_tensor_at_a_time_where_the_fused_kernel_refuses
     assert _grads_finite([])
 
 
-def test_read_loss_reads_one_value_and_names_the_bad_terms_only_when_the_sum_is_not_finite():
+def test_read_loss_reads_the_loss_and_each_terms_mean_at_once_and_names_the_bad_terms():
     a, b = torch.tensor(1.5), torch.tensor(2.25)
-    assert _read_loss(a + b, {"a": a, "b": b}) == (3.75, [True, True])
+    assert _read_loss(a + b, {"a": a, "b": b}) == (3.75, [1.5, 2.25], [True, True])
     for bad in (float("inf"), float("nan")):
         c = torch.tensor(bad)
-        value, finite = _read_loss(a + c, {"a": a, "c": c})
+        value, _, finite = _read_loss(a + c, {"a": a, "c": c})
         assert not math.isfinite(value) and finite == [True, False]
     big = torch.tensor(3e38)  # finite terms whose float32 sum overflows: every term is finite
-    value, finite = _read_loss(big + big, {"x": big, "y": big})
-    assert value == math.inf and finite == [True, True]
+    value, means, finite = _read_loss(big + big, {"x": big, "y": big})
+    assert value == math.inf and finite == [True, True] and means == [float(big)] * 2
+    # a term with +inf and -inf elements (mean NaN) and one with a single NaN among finite values
+    v = torch.tensor([1.0, float("inf"), float("-inf")])
+    w = torch.tensor([[0.5, float("nan")], [2.0, 3.0]])
+    value, means, finite = _read_loss(torch.ones(2), {"v": v, "w": w, "a": a})
+    assert value is None and finite == [False, False, True] and means[2] == 1.5
