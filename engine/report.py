@@ -7,8 +7,9 @@ classes.json and, when ``batchkin probe`` has run, probe.json — and writes:
 
 * ``report.md``: the test metrics (or, for a run stopped by ``--until``, a *partial* report
   that says so and shows the latest validation instead), the linear probe, one row per
-  epoch and, for up to :data:`CLASS_TABLE_MAX` classes, one row per class in frequency order;
-* ``curves.png``: training loss (and validation loss when logged), learning rate,
+  epoch (training loss, validation loss, learning rate, validation accuracies) and, for up
+  to :data:`CLASS_TABLE_MAX` classes, one row per class in frequency order;
+* ``curves.png``: training loss and validation loss in one panel, learning rate,
   validation accuracy and, on long-tailed data, many / medium / few per epoch; below them
   every other number a method logs per epoch (BBN's ``bbn/alpha``, DRLoc's ``drloc/lambda``,
   the SSL bases' momentum, DINO's teacher temperature, ...), one panel a key, a row per
@@ -19,7 +20,11 @@ classes.json and, when ``batchkin probe`` has run, probe.json — and writes:
   against count).
 
 Accuracies of a run whose evaluation is not the classifier (an SSL base sets
-``evaluation = "kNN"`` on its method class) are labelled with it: "kNN top-1".
+``evaluation = "kNN"`` on its method class) are labelled with it: "kNN top-1"
+(:func:`evaluation_prefix`, which the epoch line uses too). The validation and test loss
+(``val/loss``, ``test/loss``: the mean cross-entropy of the classifier's logits over the
+split, :func:`batchkin.trainer.evaluate`) exist only where the classifier is evaluated; a
+kNN evaluation has none, and the report then shows no loss column for it.
 Many / medium / few are shown — in the report and the final line — only where the
 training data is long-tailed (:func:`batchkin.metrics.is_long_tailed`: a long-tailed
 subset was asked for, or the largest class has at least three times the images of the
@@ -51,22 +56,31 @@ ENGINE_KEYS = {"kind", "epoch", "step", "loss", "lr", "images_per_s"}
 
 
 
+def run_evaluation(state) -> str:
+    """What a run's val/test accuracies measure: ``"classifier"`` (the model's logits), or the
+    first enabled method's own ``evaluation`` that is not (the SSL bases' ``"kNN"``)."""
+    return next((e for e in (getattr(meth, "evaluation", "classifier") for meth in state.hooks.methods.values())
+                 if e != "classifier"), "classifier")
+
+
 def class_info(state) -> dict:
     """classes.json of a run: class names and training counts (label order), each class's
     many / medium / few group, whether the data is long-tailed, and what evaluation measures
-    (``"classifier"``, or an enabled method's ``evaluation`` such as ``"kNN"``)."""
+    (:func:`run_evaluation`)."""
     from .metrics import shot_groups
 
     counts = [int(c) for c in state.splits.train_counts().tolist()]
     m = state.config.metrics
     groups, how = shot_groups(counts, m.many_threshold, m.few_threshold, m.shot_split)
-    evaluation = next((e for e in (getattr(meth, "evaluation", "classifier") for meth in state.hooks.methods.values())
-                       if e != "classifier"), "classifier")
     return {"names": [str(n) for n in state.splits.classes], "train_counts": counts, "groups": groups,
-            "shot_split": how, "long_tailed": is_long_tailed(counts, state.config.data.imbalance_factor), "evaluation": evaluation}
+            "shot_split": how, "long_tailed": is_long_tailed(counts, state.config.data.imbalance_factor),
+            "evaluation": run_evaluation(state)}
 
 
-def _prefix(classes: dict) -> str:
+def evaluation_prefix(classes: dict) -> str:
+    """The word naming a run's accuracies, with its space: ``""`` for the classifier, ``"kNN "``
+    for an SSL base. The one place that decides it: the epoch line (``val kNN top-1``), the
+    final line (``test kNN top-1``) and the report's headings and plots all use it."""
     evaluation = classes.get("evaluation", "classifier")
     return "" if evaluation == "classifier" else f"{evaluation} "
 
@@ -75,15 +89,22 @@ def _pct(v) -> str:
     return "n/a" if v is None or v != v else f"{100 * v:.2f}"
 
 
+def _loss(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.4f}"
+
+
 def final_line(record: dict, classes: dict) -> str:
     """The line printed when a run ends: test top-1 and balanced accuracy (labelled with the
-    evaluation, ``kNN``, where it is not the classifier), and many / medium / few where the
-    training data is long-tailed."""
+    evaluation, ``kNN``, where it is not the classifier: :func:`evaluation_prefix`), the test
+    loss where the classifier is evaluated, and many / medium / few where the training data
+    is long-tailed."""
     def pct(v):
         return "n/a" if v is None or v != v else f"{100 * v:.2f}%"
 
-    text = (f"batchkin: test {_prefix(classes)}top1 {pct(record['test/top1'])}, "
+    text = (f"batchkin: test {evaluation_prefix(classes)}top-1 {pct(record['test/top1'])}, "
             f"balanced {pct(record['test/balanced_acc'])}")
+    if "test/loss" in record:
+        text += f", loss {_loss(record['test/loss'])}"
     if classes.get("long_tailed", True):
         text += (f", many {pct(record['test/many_acc'])} / medium {pct(record['test/medium_acc'])} / "
                  f"few {pct(record['test/few_acc'])} ({record['test/shot_split']} split)")
@@ -120,7 +141,7 @@ def write_report(run_path: str | Path, classes: dict | None = None) -> Path:
     final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
     info, classes, probe = run.read_json(MARKER), run.read_json(CLASSES), run.read_json(PROBE)
     planned = _planned_epochs(run.path)
-    label = _prefix(classes)
+    label = evaluation_prefix(classes)
     long_tailed = classes.get("long_tailed", True)
     lines = [f"# batchkin run `{run.path.name}`", ""]
     if info:
@@ -134,19 +155,26 @@ def write_report(run_path: str | Path, classes: dict | None = None) -> Path:
     shot_cols = list(SHOTS) if long_tailed else []
     if final:
         heads = [f"{label}top-1", "balanced", *shot_cols]
+        cells = [_pct(final.get(f"test/{k}")) for k in ("top1", "balanced_acc", *(f"{g}_acc" for g in shot_cols))]
+        if "test/loss" in final:  # the classifier's evaluation only (not kNN)
+            heads.append("loss")
+            cells.append(_loss(final["test/loss"]))
         lines += [f"## Test (final weights){' — ' + label.strip() + ' evaluation' if label else ''}", "",
-                  "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads),
-                  "| " + " | ".join(_pct(final.get(f"test/{k}")) for k in
-                                   ("top1", "balanced_acc", *(f"{g}_acc" for g in shot_cols))) + " |", ""]
+                  "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads), "| " + " | ".join(cells) + " |", ""]
+        if "test/loss" in final:
+            lines += ["Loss: the mean cross-entropy of the classifier's logits over the test split.", ""]
         if long_tailed:
             lines += [f"Many/medium/few groups: {final.get('test/shot_split')} split of the training class sizes. "]
         lines += [f"Best validation epoch: {final.get('best_val_epoch')}.", ""]
     if probe:
         lines += _probe_lines(probe)
-    heads = ["epoch", "loss", "lr", f"val {label}top-1", "val balanced", *(f"val {g}" for g in shot_cols), "img/s"]
+    val_loss = any("val/loss" in r for r in epochs)  # the classifier's evaluation only (not kNN)
+    heads = ["epoch", "loss", *(["val loss"] if val_loss else []), "lr", f"val {label}top-1", "val balanced",
+             *(f"val {g}" for g in shot_cols), "img/s"]
     lines += ["## Epochs", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in epochs:
-        cells = [str(r["epoch"]), f"{r['loss']:.4f}", f"{r['lr']:.4g}", _pct(r.get("val/top1")),
+        cells = [str(r["epoch"]), f"{r['loss']:.4f}", *([_loss(r.get("val/loss"))] if val_loss else []),
+                 f"{r['lr']:.4g}", _pct(r.get("val/top1")),
                  _pct(r.get("val/balanced_acc")), *(_pct(r.get(f"val/{g}_acc")) for g in shot_cols),
                  f"{r.get('images_per_s', 0):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

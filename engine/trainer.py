@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, is_dataclass
 
 import torch
-import torch.nn.functional as F  # noqa: F401  (used by plugins importing from here)
+import torch.nn.functional as F  # also used by plugins importing from here
 
 from . import __version__
 from .config import Config, build_config, load_raw, resume_changes
@@ -28,7 +28,7 @@ from .loggers import NoLog, RunLog, check_backends
 from .metrics import classification_metrics, confusion_counts, shot_groups
 from .models import check_protocol, state_dict_mismatch
 from .plugin import Plugins, RunHooks
-from .report import class_info, final_line, write_report
+from .report import class_info, evaluation_prefix, final_line, run_evaluation, write_report
 from .rundir import CHECKPOINT_FORMAT, MARKER, RunDir, load_checkpoint, plugin_file_records
 from .schema import dump_toml, parse, shown, to_dict
 from .selection import Selection
@@ -548,7 +548,13 @@ def train_step(state: State, indices: dict) -> float:
 
 
 def evaluate(state: State, split_name: str, data: DeviceData, weights: str = "auto") -> dict:
-    """Top-1, balanced, many/medium/few and per-class accuracy of ``state.model`` on a split.
+    """Top-1, balanced, many/medium/few and per-class accuracy of ``state.model`` on a split,
+    and its ``loss``: the mean cross-entropy of the logits over the split's images (plain
+    cross-entropy in float32, whatever the training loss terms are — label smoothing, logit
+    adjustment — so that runs of different methods compare), from the same forward pass as
+    the accuracies. A run whose evaluation is not the classifier (an SSL base's kNN,
+    :func:`batchkin.report.run_evaluation`) has no loss: its "logits" are kNN votes, and
+    ``loss`` is left out of its metrics.
 
     ``weights``: ``"auto"`` evaluates the EMA of the weights when the run keeps one
     (``[train.ema]``; the metrics then hold ``"weights": "ema"``), else the model's own;
@@ -574,22 +580,33 @@ def _evaluate(state: State, split_name: str, data: DeviceData) -> dict:
     k = state.num_classes
     correct = torch.zeros(k, dtype=torch.int64, device=state.device)
     total = torch.zeros(k, dtype=torch.int64, device=state.device)
+    with_loss = run_evaluation(state) == "classifier"
+    loss_sum = torch.zeros((), dtype=torch.float64, device=state.device)  # summed on the device: no read per batch
     for x, y in data.eval_batches(state.config.data.eval_batch_size, state.rank, state.world_size):
         state.batch = {"x": x, "y": y}
         with _autocast(state):
             outputs = state.hooks.forward(state=state)
-        c, t = confusion_counts(outputs["logits"].argmax(1), y, k)
+        logits = outputs["logits"]
+        c, t = confusion_counts(logits.argmax(1), y, k)
         correct += c
         total += t
+        if with_loss:
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
     if state.world_size > 1:
         import torch.distributed as dist
 
         dist.all_reduce(correct)
         dist.all_reduce(total)
+        if with_loss:
+            dist.all_reduce(loss_sum)
     m = state.config.metrics
     groups, how = shot_groups(state.splits.train_counts(), m.many_threshold, m.few_threshold, m.shot_split)
-    metrics = classification_metrics(correct.cpu(), total.cpu(), groups)
+    total = total.cpu()
+    metrics = classification_metrics(correct.cpu(), total, groups)
     metrics["shot_split"] = how
+    if with_loss:
+        n = int(total.sum())
+        metrics["loss"] = float(loss_sum) / n if n else float("nan")
     state.hooks.on_evaluate(state=state, split=split_name, metrics=metrics)
     model.train(was_training)
     state.training = True
@@ -798,6 +815,7 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
     dist_ctx.wrap(state)
     state.hooks.on_fit_start(state=state)
     out.line(_start_line(state, threads, threads_why))
+    classes = class_info(state)  # classes.json; its evaluation names the accuracies of the epoch lines
     val_data = DeviceData(state.splits.val, state.splits, state.device) if len(state.splits.val) else None
     selection = state.selection
     last_epoch = cfg.epochs if until is None else until
@@ -864,13 +882,13 @@ def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, 
                 if run.staging is not None:
                     run.commit_replacement()
                 run.last_epoch = state.epoch
-            out.line(_epoch_line(record))
+            out.line(_epoch_line(record, classes))
             if stop:
                 out.line(_stop_line(state))
         if stop:
             break
     state.train_data.close()
-    final, classes = {}, class_info(state)
+    final = {}
     if state.epoch >= cfg.epochs or selection.stopped:
         state.hooks.on_fit_end(state=state)
         test_data = DeviceData(state.splits.test, state.splits, state.device)
@@ -1006,10 +1024,17 @@ def _oom_message(state: State, step: int, exc: BaseException) -> str:
     )
 
 
-def _epoch_line(r: dict) -> str:
+def _epoch_line(r: dict, classes: dict) -> str:
+    """``batchkin: epoch 3, loss 0.8123, val loss 0.9001, val top-1 61.00%, balanced 58.25%, 950 img/s``:
+    the training loss, then (in an epoch that evaluates) the validation loss — the classifier's
+    evaluation only — and accuracies, named as the report names them (:func:`evaluation_prefix`:
+    ``val kNN top-1`` for an SSL base) and marked ``(EMA)`` when the EMA's weights were evaluated."""
     parts = [f"epoch {r['epoch']}", f"loss {r['loss']:.4f}"]
     if "val/top1" in r:
-        parts.append(f"val{' (EMA)' if r.get('val/weights') == 'ema' else ''} top1 {100 * r['val/top1']:.2f}%")
+        val = f"val{' (EMA)' if r.get('val/weights') == 'ema' else ''}"
+        if "val/loss" in r:
+            parts.append(f"{val} loss {r['val/loss']:.4f}")
+        parts.append(f"{val} {evaluation_prefix(classes)}top-1 {100 * r['val/top1']:.2f}%")
         parts.append(f"balanced {100 * r['val/balanced_acc']:.2f}%")
     parts.append(f"{r['images_per_s']:.0f} img/s")
     return "batchkin: " + ", ".join(parts)

@@ -83,6 +83,7 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path, single, metrics):
     final = metrics(one)[-1]
     assert m2["top1"] == final["test/top1"]
     assert m2["per_class"] == final["test/per_class"]
+    assert m2["loss"] == pytest.approx(final["test/loss"], rel=1e-6)  # the shards' sums reduced, over all images
 
 
 def test_a_killed_rank_ends_the_run_with_a_message(tmp_path, torchrun):

@@ -33,10 +33,12 @@ RECORD = {"test/top1": 0.5, "test/balanced_acc": 0.25, "test/many_acc": 1.0, "te
 
 def test_final_line_shows_the_groups_only_for_long_tailed_data_and_names_knn():
     assert final_line(RECORD, {"long_tailed": True}) == (
-        "batchkin: test top1 50.00%, balanced 25.00%, many 100.00% / medium 12.50% / few n/a (relative split)")
-    assert final_line(RECORD, {"long_tailed": False}) == "batchkin: test top1 50.00%, balanced 25.00%"
+        "batchkin: test top-1 50.00%, balanced 25.00%, many 100.00% / medium 12.50% / few n/a (relative split)")
+    assert final_line(RECORD, {"long_tailed": False}) == "batchkin: test top-1 50.00%, balanced 25.00%"
     assert final_line(RECORD, {"long_tailed": False, "evaluation": "kNN"}) == \
-        "batchkin: test kNN top1 50.00%, balanced 25.00%"
+        "batchkin: test kNN top-1 50.00%, balanced 25.00%"
+    assert final_line({**RECORD, "test/loss": 0.123456}, {"long_tailed": False}) == \
+        "batchkin: test top-1 50.00%, balanced 25.00%, loss 0.1235"
 
 
 def test_method_scalars_are_every_other_number_grouped_by_prefix():
