@@ -250,10 +250,14 @@ def _launch_torchrun(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import load_raw
+    """Print a checkpoint's metrics on a split as JSON (:func:`batchkin.trainer.evaluate`), computed
+    with the run's ``train.threads`` as training resolves it (``threads`` and ``threads_from`` in
+    the output, as the training start line says it); torch's thread count is given back after."""
+    from .config import build_config, load_raw
     from .data import DeviceData
     from .errors import RunError
     from .rundir import load_checkpoint
+    from .threads import using_threads
     from .trainer import evaluate, prepare, restore
 
     path = Path(args.checkpoint)
@@ -267,14 +271,17 @@ def cmd_eval(args) -> int:
     if not (run / "config.toml").is_file():
         raise RunError(f"no config.toml found for {path} (expected in {run})")
     ckpt = load_checkpoint(ckpt_path)
-    state = prepare(load_raw(run / "config.toml"), plugins)
-    restore(state, ckpt)
-    split = state.splits.test if args.split == "test" else state.splits.val
-    if not len(split):
-        raise RunError(f"the {args.split} split of {run} is empty (data.val_fraction = "
-                       f"{state.config.data.val_fraction}); evaluate --split test instead")
-    metrics = evaluate(state, args.split, DeviceData(split, state.splits, state.device))
-    print_json({"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "split": args.split, **metrics})
+    raw = load_raw(run / "config.toml")
+    with using_threads(build_config(raw, plugins.registry.methods).train.threads) as (threads, why):
+        state = prepare(raw, plugins)
+        restore(state, ckpt)
+        split = state.splits.test if args.split == "test" else state.splits.val
+        if not len(split):
+            raise RunError(f"the {args.split} split of {run} is empty (data.val_fraction = "
+                           f"{state.config.data.val_fraction}); evaluate --split test instead")
+        metrics = evaluate(state, args.split, DeviceData(split, state.splits, state.device))
+    print_json({"checkpoint": str(ckpt_path), "epoch": ckpt["epoch"], "split": args.split, **metrics,
+                "threads": threads, "threads_from": why})
     return 0
 
 

@@ -125,11 +125,14 @@ def linear_probe(run_dir, *, epochs: int = 100, lr: float = 0.1, batch_size: int
     probe), trains :func:`train_linear` on the training split and returns the test
     split's ``top1``, ``balanced_acc`` and ``per_class``, plus ``val_top1`` and
     ``train_top1``. ``plugins`` defaults to ``Plugins()`` (the built-ins, entry points and
-    ``BATCHKIN_PLUGINS`` files).
+    ``BATCHKIN_PLUGINS`` files). It runs with the run's ``train.threads``, resolved as for
+    training (:func:`batchkin.threads.run_threads`; the result's ``threads`` and
+    ``threads_from``), and gives the caller's thread count back when it returns.
     """
-    from .config import load_raw
+    from .config import build_config, load_raw
     from .plugin import Plugins
     from .rundir import load_checkpoint
+    from .threads import using_threads
     from .trainer import prepare, restore
 
     run = Path(run_dir)
@@ -150,11 +153,13 @@ def linear_probe(run_dir, *, epochs: int = 100, lr: float = 0.1, batch_size: int
     raw = load_raw(run / "config.toml")
     if device is not None:
         raw["device"] = device
-    with torch.random.fork_rng(devices=[]):
+    threads = build_config(raw, plugins.registry.methods).train.threads
+    with torch.random.fork_rng(devices=[]), using_threads(threads) as (n, why):
         state = prepare(raw, plugins)
         restore(state, load_checkpoint(ckpt_path, map_location=state.device))
         out = probe_state(state, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed)
-    out.update({"run_dir": str(run), "checkpoint": checkpoint, "epoch": state.epoch})
+    out.update({"run_dir": str(run), "checkpoint": checkpoint, "epoch": state.epoch, "threads": n,
+                "threads_from": why})
     return out
 
 

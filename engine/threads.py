@@ -13,11 +13,14 @@ leaves one core free:
 It depends only on the machine, not on its load at the moment, so a resumed run uses the
 same count as the run it continues (the count can change floating-point sums).
 :func:`batchkin.trainer.fit` sets it for the run and gives the caller's setting back
-when it returns (``torch.set_num_threads`` is process-wide).
+when it returns (``torch.set_num_threads`` is process-wide); ``batchkin eval`` and
+:func:`batchkin.probe.linear_probe` (``batchkin probe``) use the run's own setting the
+same way (:func:`using_threads`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,3 +58,18 @@ def run_threads(setting) -> tuple[int, str]:
         n, why = auto_threads()
         return n, f"train.threads = auto: {why}"
     return int(setting), "train.threads"
+
+
+@contextlib.contextmanager
+def using_threads(setting):
+    """Run a block with torch's intra-op threads set to a ``train.threads`` value (resolved by
+    :func:`run_threads`); yields ``(threads, why)`` and gives the caller's count back after."""
+    import torch
+
+    threads, why = run_threads(setting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield threads, why
+    finally:
+        torch.set_num_threads(before)

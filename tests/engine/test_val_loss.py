@@ -1,6 +1,7 @@
 """Validation and test loss (the mean cross-entropy over the split, from the evaluation's one
 forward pass) in metrics.jsonl, TensorBoard, CSV, the epoch line, the final line and the
-report; none for a kNN evaluation, whose accuracies the epoch line labels as the report does."""
+report; none for a kNN evaluation, whose accuracies the epoch line labels as the report does;
+and ``batchkin eval`` / ``batchkin probe`` with the run's ``train.threads``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchkin import report
+from batchkin import report, trainer
+from batchkin.cli import main
 from batchkin.data import DeviceData
 from batchkin.plugin import Plugins
 from batchkin.report import evaluation_prefix, final_line, write_report
@@ -154,3 +156,68 @@ def test_a_knn_run_logs_no_loss_and_labels_its_accuracies(tmp_path):
     with open(run / "metrics.csv", newline="") as fh:
         assert "val/loss" not in next(csv.reader(fh))
 
+
+# ------------------------------------------------------------------------------ eval and probe: train.threads
+
+
+@pytest.fixture(scope="module")
+def two_thread_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("threads") / "run"
+    fit(tiny_config(["ce"], epochs=1, train={"threads": 2}), run, progress=False)
+    return run
+
+
+def _record_threads(monkeypatch, module, name):
+    seen = []
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return seen
+
+
+def test_eval_uses_the_runs_threads_and_gives_the_callers_back(two_thread_run, monkeypatch, capsys):
+    from batchkin import probe
+
+    before = torch.get_num_threads()
+    assert before == 1  # the engine tests run with one thread
+    seen = _record_threads(monkeypatch, trainer, "evaluate")
+    assert main(["eval", str(two_thread_run)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert seen == [2] and torch.get_num_threads() == before
+    assert out["threads"] == 2 and out["threads_from"] == "train.threads"
+    final = _lines(two_thread_run)[-1]
+    assert out["top1"] == final["test/top1"] and out["loss"] == final["test/loss"]
+    # given back after an error too (after the threads were set: the empty-split check)
+    raw_config = (two_thread_run / "config.toml").read_text()
+    (two_thread_run / "config.toml").write_text(raw_config.replace("val_fraction = ", "val_fraction = 0.0 #"))
+    try:
+        assert main(["eval", str(two_thread_run), "--split", "val"]) == 2
+    finally:
+        (two_thread_run / "config.toml").write_text(raw_config)
+    assert "is empty" in capsys.readouterr().err and seen == [2] and torch.get_num_threads() == before
+
+    seen = _record_threads(monkeypatch, probe, "probe_state")
+    assert main(["probe", str(two_thread_run), "--epochs", "1", "--batch-size", "16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert seen == [2] and torch.get_num_threads() == before
+    assert out["threads"] == 2 and out["threads_from"] == "train.threads"
+    saved = json.loads((two_thread_run / "probe.json").read_text())["last.pt"]
+    assert saved["threads"] == 2
+
+
+def test_eval_resolves_auto_threads_as_training_does(two_thread_run, monkeypatch, capsys, tmp_path):
+    import shutil
+
+    run = tmp_path / "auto"
+    shutil.copytree(two_thread_run, run)
+    (run / "config.toml").write_text((run / "config.toml").read_text().replace("threads = 2", 'threads = "auto"'))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    seen = _record_threads(monkeypatch, trainer, "evaluate")
+    assert main(["eval", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert seen == [3] and torch.get_num_threads() == 1
+    assert (out["threads"], out["threads_from"]) == (3, "train.threads = auto: OMP_NUM_THREADS")
