@@ -1,7 +1,8 @@
 """Checkpoint selection (``train.best_metric``) and early stopping (``[train.early_stop]``).
 
 Both watch a validation metric, named as in metrics.jsonl without the ``val/`` prefix:
-the engine's ``top1``, ``balanced_acc``, ``many_acc``, ``medium_acc``, ``few_acc``, or one
+the engine's ``top1``, ``balanced_acc``, ``many_acc``, ``medium_acc``, ``few_acc``, ``loss``
+(the classifier's mean cross-entropy; absent where the run is evaluated by kNN), or one
 an enabled method adds in ``on_evaluate`` and declares in its ``val_metrics``. A name
 is checked when the run is prepared, before anything is written.
 
@@ -60,7 +61,9 @@ class Selection:
 
     def __init__(self, state):
         cfg = state.config
-        known = list(ENGINE_VAL_METRICS)
+        from .report import run_evaluation
+
+        known = list(ENGINE_VAL_METRICS) + (["loss"] if run_evaluation(state) == "classifier" else [])
         for method in state.hooks.methods.values():
             known.extend(m for m in getattr(method, "val_metrics", ()) if m not in known)
         if cfg.train.best_metric == "auto":

@@ -152,3 +152,21 @@ def test_min_mode_and_no_validation_split(tmp_path, scripted, metrics_lines):
     with pytest.raises(ConfigError, match=r"train.early_stop.patience = 2 needs a validation split; "
                                           r"data.val_fraction is 0.0"):
         prepare(tiny_config(["ce"], data={"val_fraction": 0.0}, train={"early_stop": {"patience": 2}}))
+
+
+def test_the_validation_loss_selects_best_pt_lowest_first(tmp_path, metrics_lines):
+    """best_metric = 'loss' (the classifier's mean cross-entropy, lower is better)."""
+    raw = tiny_config(["ce"], epochs=3, optim={"lr": 0.5}, train={"best_metric": "loss"})
+    fit(raw, tmp_path / "run", progress=False)
+    losses = [r["val/loss"] for r in metrics_lines(tmp_path / "run")[:3]]
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["best"] == {"epoch": 1 + losses.index(min(losses)), "loss": min(losses)}
+    assert run_json(tmp_path / "run")["best_metric"]["mode"] == "min"
+
+
+def test_a_knn_evaluated_run_has_no_validation_loss_to_select_by():
+    from batchkin.plugins import moco
+
+    with pytest.raises(ConfigError, match="train.best_metric = 'loss' is not a validation metric of this run"):
+        prepare(tiny_config(["moco"], data={"augment": False}, train={"best_metric": "loss"}),
+                plugins=Plugins(extra_modules=[moco]))
