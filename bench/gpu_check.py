@@ -88,7 +88,7 @@ class ForcedPath:
 def stage_env(device, dry):
     import triton
 
-    from batchkin.bench import device_name, measure_peaks
+    from harness import device_name, measure_peaks
 
     info = {"device": device_name(device.type), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "dry": dry}
@@ -231,7 +231,7 @@ def stage_layer(device, dry, left_s):
 def stage_drloc(device, dry):
     import test_bench_drloc_pairs as bd
 
-    from batchkin.bench import interleave
+    from harness import interleave
     from batchkin.kernels import rng
 
     sizes = [(8, 32, 7, 7)] if dry else [(256, C, H, W) for (H, W) in ((7, 7), (14, 14), (8, 16)) for C in (192, 384, 768)]
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
     if not args.dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry for the CPU dry run", file=sys.stderr)
         return 2
-    from batchkin.bench import device_name
+    from harness import device_name
 
     device = torch.device("cpu" if args.dry else "cuda")
     torch.set_num_threads(1 if args.dry else torch.get_num_threads())

@@ -7,7 +7,7 @@ cross-entropy, backward, optimizer and scheduler step.
 
 * :func:`step_overhead` — one training step of the engine (``train_step``) against one step of
   a plain hand-written loop, alternating step by step for hundreds of rounds
-  (:func:`batchkin.bench.interleave`), timed in process CPU time: with one thread, time the
+  (:func:`harness.interleave`), timed in process CPU time: with one thread, time the
   process spends descheduled on a shared machine does not count. Target: within 2%.
 * :func:`fixed_cost` — what ``fit`` costs besides its training steps. Each round runs one
   epoch three ways, alternating: the plain loop over the epoch's steps, ``batchkin.fit``
@@ -41,7 +41,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from batchkin.bench import interleave
+from harness import interleave
 
 RAW = {
     "seed": 0, "epochs": 1, "methods": ["ce"], "device": "cpu",

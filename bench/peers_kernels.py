@@ -1,6 +1,6 @@
 """batchkin's ops against the libraries a user would otherwise call, interleaved in one process.
 
-Each section times every implementation in alternating rounds (:func:`batchkin.bench.interleave`)
+Each section times every implementation in alternating rounds (:func:`harness.interleave`)
 and reports ``peer time / batchkin time`` per round: the median and the range over the rounds
 (above 1: batchkin is faster). Each also measures its physical floor in the same rounds.
 
@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from batchkin.bench import interleave
+from harness import interleave
 
 SECTIONS = ("mixing", "overhead", "sampler", "layer")
 

@@ -1,7 +1,7 @@
 """Soak: many kill -9 / resume cycles of a tiny run, counting divergences and lost epochs.
 
 Not part of the test suite (a thousand cycles take about an hour on two CPU cores).
-Each cycle starts one child process (``python -m batchkin.faults``) that resumes the
+Each cycle starts one child process (``python tests/faults.py``) that resumes the
 current run folder (or starts it) and is killed with SIGKILL at a point drawn from an
 explicit generator:
 
@@ -36,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the fault-injection toolkit, tests/faults.py
+
+import faults  # noqa: E402
+
 EPOCHS = 6
 STEPS_PER_EPOCH = 6  # synthetic: 4 classes x 24 images = 96 images, 80 in the training split -> 5 + 1 batches of 16
 
@@ -48,12 +52,11 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def one_cycle(run: Path, rng: np.random.Generator, step_now: int, max_delay: float) -> tuple[str, int, int, str]:
     """One child process with one fault; returns (fault kind, its position, exit status, stderr tail)."""
-    from batchkin import faults
-
     if (run / "checkpoints" / "last.pt").is_file():
         cli = ["train", "--quiet", "--resume", str(run), "--plugin", faults.PLUGIN_FILE]
     else:
-        cli = ["train", "--quiet", "--overwrite", "--out", str(run), *faults.tiny_run_args(EPOCHS), *faults.KILLER_ARGS]
+        cli = ["train", "--quiet", "--overwrite", "--out", str(run), *faults.tiny_run_args(EPOCHS),
+               *faults.KILLER_ARGS]
     kind = str(rng.choice(["step", "write", "signal"], p=[0.5, 0.25, 0.25]))
     if kind == "step":
         at = step_now + int(rng.integers(1, 2 * STEPS_PER_EPOCH + 1))
@@ -75,16 +78,15 @@ def one_cycle(run: Path, rng: np.random.Generator, step_now: int, max_delay: flo
 def soak(cycles: int, out: Path, seed: int, max_delay: float, verbose: bool = False, report=None) -> dict:
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    from batchkin import faults
-
     ref_dir = out / "reference"
-    r = faults.run("none", 0, ["train", "--quiet", "--overwrite", "--out", str(ref_dir), *faults.tiny_run_args(EPOCHS),
-                               *faults.KILLER_ARGS])
+    r = faults.run("none", 0, ["train", "--quiet", "--overwrite", "--out", str(ref_dir),
+                               *faults.tiny_run_args(EPOCHS), *faults.KILLER_ARGS])
     if r.returncode != 0:
         raise SystemExit(f"the reference run failed: {r.stderr[-2000:]}")
     ref_weights, ref_lines = faults.checkpoint(ref_dir)["model"], faults.epoch_lines(ref_dir)
     stats = {"cycles": 0, "completed_runs": 0, "divergences": 0, "lost_epochs": 0, "unloadable_checkpoints": 0,
-             "prefix_mismatches": 0, "failures": 0, "stale_temp_files": 0, "kills": {"step": 0, "write": 0, "signal": 0}}
+             "prefix_mismatches": 0, "failures": 0, "stale_temp_files": 0,
+             "kills": {"step": 0, "write": 0, "signal": 0}}
     problems: list[str] = []
     run_no, t0 = 0, time.perf_counter()
     run = out / f"run{run_no}"
@@ -153,16 +155,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from batchkin.bench import device_name
+    from harness import device_name
 
     results = Path(args.results) if args.results else ROOT / "bench" / "results" / device_name("cpu")
-    meta = {"command": "python bench/soak.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])), "seed": args.seed,
+    given = list(argv or sys.argv[1:])
+    for flag in ("--out", "--results"):  # folders: they change no result, so the recorded command leaves them out
+        while flag in given:
+            del given[given.index(flag):given.index(flag) + 2]
+    meta = {"command": "python bench/soak.py" + "".join(f" {a}" for a in given), "seed": args.seed,
             "torch": str(torch.__version__), "date": time.strftime("%Y-%m-%d"), "device": device_name("cpu")}
 
     def report(stats: dict) -> str:
         results.mkdir(parents=True, exist_ok=True)
         (results / "soak.json").write_text(json.dumps({"meta": meta, "stats": stats}, indent=2) + "\n")
-        status = "" if stats["cycles"] >= args.cycles else f" (in progress: {stats['cycles']} of {args.cycles} cycles)"
+        status = "" if stats["cycles"] >= args.cycles else f" ({stats['cycles']} of the {args.cycles} cycles asked for)"
         lines = [
             "### Soak: kill -9 / resume cycles", "",
             f"Device: {meta['device']}; torch {meta['torch']}; {meta['date']}. Command: `{meta['command']}` "

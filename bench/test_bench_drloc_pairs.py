@@ -153,9 +153,9 @@ def test_bench_sides_agree():
 
 def interleaved(rounds: int, device: str = "cpu", quick: bool = False) -> list[dict]:
     """Every benchmark size, the three implementations alternating round by round
-    (:func:`batchkin.bench.interleave`): the median per-round ratio original / ours is the
+    (:func:`harness.interleave`): the median per-round ratio original / ours is the
     figure a drifting shared machine cannot bias."""
-    from batchkin.bench import interleave
+    from harness import interleave
 
     rows = []
     for p in SIZES[:1] if quick else SIZES[1:]:

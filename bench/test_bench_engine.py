@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchkin.bench import interleave
+from harness import interleave
 from batchkin.data import random_crop_flip
 from batchkin.state import StepTimer
 from batchkin.trainer import lr_factor, prepare, train_step

@@ -26,7 +26,7 @@ resize and flip, both in this process, averaged over 200 files.
     pytest bench/test_bench_stream.py --benchmark-only        # pytest-benchmark, small folders
     python bench/test_bench_stream.py [--rounds 5] [--quick] [--write]
 
-The script times the two implementations interleaved (:func:`batchkin.bench.interleave`:
+The script times the two implementations interleaved (:func:`harness.interleave`:
 alternating within every round, the median of per-round ratios), prints a table and the rows
 as JSON on its last line; ``--write`` stores them in ``bench/results/<device>/stream.{json,md}``.
 """
@@ -199,7 +199,7 @@ def test_stream_epoch(benchmark, side, workers, impl):
 
 
 def interleaved(rounds: int, quick: bool = False) -> list[dict]:
-    from batchkin.bench import interleave
+    from harness import interleave
 
     rows = []
     for side, n in (QUICK_SIZES if quick else SIZES).items():
@@ -250,9 +250,9 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small folders (512 and 256 images)")
     ap.add_argument("--write", action="store_true", help="store bench/results/<device>/stream.{json,md} and "
-                    "regenerate the README's performance section")
+                    "rebuild the tables of bench/results/README.md")
     args = ap.parse_args()
-    from batchkin.bench import device_name, update_readme
+    from harness import device_name, update_readme
 
     rows = interleaved(args.rounds, args.quick)
     meta = {"device": device_name("cpu"), "torch": str(torch.__version__), "pillow": PIL.__version__,

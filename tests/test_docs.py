@@ -70,3 +70,87 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install_and_test in ci, ".ci/run must run the README's test command verbatim"
     assert (ROOT / "configs" / "quickstart.toml").is_file()
+
+
+# ------------------------------------------------------------------------------ the README and the pages it links
+
+README_LIMIT = 12_000  # bytes: the README is an entry point; details live in docs/
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "bench" / "results" / "README.md"]
+
+
+def test_the_readme_is_short_and_leads_with_what_a_newcomer_needs():
+    assert len(README.encode()) < README_LIMIT, f"README.md is {len(README.encode())} bytes"
+    headings = re.findall(r"^## (.+)$", README, re.M)
+    assert headings[:5] == ["Set-up: two commands", "Layout", "Command line", "Writing a plugin", "Results"]
+    for stale in ("in progress", "/tmp/", "performance:start"):
+        assert stale not in README, stale
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    for link in links:
+        if re.match(r"[a-z]+://", link) or link.startswith("mailto:"):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.relative_to(ROOT)}: {link} does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, f"{page.relative_to(ROOT)}: no heading for #{anchor}"
+
+
+def test_the_layout_table_names_the_import_name_of_every_package_folder():
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {folder: name for name, folder in setup["package-dir"].items()}
+    rows = dict(re.findall(r"^\| `([\w/]+)/` \| `?([\w.—]+)`? \|", README, re.M))
+    for folder, name in folders.items():
+        assert rows.get(folder) == name, f"README's layout table: {folder}/ should read {name}"
+    for folder, name in rows.items():  # a sub-package row names the package its folder holds
+        if name != "—":
+            assert name in setup["packages"] and (ROOT / folder).is_dir(), folder
+        else:
+            assert (ROOT / folder).is_dir() and folder not in folders, folder
+
+
+def _targets(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """The date and the (target, status) rows of a performance target table."""
+    date = re.search(r"as of (\d{4}-\d{2}-\d{2})", text).group(1)
+    table = text[text.index("| target |"):].split("\n\n", 1)[0].splitlines()
+    cells = [[c.strip() for c in row.strip().strip("|").split(" | ")] for row in table[2:]]
+    return date, [(c[0], c[-1]) for c in cells]
+
+
+def test_the_readme_targets_are_those_of_the_performance_results():
+    perf = (ROOT / "bench" / "results" / "README.md").read_text()
+    ours, theirs = _targets(README.split("## Results", 1)[1]), _targets(perf.split("## Targets", 1)[1])
+    assert ours == theirs
+    assert len(ours[1]) >= 10 and {status for _, status in ours[1]} >= {"met", "not met"}
+
+
+def test_the_readme_plugin_runs_as_written(tmp_path):
+    """The README's plugin is complete: loaded as a file it trains, its loss term is the
+    label-smoothed cross-entropy of the step's logits, and its option is checked."""
+    import torch.nn.functional as F
+
+    from batchkin.errors import ConfigError
+    from batchkin.testing import run_plugin, tiny_config
+
+    code = re.search(r"```python\n(.*?)\n```", README.split("## Writing a plugin", 1)[1], re.S).group(1)
+    path = tmp_path / "smooth.py"
+    path.write_text(code)
+    state = run_plugin(["smooth"], plugin_files=[path], steps=2)
+    want = F.cross_entropy(state.outputs["logits"].float(), state.targets(), label_smoothing=0.1)
+    assert list(state.loss_terms) == ["smooth_ce"]
+    assert float(state.loss_terms["smooth_ce"].detach()) == pytest.approx(float(want), rel=1e-5)
+    bad = tiny_config(["smooth"], smooth={"eps": 1.5})
+    with pytest.raises(ConfigError, match=r"smooth.eps"):
+        run_plugin(["smooth"], plugin_files=[path], config=bad)

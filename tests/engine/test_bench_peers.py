@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from batchkin import bench
+from batchkin.cli import bench_harness
 
 ROOT = Path(__file__).resolve().parents[2]
+bench = bench_harness()  # bench/harness.py, as `batchkin bench` loads it
 
 
 def _module(name: str):
@@ -99,7 +100,9 @@ def test_run_peers_runs_both_scripts_on_one_thread_and_leaves_the_readme(monkeyp
         return kernels if cmd[1] == "bench/peers_kernels.py" else engine
 
     monkeypatch.setattr(bench, "_json_of", fake)
-    (tmp_path / "README.md").write_text("x\n")
+    tables = tmp_path / "bench" / "results" / "README.md"
+    tables.parent.mkdir(parents=True)
+    tables.write_text(f"x\n{bench.README_START}\nold\n{bench.README_END}\n")
     meta = {"device": "dev", "torch": "t", "date": "d", "command": "batchkin bench peers"}
     md = bench._run_peers(tmp_path, tmp_path, "cpu", True, meta, {})
     assert calls == [("bench/peers_kernels.py", "1"), ("bench/peers_engine.py", "1")]
@@ -110,7 +113,7 @@ def test_run_peers_runs_both_scripts_on_one_thread_and_leaves_the_readme(monkeyp
     assert "| batchkin `fit` without its fsync waits | 20.0 |" in text
     assert "Lightning `Trainer`" not in text  # not installed: no row
     assert json.loads((tmp_path / "peers.json").read_text())["engine"] == engine
-    assert (tmp_path / "README.md").read_text() == "x\n"
+    assert tables.read_text() == f"x\n{bench.README_START}\nold\n{bench.README_END}\n"
     with pytest.raises(bench.BatchkinError, match="gpu_check"):
         bench._run_peers(tmp_path, tmp_path, "cuda", True, meta, {})
 

@@ -1,4 +1,4 @@
-"""The benchmark harnesses: bench/accuracy.py (tables, reuse, markers) and batchkin.bench's summaries."""
+"""The benchmark harnesses: bench/accuracy.py (tables, reuse, markers) and bench/harness.py's summaries."""
 
 import importlib.util
 import json
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from batchkin import bench
+from batchkin.cli import bench_harness
 
 ROOT = Path(__file__).resolve().parents[2]
+bench = bench_harness()  # bench/harness.py, as `batchkin bench` loads it
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,9 @@ def test_interleaved_run_writes_both_tables(monkeypatch, tmp_path):
                 "ratio_plain_over_engine": 0.98, "ratios": [0.97, 0.98, 0.99]}
 
     monkeypatch.setattr(bench, "_json_of", fake)
-    (tmp_path / "README.md").write_text("x\n")  # no performance markers: left alone
+    tables = tmp_path / "bench" / "results" / "README.md"
+    tables.parent.mkdir(parents=True)
+    tables.write_text(f"x\n{bench.README_START}\nold\n{bench.README_END}\n")  # not asked to update: left alone
     meta = {"device": "dev", "torch": "t", "triton": None, "date": "d", "threads": 2, "command": "c"}
     md = bench._run_interleaved(tmp_path, tmp_path, "cpu", True, meta, {})
     assert [c[0][1] for c in calls] == ["bench/test_bench_drloc_pairs.py", "bench/test_bench_engine.py"]
@@ -194,7 +197,7 @@ def test_interleaved_run_writes_both_tables(monkeypatch, tmp_path):
     assert "10 training steps of batch 128" in text
     saved = json.loads((tmp_path / "interleaved.json").read_text())
     assert saved["drloc"] == drloc and saved["engine"][0]["case"] == "ce-resnet32"
-    assert (tmp_path / "README.md").read_text() == "x\n"
+    assert tables.read_text() == f"x\n{bench.README_START}\nold\n{bench.README_END}\n"
 
 
 # ------------------------------------------------------------------------------ where results go
@@ -202,13 +205,15 @@ def test_interleaved_run_writes_both_tables(monkeypatch, tmp_path):
 
 @pytest.fixture
 def checkout(tmp_path, monkeypatch):
-    """A source checkout with recorded results and a README with a performance section; pytest
-    (the benchmark run) is faked: it writes pytest-benchmark's JSON for one reference row."""
+    """A source checkout with recorded results and bench/results/README.md with its generated
+    section; pytest (the benchmark run) is faked: it writes pytest-benchmark's JSON for one
+    reference row."""
     (tmp_path / "bench" / "results" / "old-device").mkdir(parents=True)
     (tmp_path / "bench" / "results" / "old-device" / "e2e.md").write_text("### E2E\n\nrecorded table\n")
     (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "README.md").write_text("# the project's README\n")
     readme = f"# x\n\n{bench.README_START}\nold section\n{bench.README_END}\n\nafter\n"
-    (tmp_path / "README.md").write_text(readme)
+    (tmp_path / "bench" / "results" / "README.md").write_text(readme)
     monkeypatch.setattr(bench, "repo_root", lambda: tmp_path)
     monkeypatch.setattr(bench, "device_name", lambda device: "dev")
 
@@ -228,7 +233,7 @@ def test_a_quick_benchmark_writes_under_its_quick_folder_and_leaves_the_readme(c
     path = bench.run("kernels", "cpu", quick=True)
     assert path == root / "bench" / "results" / "dev" / "quick" / "kernels.md"
     assert "| g | ref | 500.000 | 0.000 | 1.00x |" in path.read_text()
-    assert (root / "README.md").read_text() == readme
+    assert (root / "bench" / "results" / "README.md").read_text() == readme
     assert not (root / "bench" / "results" / "dev" / "kernels.md").exists()  # full results untouched
 
 
@@ -236,13 +241,31 @@ def test_a_full_benchmark_changes_the_readme_only_when_asked(checkout):
     root, readme = checkout
     path = bench.run("kernels", "cpu", quick=False)
     assert path == root / "bench" / "results" / "dev" / "kernels.md"
-    assert (root / "README.md").read_text() == readme
+    assert (root / "bench" / "results" / "README.md").read_text() == readme
     bench.run("kernels", "cpu", quick=True)  # quick results are never read into the README
     bench.run("kernels", "cpu", quick=False, update=True)
-    text = (root / "README.md").read_text()
+    text = (root / "bench" / "results" / "README.md").read_text()
     assert "old section" not in text and text.endswith(f"{bench.README_END}\n\nafter\n")
-    assert "#### dev — kernels" in text and "#### old-device — e2e" in text and "recorded table" in text
+    assert text.startswith(f"# x\n\n{bench.README_START}\n\n### dev — kernels\n")
+    assert "### old-device — e2e\n\nrecorded table\n" in text
     assert "quick" not in text.split(bench.README_START)[1]
+    assert (root / "README.md").read_text() == "# the project's README\n"  # the project's README is not generated
+
+
+def test_the_cli_runs_the_checkouts_harness_and_refuses_without_a_checkout(tmp_path, monkeypatch, capsys):
+    """`batchkin bench` loads bench/harness.py of the checkout (the module these tests use); an
+    install without a checkout (no bench/harness.py here or where the package lives) is one line."""
+    from batchkin import cli
+
+    assert cli.bench_harness() is bench and Path(bench.__file__) == ROOT / "bench" / "harness.py"
+    assert importlib.util.find_spec("batchkin.bench") is None and importlib.util.find_spec("batchkin.faults") is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bench").mkdir()  # a bench/ folder without the harness is no checkout either
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "batchkin" / "cli.py"))
+    assert cli.main(["bench", "kernels", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("batchkin: error: batchkin bench needs a source checkout") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -256,7 +279,7 @@ def test_update_readme_refuses_what_it_cannot_show(checkout, capsys, argv, fragm
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("batchkin: error: ") and fragment in err and err.count("\n") == 1
-    assert (root / "README.md").read_text() == readme
+    assert (root / "bench" / "results" / "README.md").read_text() == readme
     assert not (root / "bench" / "results" / "dev").exists()
 
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from batchkin import faults
 from batchkin.cli import main
 from batchkin.data import DeviceData
 from batchkin.errors import ConfigError, DataError, RunError
@@ -26,6 +25,7 @@ from batchkin.plugin import Plugins
 from batchkin.stream import ImageFiles, Request, StreamData, StreamDataset
 from batchkin.testing import run_plugin
 from batchkin.trainer import checkpoint_dict, fit, prepare, restore, train_step
+import faults  # tests/faults.py
 from test_engine_cli import set_args  # --set arguments of a raw config (this folder's CLI tests)
 
 SIZE = (12, 10)  # Pillow (width, height)

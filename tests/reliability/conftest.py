@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import faults
 from contract import TINY, assert_user_error, tree_hash
 
-from batchkin import faults
 from batchkin.cli import main
 
 
@@ -81,7 +81,7 @@ def cli(capsys):
 def run_child(argv: list[str], setup: str = "", fault: tuple[str, int] = ("none", 0)) -> subprocess.CompletedProcess:
     """``batchkin ARGV`` in a child process, after the Python code ``setup`` (which may arm a
     fault, e.g. replace a function of ``batchkin.rundir``) or with a fault of
-    :mod:`batchkin.faults` (``("step", 3)``: SIGKILL after optimizer step 3, the run
+    tests/faults.py (``("step", 3)``: SIGKILL after optimizer step 3, the run
     enabling the ``killer`` method; ``("write", 5)``: SIGKILL inside the 5th atomic write)."""
     argv = [str(a) for a in argv]
     if not setup:

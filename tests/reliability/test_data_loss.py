@@ -15,7 +15,7 @@ import tomllib
 
 import pytest
 
-from batchkin import faults
+import faults
 
 KILLER = faults.KILLER_ARGS
 

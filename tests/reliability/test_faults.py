@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchkin import faults, rundir
+import faults
+from batchkin import rundir
 from batchkin.config import ENGINE_TABLES, build_config
 from batchkin.errors import ConfigError, RunError
 from batchkin.plugin import Plugins

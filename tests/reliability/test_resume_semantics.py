@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchkin import faults
+import faults
 from batchkin.config import resume_keys
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+CLI_DOCS = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
 
 
 def _config(run) -> dict:
@@ -75,8 +75,8 @@ def test_cadence_changes_leave_the_training_unchanged(cli, tmp_path, tiny_args):
     assert ["val/top1" in r for r in faults.epoch_lines(parted)[:4]] == [True, True, False, True]
 
 
-def test_the_readme_lists_the_keys_that_may_change_on_resume():
-    section = README.split("### Resume semantics", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+def test_the_docs_list_the_keys_that_may_change_on_resume():
+    section = CLI_DOCS.split("\n## Resume semantics\n", 1)[1].split("\n## ", 1)[0]
     line = next(x for x in section.splitlines() if x.startswith("- **May change**"))
     assert re.findall(r"`([\w.]+)`", line.split(":", 1)[1].split(";", 1)[0]) == resume_keys()
 

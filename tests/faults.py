@@ -1,6 +1,8 @@
 """Fault injection for the reliability tests and the soak benchmark (bench/soak.py).
 
-``python -m batchkin.faults KIND AT CLI-ARGS...`` runs batchkin's command line in this
+A test tool, not part of the installed package: the tests import it as ``faults`` (tests/
+is on ``sys.path`` under pytest), bench/soak.py puts tests/ on ``sys.path`` first.
+``python tests/faults.py KIND AT CLI-ARGS...`` runs batchkin's command line in this
 process with one fault armed (absolute imports: the file is also loaded as a plugin file):
 
 * ``step N``: SIGKILL right after optimizer step N (the run must enable the ``killer``
@@ -100,7 +102,7 @@ def command(kind: str, at: int, cli: Sequence[str], env: dict | None = None) -> 
     """The argv and environment of a child running ``batchkin CLI...`` with the fault ``kind`` at ``at``."""
     if kind not in KINDS:
         raise ValueError(f"fault kind must be one of {KINDS}; got {kind!r}")
-    return ([sys.executable, "-m", "batchkin.faults", kind, str(int(at)), *cli],
+    return ([sys.executable, PLUGIN_FILE, kind, str(int(at)), *cli],
             {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
