@@ -234,7 +234,8 @@ def stage_drloc(device, dry):
     from harness import interleave
     from batchkin.kernels import rng
 
-    sizes = [(8, 32, 7, 7)] if dry else [(256, C, H, W) for (H, W) in ((7, 7), (14, 14), (8, 16)) for C in (192, 384, 768)]
+    grids = ((7, 7), (14, 14), (8, 16))
+    sizes = [(8, 32, 7, 7)] if dry else [(256, C, H, W) for (H, W) in grids for C in (192, 384, 768)]
     rows = []
     for size in sizes:
         fns = bd._steps(size, device.type)
@@ -281,7 +282,8 @@ def stage_e2e(device, dry):
     # the GPU machine may lack the optional pieces: digits come from scikit-learn (else a synthetic
     # set of the same shape), the report's plots from matplotlib (else no report)
     data = [] if importlib.util.find_spec("sklearn") else [
-        "data.name=synthetic", "data.synthetic_classes=10", "data.synthetic_per_class=180", "data.synthetic_shape=[1, 8, 8]"]
+        "data.name=synthetic", "data.synthetic_classes=10", "data.synthetic_per_class=180",
+        "data.synthetic_shape=[1, 8, 8]"]
     no_plots = importlib.util.find_spec("matplotlib") is None
     real_report = batchkin.report.write_report
     if no_plots:
@@ -361,11 +363,12 @@ def markdown(results: dict) -> str:
             for r in res["rows"]:
                 t = r["times"]
                 comp = f"{t['torch_compile']['ratio']:.2f}x" if "torch_compile" in t else "-"
-                lines.append(f"| {r['B']} | {r['C']} | {r['dtype']} | {t['batchkin']['ms']} | {t['torch']['ratio']:.2f}x "
-                             f"({'met' if r['met'] else 'NOT met'}) | {comp} | {r['over_gemm_floor']}x |")
+                lines.append(f"| {r['B']} | {r['C']} | {r['dtype']} | {t['batchkin']['ms']} | "
+                             f"{t['torch']['ratio']:.2f}x ({'met' if r['met'] else 'NOT met'}) | {comp} | "
+                             f"{r['over_gemm_floor']}x |")
         elif name == "drloc":
-            lines += [f"No host sync: {res['no_host_sync']}.", "", "| size | original (ms) | ours (ms) | ours vs original |",
-                      "|---|---|---|---|"]
+            lines += [f"No host sync: {res['no_host_sync']}.", "",
+                      "| size | original (ms) | ours (ms) | ours vs original |", "|---|---|---|---|"]
             lines += [f"| {r['size']} | {r['original_ms']} | {r['ours_ms']} | {r['ours_vs_original']:.2f}x "
                       f"({'met' if r['met'] else 'NOT met'}) |" for r in res["rows"]]
         elif name == "e2e":

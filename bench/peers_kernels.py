@@ -172,7 +172,8 @@ def mixing(device="cpu", quick=False, rounds=15, sizes=None) -> list[dict]:
                 return o
             fns["resize_paste"] = resize_paste
         if timm is not None and name in ("mixup", "cutmix") and not (name == "mixup" and dtype == torch.uint8):
-            alpha = dict(mixup_alpha=1.0, cutmix_alpha=0.0) if name == "mixup" else dict(mixup_alpha=0.0, cutmix_alpha=1.0)
+            mixup = name == "mixup"
+            alpha = dict(mixup_alpha=1.0 if mixup else 0.0, cutmix_alpha=0.0 if mixup else 1.0)
             for mode in ("batch", "elem"):
                 mixer = timm.Mixup(**alpha, prob=1.0, mode=mode, label_smoothing=0.0, num_classes=10)
                 fns[f"timm_{mode}"] = (lambda m: lambda: m(work, target))(mixer)
@@ -195,7 +196,8 @@ def mixing(device="cpu", quick=False, rounds=15, sizes=None) -> list[dict]:
             "copy_GBps": round(bm.bytes_moved(x) / res["median_s"]["copy"] / 1e9, 2),
             "worst_peer": min(peers, key=lambda k: peers[k]["ratio"]) if peers else None,
         })
-        _progress(f"mixing {shape} {name} {rows[-1]['dtype']}: " + ", ".join(f"{k} {v['ratio']}x" for k, v in peers.items()))
+        ratios = ", ".join(f"{k} {v['ratio']}x" for k, v in peers.items())
+        _progress(f"mixing {shape} {name} {rows[-1]['dtype']}: {ratios}")
     return rows
 
 
@@ -236,8 +238,9 @@ def overhead(quick=False, rounds=21) -> list[dict]:
     si, counts = rs.class_sorted_table(labels, 10)
     tables = rs.prepare_tables(si, counts)
     key = rs.epoch_key(5, 1)
-    cases["sample_epoch 1,360 draws (tables from counts)"] = (lambda: ops._reversed_sampler_cpu(si, *tables, key, 0, 1360),
-                                                              lambda: rs.sample_epoch(si, counts, 1360, seed=5, epoch=1))
+    cases["sample_epoch 1,360 draws (tables from counts)"] = (
+        lambda: ops._reversed_sampler_cpu(si, *tables, key, 0, 1360),
+        lambda: rs.sample_epoch(si, counts, 1360, seed=5, epoch=1))
     rows = []
     for label, (kernel, public) in list(cases.items())[: 2 if quick else None]:
         repeat = _repeat_for(public, 5e-3)
@@ -311,7 +314,8 @@ def sampler(quick=False, rounds=21) -> list[dict]:
         rows.append({"labels": len(labels), "classes": classes, "batch": batch, "draws": draws,
                      "steps": len(ours), "repeat": repeat, "vs_bbn": summarize(res, "bbn"),
                      "vs_reversed_epoch": summarize(res, "bbn_reversed_epoch")})
-        _progress(f"sampler {len(labels)} labels: " + ", ".join(f"{k} {v['ratio']}x" for k, v in rows[-1]["vs_bbn"].items()))
+        ratios = ", ".join(f"{k} {v['ratio']}x" for k, v in rows[-1]["vs_bbn"].items())
+        _progress(f"sampler {len(labels)} labels: {ratios}")
     return rows
 
 

@@ -163,4 +163,5 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
-    print(json.dumps(interleaved(args.case, args.rounds, args.compile)))  # one line: `batchkin bench interleaved` reads it
+    # one line: `batchkin bench interleaved` reads it
+    print(json.dumps(interleaved(args.case, args.rounds, args.compile)))

@@ -44,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                    "(a run without one starts again from its saved config)")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing batchkin run folder (the old run stays until the new one's first checkpoint)")
-    t.add_argument("--until", type=int, metavar="EPOCH", help="stop after this epoch (the schedule still spans `epochs`)")
+                   help="replace an existing batchkin run folder "
+                        "(the old run stays until the new one's first checkpoint)")
+    t.add_argument("--until", type=int, metavar="EPOCH",
+                   help="stop after this epoch (the schedule still spans `epochs`)")
     t.add_argument("--nproc", type=int, metavar="N", help="launch N processes with torchrun (DDP)")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     _add_plugin_arg(t, run_files=True)
@@ -62,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_arg(p)
 
     c = sub.add_parser("config", help="list every config key (engine, models, datasets, methods): type, default, help")
-    c.add_argument("--method", action="append", default=[], metavar="NAME", help="only this method's table (repeatable)")
-    c.add_argument("--model", action="append", default=[], metavar="NAME", help="only this model's options (repeatable)")
+    c.add_argument("--method", action="append", default=[], metavar="NAME",
+                   help="only this method's table (repeatable)")
+    c.add_argument("--model", action="append", default=[], metavar="NAME",
+                   help="only this model's options (repeatable)")
     c.add_argument("--dataset", action="append", default=[], metavar="NAME",
                    help="only this dataset's options (repeatable)")
     fmt = c.add_mutually_exclusive_group()
@@ -308,7 +312,8 @@ def cmd_plugins(args) -> int:
 
     plugins = Plugins(extra_files=args.plugin)
     reg = plugins.registry
-    methods = {name: {"origin": e.origin, "hooks": plugins.method_hooks(name)} for name, e in sorted(reg.methods.items())}
+    methods = {name: {"origin": e.origin, "hooks": plugins.method_hooks(name)}
+               for name, e in sorted(reg.methods.items())}
     if args.hook:
         from . import hookspecs
 
@@ -462,4 +467,5 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval, "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}
+COMMANDS = {"config": cmd_config, "probe": cmd_probe, "bench": cmd_bench, "train": cmd_train, "eval": cmd_eval,
+            "plugins": cmd_plugins, "doctor": cmd_doctor, "build": cmd_build}

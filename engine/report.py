@@ -212,7 +212,8 @@ def _probe_lines(probe: dict) -> list[str]:
     for name, p in sorted(probe.items()):
         if isinstance(p, dict):
             lines.append(f"| {name} | {p.get('epoch')} | {_pct(p.get('top1'))} | {_pct(p.get('balanced_acc'))} | "
-                         f"{_pct(p.get('val_top1'))} | {_pct(p.get('train_top1'))} | {p.get('epochs')} | {p.get('lr')} |")
+                         f"{_pct(p.get('val_top1'))} | {_pct(p.get('train_top1'))} | {p.get('epochs')} | "
+                         f"{p.get('lr')} |")
     return lines + [""]
 
 
@@ -322,7 +323,8 @@ def _per_class_plot(plt, folder: Path, rows: list[tuple], source: str, label: st
     counts = [c for _, _, c, _, _ in rows]
     bar_colours = [SHOT_COLOURS.get(g, "tab:blue") if long_tailed else "tab:blue" for _, _, _, g, _ in rows]
     has_counts = all(c is not None for c in counts)
-    fig, axes = plt.subplots(1, 2 if has_counts else 1, figsize=(min(max(6, 0.32 * k), 16) + (4 if has_counts else 0), 3.8),
+    width = min(max(6, 0.32 * k), 16) + (4 if has_counts else 0)
+    fig, axes = plt.subplots(1, 2 if has_counts else 1, figsize=(width, 3.8),
                              squeeze=False, gridspec_kw={"width_ratios": [3, 1]} if has_counts else None)
     ax = axes[0][0]
     ax.bar(range(k), acc, color=bar_colours)

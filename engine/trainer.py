@@ -22,7 +22,15 @@ from . import __version__
 from .config import Config, build_config, load_raw, resume_changes
 from .data import DeviceData, ShuffleSampler, check_crop_padding, make_splits
 from .ema import WeightEMA
-from .errors import BatchkinError, ConfigError, NonFiniteError, PluginError, RunError, describe_exception, is_out_of_memory
+from .errors import (
+    BatchkinError,
+    ConfigError,
+    NonFiniteError,
+    PluginError,
+    RunError,
+    describe_exception,
+    is_out_of_memory,
+)
 from .hookspecs import hookimpl
 from .loggers import NoLog, RunLog, check_backends
 from .metrics import classification_metrics, confusion_counts, shot_groups
@@ -149,7 +157,8 @@ def build_optimizer(state: State):
     if cfg.no_decay_norm_bias:
         decay = [p for p in rest if p.dim() > 1]
         no_decay = [p for p in rest if p.dim() <= 1]
-        groups = [{"params": decay, "name": "default"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}] + groups
+        groups = [{"params": decay, "name": "default"},
+                  {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}] + groups
     else:
         groups = [{"params": rest, "name": "default"}] + groups
     if cfg.name == "sgd":
@@ -175,7 +184,8 @@ class Progress:
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", file=self.stream, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", file=self.stream, leave=False,
+                            dynamic_ncols=True)
 
     def update(self, step: int, loss: float, lr: float):
         if not self.enabled:
@@ -234,7 +244,8 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
-            state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
+            state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c,
+                                          image_size=(h, w))
             check_protocol(state.model, cfg.model["name"])
             hooks.wrap_model(state=state)
         state.model.to(device)
@@ -327,7 +338,8 @@ def checkpoint_dict(state: State, best: dict | None = None) -> dict:
 
 def restore(state: State, ckpt: dict) -> dict:
     if ckpt["method_order"] != state.hooks.names:
-        raise RunError(f"the checkpoint was trained with methods {ckpt['method_order']}, the config lists {state.hooks.names}")
+        raise RunError(f"the checkpoint was trained with methods {ckpt['method_order']}, "
+                       f"the config lists {state.hooks.names}")
     mismatch = state_dict_mismatch(state.unwrapped_model, ckpt["model"])
     if mismatch:
         raise RunError(f"the checkpoint does not fit the model: {mismatch}")
@@ -336,8 +348,9 @@ def restore(state: State, ckpt: dict) -> dict:
     if [g.get("name") for g in saved] != [g.get("name") for g in groups] or \
             any(("betas" in a) != ("betas" in b) for a, b in zip(saved, groups)):
         o = state.config.optim
-        raise RunError(f"the checkpoint's optimizer is not the config's (optim.name = {o.name!r}, optim.no_decay_norm_bias = "
-                       f"{o.no_decay_norm_bias}, {len(groups)} parameter groups): the optimizer cannot change on resume")
+        raise RunError(f"the checkpoint's optimizer is not the config's (optim.name = {o.name!r}, "
+                       f"optim.no_decay_norm_bias = {o.no_decay_norm_bias}, {len(groups)} parameter groups): "
+                       "the optimizer cannot change on resume")
 
     def rng():
         torch.set_rng_state(ckpt["rng"]["cpu"])
@@ -501,7 +514,8 @@ def train_step(state: State, indices: dict) -> float:
             state.optimizer.zero_grad(set_to_none=True)
         if bad:
             state.group_bad = True
-            non_finite(f"non-finite loss term(s) {', '.join(f'{b!r} from method {owner[b]!r} (loss_terms)' for b in bad)}")
+            named = ", ".join(f"{b!r} from method {owner[b]!r} (loss_terms)" for b in bad)
+            non_finite(f"non-finite loss term(s) {named}")
         elif not state.group_bad:
             scaled = loss / size if size > 1 else loss
             with _no_sync(state, last):
