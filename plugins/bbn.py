@@ -61,6 +61,7 @@ from batchkin.kernels.reversed_sampler import (
 from batchkin.kernels.rng import derive_key
 from batchkin.models import Classifier
 from batchkin.plugin import Method
+from batchkin.schedules import check_epoch, ramp
 
 SCHEDULES = ("parabolic_decay", "linear_decay", "cosine_decay", "parabolic_increment", "fixed", "beta")
 #: Stream id folded into the run's seed for the reversed stream's uniforms.
@@ -110,14 +111,8 @@ def bbn_alpha(epoch: int, epochs: int, schedule: str = "parabolic_decay", *,
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     period = epochs if alpha_epochs is None else alpha_epochs
-    for name, v in (("epoch", epoch), ("epochs", epochs), ("alpha_epochs", period)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if epochs < 1 or not 1 <= epoch <= epochs:
-        raise ValueError(f"epoch must lie in 1..epochs (epochs >= 1); got epoch={epoch}, epochs={epochs}")
-    if period < 1:
-        raise ValueError(f"alpha_epochs must be >= 1; got {period}")
-    t = min((epoch - 1) / period, 1.0)
+    check_epoch(epoch, epochs, minimum=1, alpha_epochs=period)
+    t = ramp(epoch - 1, period)
     if schedule == "parabolic_decay":
         return 1.0 - t * t
     if schedule == "linear_decay":

@@ -84,6 +84,7 @@ import torch.nn.functional as F
 
 from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
+from batchkin.schedules import check_epoch, ramp
 from batchkin.plugins.ssl import (
     DINOHead,
     LocalCrops,
@@ -102,13 +103,11 @@ def teacher_temperature(epoch: int, epochs: int, start: float = 0.04, end: float
                         warmup_fraction: float = 0.3) -> float:
     """The teacher temperature of epoch ``epoch`` (from 1): ``linspace(start, end, W)[epoch - 1]``
     for the first ``W = round(warmup_fraction * epochs)`` epochs, then ``end``."""
+    check_epoch(epoch, epochs)
     warm = int(round(warmup_fraction * epochs))
-    e = epoch - 1
-    if e >= warm:
+    if epoch > warm:
         return end
-    if warm == 1:
-        return start
-    return start + (end - start) * e / (warm - 1)
+    return ramp(epoch - 1, warm - 1, start, end)
 
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:

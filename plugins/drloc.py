@@ -82,6 +82,7 @@ from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
 from batchkin.kernels.rng import derive_key
 from batchkin.plugin import Method
+from batchkin.schedules import check_epoch, ramp
 from batchkin.plugins.drloc_head import (  # noqa: F401  (public names of this module)
     CBR_EPS,
     CBR_LOG_VAR_WEIGHT,
@@ -108,13 +109,7 @@ INIT_STREAM = 0x44524C6F  # "DRLo"
 def drloc_lambda(epoch: int, epochs: int, schedule: str = "warmup_decay", *, lambda0: float = 0.1,
                  warmup_epochs: int = 20) -> float:
     """``lambda`` for epoch ``epoch`` (from 1) of a run of ``epochs`` epochs; see the module docstring."""
-    for name, value in (("epoch", epoch), ("epochs", epochs), ("warmup_epochs", warmup_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if epochs < 1 or not 1 <= epoch <= epochs:
-        raise ValueError(f"epoch must lie in [1, epochs]; got epoch={epoch}, epochs={epochs}")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be >= 0; got {warmup_epochs}")
+    check_epoch(epoch, epochs, warmup_epochs=warmup_epochs)
     if not (isinstance(lambda0, (int, float)) and not isinstance(lambda0, bool)
             and math.isfinite(lambda0) and lambda0 >= 0):
         raise ValueError(f"lambda0 must be a finite number >= 0; got {lambda0!r}")
@@ -125,8 +120,8 @@ def drloc_lambda(epoch: int, epochs: int, schedule: str = "warmup_decay", *, lam
     warm = min(warmup_epochs, epochs)
     t = epoch - 1
     if t < warm:
-        return lambda0 * t / warm
-    return lambda0 * (1 - (t - warm) / (epochs - warm))
+        return ramp(t, warm, 0.0, lambda0)
+    return lambda0 * ramp(t - warm, epochs - warm, 1.0, 0.0)
 
 
 # ------------------------------------------------------------------------------ models
