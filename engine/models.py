@@ -53,15 +53,6 @@ class Classifier(nn.Module):
         return feats if return_features else self.classifier(feats["features"])
 
 
-def check_protocol(model: nn.Module, name: str) -> None:
-    """The engine's own needs (every method's default forward): ``forward_features`` and
-    ``classifier``; a model without them is a ConfigError naming what is missing."""
-    missing = [a for a in ("forward_features", "classifier") if not callable(getattr(model, a, None))]
-    if missing:
-        raise ConfigError(f"model {name!r} does not follow batchkin's model protocol: it has no "
-                          f"{' and no '.join(missing)} (see docs/models.md)")
-
-
 def options_with_defaults(base: type, model_name: str, **defaults) -> type:
     """A subclass of the options dataclass ``base`` whose fields in ``defaults`` default to
     the given values (one options class per registered name: ``vit_s16`` and ``vit_b16``
@@ -91,16 +82,33 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 PROTOCOL = ("forward_features", "classifier", "feature_dim")
 
 
-def check_classifier_protocol(model, who: str, model_name: str) -> None:
-    """Refuse, naming the model and the method that needs it, a model that lacks part of the
-    classifier protocol (``feature_dim`` must be a positive integer)."""
-    missing = [a for a in PROTOCOL if not hasattr(model, a)]
+def check_protocol(model: nn.Module, name: str, who: str | None = None) -> None:
+    """Refuse a model that lacks part of batchkin's model protocol, in one line naming what is missing.
+
+    Every run needs ``forward_features`` and ``classifier`` (callables; the engine's own
+    forward); a method ``who`` that reads the feature width needs the whole classifier
+    protocol (:data:`PROTOCOL`): also ``feature_dim``, a positive integer. ``name`` is
+    the configured ``model.name``. Raises :class:`~batchkin.errors.ConfigError`.
+    """
+    missing = [a for a in PROTOCOL[:2] if not callable(getattr(model, a, None))]
+    if who is None:
+        if missing:
+            raise ConfigError(f"model {name!r} does not follow batchkin's model protocol: it has no "
+                              f"{' and no '.join(missing)} (see docs/models.md)")
+        return
     dim = getattr(model, "feature_dim", None)
-    if not missing and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+    if not hasattr(model, "feature_dim"):
+        missing.append("feature_dim")
+    elif not missing and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         missing = [f"an integer feature_dim (it has {dim!r})"]
     if missing:
         raise ConfigError(f"{who} needs a model following the classifier protocol of batchkin.models; "
-                          f"model.name = {model_name!r} lacks {', '.join(missing)}")
+                          f"model.name = {name!r} lacks {', '.join(missing)}")
+
+
+def check_classifier_protocol(model, who: str, model_name: str) -> None:
+    """:func:`check_protocol` for method ``who`` (the whole classifier protocol, ``feature_dim`` included)."""
+    check_protocol(model, model_name, who)
 
 
 def state_dict_mismatch(module: nn.Module, state_dict, limit: int = 4) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 
 from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
-from batchkin.models import check_classifier_protocol
+from batchkin.models import check_protocol
 from batchkin.plugin import Method
 
 from .knn import KNNEvaluator
@@ -233,7 +233,7 @@ class SSLBase(Method):
     @hookimpl
     def wrap_model(self, state):
         check_last_batch(state, self.name)
-        check_classifier_protocol(state.model, self.name, state.config.model["name"])
+        check_protocol(state.model, state.config.model["name"], self.name)
         state.model = self.build_model(state, state.model)
 
     @hookimpl

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchkin.errors import RunError
-from batchkin.models import Classifier, check_classifier_protocol
+from batchkin.models import Classifier, check_protocol
 from batchkin.schedules import ramp
 
 
@@ -118,7 +118,7 @@ class SSLNet(Classifier):
 
     def __init__(self, encoder: nn.Module, head: nn.Module, predictor: nn.Module | None = None):
         super().__init__()
-        check_classifier_protocol(encoder, "the SSL bases", type(encoder).__name__)
+        check_protocol(encoder, type(encoder).__name__, "the SSL bases")
         encoder.classifier.requires_grad_(False)
         self.encoder = encoder
         self.head = head
