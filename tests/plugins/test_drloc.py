@@ -30,6 +30,8 @@ from batchkin.plugin import Plugins
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare, train_step
 
+from _common import gen
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,10 +65,6 @@ def token_grid(B, C, H, W, seed=0, requires_grad=False):
 
 def val(t) -> float:
     return t.detach().item() if isinstance(t, torch.Tensor) else float(t)
-
-
-def gen(seed=0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------ lambda schedule

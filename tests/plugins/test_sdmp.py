@@ -35,11 +35,9 @@ from batchkin.state import State
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit, prepare
 
+from _common import gen
+
 MODULES = [moco, dino, sdmp]
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def random_views(V=2, B=8, C=2, H=8, W=8, seed=0):

@@ -15,12 +15,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from contract import TINY, assert_user_error, run_cli, tree_hash
-from hostile import idx_bytes, idx_folder, plugin, small_idx_set
 
 from batchkin import rundir
 from batchkin.errors import RunError
 from batchkin.report import write_report
+
+from _common import tree_hash
+from contract import TINY, assert_user_error, run_cli
+from hostile import idx_bytes, idx_folder, plugin, small_idx_set
 
 TRAIN = ["train", *TINY]
 
