@@ -52,19 +52,28 @@ ENTRY_POINT_GROUP = "batchkin"
 ENV_NO_AUTOLOAD = "BATCHKIN_DISABLE_PLUGIN_AUTOLOAD"
 ENV_PLUGINS = "BATCHKIN_PLUGINS"
 
-# The built-in plugin modules (name -> module), loaded even when entry-point autoloading
-# is off. batchkin's own entry points name the same modules and are not loaded twice.
-BUILTIN_PLUGINS = {
-    "datasets": "batchkin.data",
-    "models": "batchkin.models",
-    "ce": "batchkin.plugins.ce",
-    "bbn": "batchkin.plugins.bbn",
-    "batchformer": "batchkin.plugins.batchformer",
-    "drloc": "batchkin.plugins.drloc",
-    "moco": "batchkin.plugins.moco",
-    "dino": "batchkin.plugins.dino",
-    "sdmp": "batchkin.plugins.sdmp",
-}
+
+
+def _builtin_plugins() -> dict[str, str]:
+    """batchkin's own entry points (``[project.entry-points.batchkin]`` of pyproject.toml, the one
+    list of the built-in plugins): name -> module, in name order (package metadata keeps no other).
+
+    Read from the installed package's metadata; a source tree imported without being installed
+    reads its pyproject.toml instead."""
+    try:
+        eps = importlib.metadata.distribution("batchkin").entry_points
+        found = {ep.name: ep.value for ep in eps if ep.group == ENTRY_POINT_GROUP}
+    except importlib.metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = tomllib.loads(pyproject.read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    return dict(sorted(found.items()))
+
+
+#: The built-in plugin modules (name -> module), loaded even when entry-point autoloading is
+#: off; batchkin's own entry points, so they are not loaded twice.
+BUILTIN_PLUGINS = _builtin_plugins()
 
 REGISTRATION_HOOKS = ("register_methods", "register_models", "register_datasets")
 
