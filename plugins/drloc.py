@@ -83,7 +83,8 @@ from batchkin.hookspecs import hookimpl
 from batchkin.kernels.rng import derive_key
 from batchkin.plugin import Method
 from batchkin.schedules import check_epoch, ramp
-from batchkin.plugins.drloc_head import (  # noqa: F401  (public names of this module)
+
+from .drloc_head import (
     CBR_EPS,
     CBR_LOG_VAR_WEIGHT,
     FIRST_LAYER,
@@ -95,8 +96,8 @@ from batchkin.plugins.drloc_head import (  # noqa: F401  (public names of this m
     drloc_l1_loss,
     drloc_loss,
 )
-from batchkin.plugins.hier_vit import HierViT, HierViTOptions, PatchMerging  # noqa: F401
-from batchkin.plugins.hier_vit import hier_vit_builder as _hier_builder
+from .hier_vit import HierViT, HierViTOptions, PatchMerging
+from .hier_vit import hier_vit_builder as _hier_builder
 
 SCHEDULES = ("warmup_decay", "constant")
 #: Stream id folded into the run's seed for the heads' initialisation.
@@ -262,3 +263,10 @@ def register_methods(register):
 @hookimpl
 def register_models(register):
     register("vit_hier", _hier_builder, options=HierViTOptions)
+
+
+__all__ = [
+    "CBR_EPS", "CBR_LOG_VAR_WEIGHT", "FIRST_LAYER", "HEADS", "INIT_STREAM", "MODES", "SCHEDULES", "DRLoc", "DRLocHead",
+    "HierViT", "HierViTOptions", "PatchMerging", "drloc_cbr_loss", "drloc_ce_loss", "drloc_l1_loss", "drloc_lambda",
+    "drloc_loss", "register_methods", "register_models", "token_grids",
+]
