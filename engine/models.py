@@ -125,7 +125,8 @@ def state_dict_mismatch(module: nn.Module, state_dict, limit: int = 4) -> str:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the model"
-              for k, v in state_dict.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+              for k, v in state_dict.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[
+                  k].shape)]
     parts = [f"{what} {some(items)}" for what, items in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ:", shapes)) if items]
     return "; ".join(parts)
@@ -177,7 +178,8 @@ class BasicBlock(nn.Module):
 @dataclass
 class ResNetOptions(WeightsOptions):
     width: int = field(default=16, metadata={"ge": 1, "help": "channels of the first stage (doubled per stage)"})
-    blocks: list[int] = field(default_factory=list, metadata={"ge": 1, "help": "blocks per stage (default from the model name)"})
+    blocks: list[int] = field(default_factory=list, metadata={
+        "ge": 1, "help": "blocks per stage (default from the model name)"})
     shortcut: Literal["projection", "pad"] = field(
         default="projection", metadata={"help": "shortcut where the shape changes: projection (1x1 conv + BN) or pad "
                                                 "(option A: subsample + zero channels, no parameters; LDAM/BBN)"})
@@ -219,7 +221,8 @@ RESNET_DEPTHS = {"resnet8": [1, 1, 1], "resnet14": [2, 2, 2], "resnet20": [3, 3,
 def _resnet_builder(name):
     def build(options: ResNetOptions, *, num_classes, in_channels, image_size):
         blocks = options.blocks or RESNET_DEPTHS[name]
-        return load_weights(CifarResNet(blocks, num_classes, in_channels, options.width, options.shortcut), options, name)
+        return load_weights(CifarResNet(
+            blocks, num_classes, in_channels, options.width, options.shortcut), options, name)
 
     return build
 
@@ -233,9 +236,11 @@ class ViTOptions(WeightsOptions):
     depth: int = field(default=4, metadata={"ge": 1, "help": "transformer blocks"})
     heads: int = field(default=4, metadata={"ge": 1, "help": "attention heads"})
     mlp_ratio: float = field(default=2.0, metadata={"gt": 0, "help": "MLP width / token width"})
-    patch: int = field(default=1, metadata={"ge": 1, "help": "stride of the convolutional stem (token grid = image / patch)"})
+    patch: int = field(default=1, metadata={
+        "ge": 1, "help": "stride of the convolutional stem (token grid = image / patch)"})
     stem_channels: int = field(default=32, metadata={"ge": 1, "help": "channels of the stem's first convolution"})
-    drop_path: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block"})
+    drop_path: float = field(default=0.0, metadata={
+        "ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block"})
     pool: str = field(default="mean", metadata={"help": "mean (tokens) or cls"})
 
     def validate(self):
@@ -282,7 +287,8 @@ class SmallViT(Classifier):
             nn.Conv2d(in_channels, o.stem_channels, 3, 1, 1, bias=False),
             nn.BatchNorm2d(o.stem_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(o.stem_channels, o.dim, o.patch, o.patch) if o.patch > 1 else nn.Conv2d(o.stem_channels, o.dim, 1),
+            nn.Conv2d(o.stem_channels, o.dim, o.patch, o.patch) if o.patch > 1 else nn.Conv2d(
+                o.stem_channels, o.dim, 1),
         )
         n = self.grid_size[0] * self.grid_size[1]
         self.use_cls = o.pool == "cls"

@@ -249,7 +249,8 @@ class Plugins:
                 try:
                     module = ep.load()
                 except (Exception, SystemExit) as exc:
-                    raise PluginError(f"plugin {ep.name!r} from {origin} failed to import: {describe_exception(exc)}") from None
+                    raise PluginError(
+                        f"plugin {ep.name!r} from {origin} failed to import: {describe_exception(exc)}") from None
                 self._register_module(ep.name, module, origin)
 
     def load_file(self, path: str | os.PathLike) -> None:
@@ -309,7 +310,8 @@ class Plugins:
                 except PluginError:
                     raise
                 except (Exception, SystemExit) as exc:
-                    raise PluginError(f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {describe_exception(exc)}") from None
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {describe_exception(exc)}") from None
 
     # -- queries ------------------------------------------------------------------------
 
@@ -399,7 +401,8 @@ def _validate_method_class(name: str, cls, origin: str) -> None:
         opts = getattr(getattr(cls, impl_name), f"{hookspecs.PROJECT}_impl")
         if opts.get("tryfirst") or opts.get("trylast"):
             raise PluginError(
-                f"method {name!r} ({origin}): {impl_name} uses tryfirst/trylast; the call order is the config's `methods` list"
+                f"method {name!r} ({origin}): {impl_name} uses tryfirst/trylast; the call order is the config's "
+                "`methods` list"
             )
     options = getattr(cls, "Options", None)
     if options is not None and not dataclasses.is_dataclass(options):
@@ -440,7 +443,8 @@ class RunHooks:
             except BatchkinError:
                 raise
             except (Exception, SystemExit) as exc:
-                raise PluginError(f"method {name!r} ({entry.origin}) failed to start: {describe_exception(exc)}") from None
+                raise PluginError(
+                    f"method {name!r} ({entry.origin}) failed to start: {describe_exception(exc)}") from None
         self._check_conflicts(plugins)
         self._sinks: dict[str, list] = {}  # hook name -> (method, result) pairs of the call in progress
         self.pm = _new_manager()

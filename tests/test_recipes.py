@@ -241,7 +241,8 @@ def imagenet_lt_folder(root: Path) -> Path:
     """ImageNet_LT_{train,val,test}.txt (`train/nXXXX/nXXXX_k.JPEG label` lines) over JPEGs."""
     rng = np.random.default_rng(2)
     wnids = ["n01440764", "n01443537", "n01484850"]
-    for part, folder, counts in (("train", "train", TRAIN_COUNTS), ("val", "train", (1, 1, 1)), ("test", "val", (1, 1, 1))):
+    for part, folder, counts in (("train", "train", TRAIN_COUNTS), ("val", "train", (1, 1, 1)), ("test", "val", (
+        1, 1, 1))):
         lines = []
         for label, (wnid, n) in enumerate(zip(wnids, counts)):
             for k in range(n):
@@ -356,7 +357,8 @@ def test_docs_list_every_recipe_with_its_command():
         assert re.search(rf"batchkin train configs/recipes/{re.escape(name)}\b[^`\n]*--set data\.root=", docs), \
             f"docs/recipes.md gives no command for {name}"
     listed = set(re.findall(r"configs/recipes/(\w+\.toml)", docs))
-    assert listed <= set(recipe_files()), f"docs/recipes.md names recipes that do not exist: {listed - set(recipe_files())}"
+    assert listed <= set(
+        recipe_files()), f"docs/recipes.md names recipes that do not exist: {listed - set(recipe_files())}"
 
 
 def test_readme_links_the_recipes_page():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest

@@ -216,7 +216,9 @@ def test_run_hooks_at_module_level_are_refused(plugin_file):
     def loss_terms(state, outputs):
         return {}
     """)
-    with pytest.raises(PluginError, match=rf"plugin 'module_level' \(file {re.escape(str(path))}\) implements loss_terms at module level"):
+    with pytest.raises(PluginError,
+                       match=rf"plugin 'module_level' \(file {re.escape(str(path))}\) implements loss_terms at module "
+                             r"level"):
         Plugins(extra_files=[path])
 
 
@@ -400,7 +402,7 @@ def test_transform_features_streams_reach_the_logits_and_targets(setup_plugins, 
     assert out["logits"].shape == (5, 3)
 
 
-# ------------------------------------------------------------------------------ datasets with options, origins in run.json
+# ------------------------------------------------------------------------ datasets with options, origins in run.json
 
 
 ORIGINS_PLUGIN = """

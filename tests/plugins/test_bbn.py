@@ -27,7 +27,6 @@ from batchkin.rundir import load_checkpoint
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare, restore, train_step
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

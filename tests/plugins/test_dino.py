@@ -503,7 +503,7 @@ def test_run_uses_each_epochs_teacher_temperature():
     assert seen == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
 
 
-# ------------------------------------------------------------------------------ DINO's optimiser details and small-scale options
+# ------------------------------------------------------------------ DINO's optimiser details and small-scale options
 
 
 def test_clip_gradients_clips_each_parameter_to_its_own_norm():
