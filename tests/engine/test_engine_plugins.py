@@ -285,6 +285,26 @@ def test_entry_points_are_loaded_unless_disabled(fake_distribution, monkeypatch,
     assert "(entry-point autoloading is disabled: BATCHKIN_DISABLE_PLUGIN_AUTOLOAD)" in out
 
 
+def test_the_builtin_plugins_are_pyprojects_entry_points(monkeypatch):
+    """pyproject.toml's [project.entry-points.batchkin] is the one list: the engine reads it from the
+    installed metadata, or from pyproject.toml itself when batchkin has no metadata."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from batchkin import plugin
+
+    listed = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    listed = listed["project"]["entry-points"]["batchkin"]
+    assert plugin.BUILTIN_PLUGINS == dict(sorted(listed.items()))
+    assert set(Plugins(autoload=False).origins) >= set(listed)
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    assert plugin._builtin_plugins() == plugin.BUILTIN_PLUGINS
+
+
 def test_plugin_files_from_the_environment(plugin_file, monkeypatch):
     first = plugin_file("env_order", ORDER_PLUGIN)
     second = plugin_file("env_conflicts", CONFLICT_PLUGIN)
