@@ -56,7 +56,9 @@ ENV_PLUGINS = "BATCHKIN_PLUGINS"
 
 def _builtin_plugins() -> dict[str, str]:
     """batchkin's own entry points (``[project.entry-points.batchkin]`` of pyproject.toml, the one
-    list of the built-in plugins): name -> module, in name order (package metadata keeps no other).
+    list of the built-in plugins): name -> module. Package metadata keeps no order, so the order
+    (that of listings such as ``batchkin config``) is a rule: the engine's own modules (datasets,
+    models) first, then the methods of ``batchkin.plugins``, each group by name.
 
     Read from the installed package's metadata; a source tree imported without being installed
     reads its pyproject.toml instead."""
@@ -68,7 +70,7 @@ def _builtin_plugins() -> dict[str, str]:
 
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         found = tomllib.loads(pyproject.read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
-    return dict(sorted(found.items()))
+    return dict(sorted(found.items(), key=lambda item: (item[1].startswith("batchkin.plugins."), item[0])))
 
 
 #: The built-in plugin modules (name -> module), loaded even when entry-point autoloading is
