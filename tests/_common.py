@@ -2,6 +2,8 @@
 
 * :func:`gen`: a CPU ``torch.Generator`` from a seed (and salts), the explicit
   randomness every test draws from;
+* :func:`read_jsonl` and :func:`read_metrics`: the records of a JSON-lines file, and of a
+  run folder's ``metrics.jsonl``;
 * :func:`file_hashes` maps each entry of a tree to a digest of its mode and contents
   (assertions then name the entry that changed); :func:`tree_hash` folds that into one
   digest, for the tests that check a command left a folder as it was.
@@ -25,6 +27,16 @@ from batchkin.kernels import rng
 def gen(seed: int = 0, *salt: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``, or with ``rng.derive_key(seed, *salt)`` given salts."""
     return torch.Generator().manual_seed(rng.derive_key(seed, *salt) if salt else seed)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of the JSON-lines file ``path``, in order (a blank or torn line fails to parse)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def read_metrics(run) -> list[dict]:
+    """The records of the run folder ``run``'s ``metrics.jsonl``, in order."""
+    return read_jsonl(Path(run) / "metrics.jsonl")
 
 
 def file_hashes(path, ignore: tuple[str, ...] = ()) -> dict[str, str]:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _common import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 BALANCED_SOFTMAX = ROOT / "examples" / "batchkin-balanced-softmax"
 NPZ_DATASET = ROOT / "examples" / "batchkin-npz-dataset"
@@ -87,7 +89,7 @@ def test_trains_a_short_run_combined_with_batchformer(site, tmp_path):
              "data.name=synthetic",
              "--set", "model.name=mlp", "--set", "model.hidden=32", "--set", "data.imbalance_factor=4")
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     assert "train/balanced_softmax" in lines[0]
     assert json.loads((out / "run.json").read_text())["methods"] == ["balanced_softmax", "batchformer"]
     assert lines[-1]["kind"] == "final"
@@ -140,7 +142,7 @@ def test_npz_trains_a_short_run_combined_with_batchformer(npz_site, tmp_path):
              "--set", f"data.path={path}", "--set", "data.batch_size=16", "--set", "model.name=tiny",
              "--set", "model.width=8")
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     assert lines[0]["kind"] == "epoch" and lines[0][
         "step"] == 4  # 70 training images (2 per class held out for val) // 16
     assert "train/ce" in lines[0] and len(lines[0]["val/per_class"]) == 5

@@ -39,6 +39,8 @@ from PIL import Image
 from batchkin.cli import main
 from batchkin.config import apply_overrides, load_raw
 
+from _common import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
 DOCS = ROOT / "docs" / "recipes.md"
@@ -323,7 +325,7 @@ def test_recipe_trains_one_step(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
 
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     epoch, final = lines[0], lines[-1]
     assert [line["kind"] for line in lines] == ["epoch", "final"]
     assert epoch["epoch"] == 1 and epoch["step"] == 1, "the tiny set is one batch: exactly one optimizer step"

@@ -18,6 +18,8 @@ from batchkin.errors import PluginError
 from batchkin.plugin import ENV_NO_AUTOLOAD, ENV_PLUGINS, Plugins, RunHooks
 from batchkin.trainer import EngineDefaults, fit, prepare
 
+from _common import read_metrics
+
 SPECS = sorted(n for n, f in vars(hookspecs).items() if hasattr(f, "batchkin_spec"))
 
 ORDER_PLUGIN = """
@@ -499,7 +501,7 @@ def test_cli_sets_dataset_options_and_run_json_records_plugin_origins(plugin_fil
     assert info["model"] == {"name": "tiny_copy", "origin": f"file {path}"}
     saved = tomllib.loads((run / "config.toml").read_text())["data"]
     assert saved["name"] == "stripes" and saved["stripes"] == 4
-    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    final = read_metrics(run)[-1]
     assert len(final["test/per_class"]) == 4
 
     # a wrong value given with --set stops the CLI with one line naming the key

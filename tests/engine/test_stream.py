@@ -28,6 +28,8 @@ from batchkin.stream import ImageFiles, Request, StreamData, StreamDataset
 from batchkin.testing import run_plugin
 from batchkin.trainer import checkpoint_dict, fit, prepare, restore, train_step
 
+from _common import read_metrics
+
 SIZE = (12, 10)  # Pillow (width, height)
 
 
@@ -511,7 +513,7 @@ def test_skip_bad_replaces_counts_and_logs_unreadable_images(tmp_path, capsys):
     capsys.readouterr()
     result = fit(raw, tmp_path / "run", progress=False)
     err = capsys.readouterr().err
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     assert [r.get("data/skipped_images") for r in lines if r["kind"] == "epoch"] == [1, 1]
     assert err.count(f"skipping unreadable image {root / bad}") == 1  # logged once, counted every time
     assert result.final["kind"] == "final" and lines[-1]["kind"] == "final"

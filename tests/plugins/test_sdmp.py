@@ -35,7 +35,7 @@ from batchkin.state import State
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit, prepare
 
-from _common import gen
+from _common import gen, read_metrics
 
 MODULES = [moco, dino, sdmp]
 
@@ -427,7 +427,7 @@ def test_plugin_terms_equal_the_functional_twin():
 def test_fit_with_sdmp(tmp_path, base):
     over = {"dino": {"out_dim": 32}} if base == "dino" else {}
     fit(ssl_config([base, "sdmp"], **over), tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     ep = lines[0]
     assert math.isfinite(ep[f"train/{base}"]) and math.isfinite(ep["train/sdmp_ms"]) and math.isfinite(ep[
         "train/sdmp_mm"])
