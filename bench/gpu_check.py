@@ -124,12 +124,12 @@ def _pair(fn, device, name, exact, tol):
 
 
 def stage_parity(device, dry):
-    from _util import TOL
-
     from batchkin.kernels import batch_attention as ba
     from batchkin.kernels import batch_mix as bm
     from batchkin.kernels import drloc_pairs as dp
     from batchkin.kernels import reversed_sampler as rs
+
+    from _util import TOL
 
     records = []
     interp = device.type != "cuda"  # the interpreter truncates float32 -> bfloat16 stores
@@ -231,8 +231,9 @@ def stage_layer(device, dry, left_s):
 def stage_drloc(device, dry):
     import test_bench_drloc_pairs as bd
 
-    from harness import interleave
     from batchkin.kernels import rng
+
+    from harness import interleave
 
     grids = ((7, 7), (14, 14), (8, 16))
     sizes = [(8, 32, 7, 7)] if dry else [(256, C, H, W) for (H, W) in grids for C in (192, 384, 768)]
@@ -269,13 +270,12 @@ def stage_drloc(device, dry):
 
 
 def stage_e2e(device, dry):
-    from batchkin.config import apply_overrides
-    from batchkin.plugin import Plugins
-    from batchkin.trainer import fit
-
     import importlib.util
 
     import batchkin.report
+    from batchkin.config import apply_overrides
+    from batchkin.plugin import Plugins
+    from batchkin.trainer import fit
 
     plugins = Plugins()
     rows = []

@@ -26,10 +26,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import interleave
 from batchkin.data import random_crop_flip
 from batchkin.state import StepTimer
 from batchkin.trainer import lr_factor, prepare, train_step
+
+from harness import interleave
 
 STEPS = 10
 BATCH = 128

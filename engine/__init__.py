@@ -1,8 +1,8 @@
 """batchkin: a small PyTorch training engine whose methods are pluggy plugins."""
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # first: modules imported below read it (``from . import __version__``)
 
-from .hookspecs import hookimpl  # noqa: E402  (``@batchkin.hookimpl`` for plugin authors)
-from .plugin import Method  # noqa: E402  (``class MyMethod(batchkin.Method)``)
+from .hookspecs import hookimpl  # ``@batchkin.hookimpl`` for plugin authors
+from .plugin import Method  # ``class MyMethod(batchkin.Method)``
 
 __all__ = ["__version__", "Method", "hookimpl"]

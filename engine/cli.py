@@ -373,7 +373,7 @@ def cmd_doctor(args) -> int:
     import torch
 
     from . import __version__
-    from batchkin.kernels import dispatch
+    from .kernels import dispatch
 
     print(f"batchkin {__version__}, python {platform.python_version()}, torch {torch.__version__}")
     ok, interp, why = dispatch.triton_status()
@@ -392,7 +392,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from batchkin.kernels import dispatch
+    from .kernels import dispatch
 
     failed = []
     for name in dispatch.ensure_ops_imported():
@@ -409,8 +409,8 @@ def cmd_build(args) -> int:
 
 def cmd_probe(args) -> int:
     from .errors import ConfigError, RunError
+    from .probe import linear_probe, save_result
     from .schema import shown
-    from batchkin.probe import linear_probe, save_result
 
     run = Path(args.run_dir)
     plugins = _run_plugins(run, args, quiet=True)

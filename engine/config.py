@@ -43,45 +43,59 @@ from .schema import LazyKeys, check_depth, describe, parse, shown, suggest
 @dataclass
 class DataConfig:
     name: str = field(default="digits", metadata={"help": "registered dataset name (`batchkin plugins` lists them)"})
-    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder, imagelist, inaturalist)"})
+    root: str = field(default="", metadata={
+        "help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder, imagelist, inaturalist)"})
     val_fraction: float = field(
-        default=0.1, metadata={"ge": 0.0, "lt": 1.0, "help": "fraction of the training split held out for evaluation during training (stratified)"}
+        default=0.1, metadata={"ge": 0.0, "lt": 1.0,
+                               "help": "fraction of the training split held out for evaluation during training "
+                                       "(stratified)"}
     )
     test_fraction: float = field(
-        default=0.2, metadata={"gt": 0.0, "lt": 1.0, "help": "test fraction for datasets without an official test split"}
+        default=0.2, metadata={
+            "gt": 0.0, "lt": 1.0, "help": "test fraction for datasets without an official test split"}
     )
     split_seed: int = field(default=0, metadata={"help": "seed of the fixed train/val/test split and of the subsets"})
     imbalance_factor: float = field(
         default=1.0, metadata={"ge": 1.0, "help": "n_max / n_min of a long-tailed training subset (1 = keep all)"}
     )
     few_shot: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images per class (0 = all)"})
-    train_size: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images, stratified (0 = all)"})
+    train_size: int = field(default=0, metadata={
+        "ge": 0, "help": "keep this many training images, stratified (0 = all)"})
     batch_size: int = field(default=64, metadata={"ge": 1, "help": "training batch size (per process)"})
     eval_batch_size: int = field(default=256, metadata={"ge": 1, "resume": True, "help": "evaluation batch size"})
     drop_last: bool = field(default=True, metadata={"help": "drop the last incomplete training batch of an epoch"})
     augment: bool = field(default=True, metadata={"help": "random crop with padding (+ flip) during training"})
     crop_padding: int = field(default=2, metadata={"ge": 0, "help": "zero padding of the random crop, in pixels"})
-    hflip: bool | None = field(default=None, metadata={"help": "random horizontal flip (default: the dataset's own choice)"})
+    hflip: bool | None = field(default=None, metadata={
+        "help": "random horizontal flip (default: the dataset's own choice)"})
     image_size: list[int] = field(default_factory=list, metadata={
-        "help": "[H, W]: image folders in memory are resized to it, streamed images cropped to it (empty: the images' own size)"})
+        "help": "[H, W]: image folders in memory are resized to it, streamed images cropped to it (empty: the images' "
+                "own size)"})
     # streamed datasets (engine/stream.py): images stay on disk, DataLoader workers decode them
     storage: Literal["auto", "memory", "stream"] = field(default="auto", metadata={
         "help": "memory: decode the whole set onto the device; stream: decode batches from disk in worker processes; "
                 "auto: memory when the decoded set fits data.memory_budget_mb (list-file datasets always stream)"})
-    memory_budget_mb: int = field(default=2048, metadata={"ge": 0, "help": "storage = auto: the largest decoded set kept in memory, in MiB"})
-    num_workers: int = field(default=4, metadata={"ge": 0, "help": "streamed: DataLoader worker processes (0 = decode in the training process)"})
+    memory_budget_mb: int = field(default=2048, metadata={
+        "ge": 0, "help": "storage = auto: the largest decoded set kept in memory, in MiB"})
+    num_workers: int = field(default=4, metadata={
+        "ge": 0, "help": "streamed: DataLoader worker processes (0 = decode in the training process)"})
     prefetch_factor: int = field(default=2, metadata={"ge": 1, "help": "streamed: batches each worker prepares ahead"})
-    persistent_workers: bool = field(default=True, metadata={"help": "streamed: keep the training workers alive between epochs"})
-    pin_memory: bool = field(default=True, metadata={"help": "streamed: page-locked batches for asynchronous copies (CUDA only)"})
+    persistent_workers: bool = field(default=True, metadata={
+        "help": "streamed: keep the training workers alive between epochs"})
+    pin_memory: bool = field(default=True, metadata={
+        "help": "streamed: page-locked batches for asynchronous copies (CUDA only)"})
     skip_bad: bool = field(default=False, metadata={
-        "help": "streamed: replace an unreadable image by the next readable one of its class and count it, instead of stopping"})
+        "help": "streamed: replace an unreadable image by the next readable one of its class and count it, instead of "
+                "stopping"})
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={
         "gt": 0.0, "le": 1.0, "help": "streamed training: random-resized crop area range"})
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata={
         "gt": 0.0, "help": "streamed training: random-resized crop aspect-ratio range"})
     resize_size: int = field(default=0, metadata={
-        "ge": 0, "help": "streamed evaluation: shorter side before the centre crop (0 = max(image_size) / crop_fraction)"})
-    crop_fraction: float = field(default=0.875, metadata={"gt": 0.0, "le": 1.0, "help": "streamed evaluation: centre-crop fraction"})
+        "ge": 0,
+        "help": "streamed evaluation: shorter side before the centre crop (0 = max(image_size) / crop_fraction)"})
+    crop_fraction: float = field(default=0.875, metadata={
+        "gt": 0.0, "le": 1.0, "help": "streamed evaluation: centre-crop fraction"})
     synthetic_classes: int = field(default=4, metadata={"ge": 1, "help": "synthetic set: number of classes"})
     synthetic_per_class: int = field(default=48, metadata={"ge": 1, "help": "synthetic set: images per class"})
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8], metadata={"help": "synthetic set: [C, H, W]"})
@@ -110,7 +124,8 @@ class OptimConfig:
     momentum: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0, "help": "SGD momentum"})
     nesterov: bool = field(default=False, metadata={"help": "SGD Nesterov momentum"})
     weight_decay: float = field(default=5e-4, metadata={"ge": 0.0, "help": "weight decay"})
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"ge": 0.0, "lt": 1.0, "help": "AdamW betas"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={
+        "ge": 0.0, "lt": 1.0, "help": "AdamW betas"})
     eps: float = field(default=1e-8, metadata={"gt": 0.0, "help": "AdamW epsilon"})
     no_decay_norm_bias: bool = field(default=False, metadata={"help": "no weight decay on norm weights and biases"})
 
@@ -121,11 +136,13 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "step", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule after warm-up"})
+    name: Literal["cosine", "step", "constant"] = field(default="cosine", metadata={
+        "help": "learning-rate schedule after warm-up"})
     warmup_epochs: float = field(default=0.0, metadata={
         "ge": 0.0, "help": "linear warm-up length in epochs; at most half the run: a longer one (a short run, "
                            "--set epochs=1) is cut to epochs / 2"})
-    warmup_start: float = field(default=0.1, metadata={"ge": 0.0, "le": 1.0, "help": "warm-up starts at this fraction of lr"})
+    warmup_start: float = field(default=0.1, metadata={
+        "ge": 0.0, "le": 1.0, "help": "warm-up starts at this fraction of lr"})
     milestones: list[int | float] = field(default_factory=list, metadata={
         "gt": 0, "help": "step schedule: where lr is multiplied by gamma; epochs, or fractions of the run when every "
                          "value is < 1 ([0.5, 0.75] scales with epochs)"})
@@ -155,22 +172,30 @@ class EMAConfig:
     ``start_step``) is timm's ``ModelEmaV3``: 0 (a copy) for the first, then ``decay``, or
     with ``warmup`` ``min(decay, 1 - (1 + t / warmup_gamma) ** -warmup_power)``."""
 
-    enabled: bool = field(default=False, metadata={"help": "keep an EMA of the weights; validation, test, best.pt and eval use it"})
-    decay: float = field(default=0.999, metadata={"ge": 0.0, "lt": 1.0, "help": "the EMA's decay (its largest, with warmup)"})
+    enabled: bool = field(default=False, metadata={
+        "help": "keep an EMA of the weights; validation, test, best.pt and eval use it"})
+    decay: float = field(default=0.999, metadata={
+        "ge": 0.0, "lt": 1.0, "help": "the EMA's decay (its largest, with warmup)"})
     warmup: bool = field(default=True, metadata={"help": "let the decay rise from 0 to decay (timm's EMA warm-up)"})
-    warmup_gamma: float = field(default=1.0, metadata={"gt": 0.0, "help": "warm-up: decay = 1 - (1 + t / gamma) ** -power"})
-    warmup_power: float = field(default=2 / 3, metadata={"gt": 0.0, "help": "warm-up: decay = 1 - (1 + t / gamma) ** -power"})
-    start_step: int = field(default=0, metadata={"ge": 0, "help": "optimizer steps during which the EMA copies the weights"})
-    eval_raw: bool = field(default=True, metadata={"help": "also evaluate the raw weights on the validation split (val_raw/...)"})
+    warmup_gamma: float = field(default=1.0, metadata={
+        "gt": 0.0, "help": "warm-up: decay = 1 - (1 + t / gamma) ** -power"})
+    warmup_power: float = field(default=2 / 3, metadata={
+        "gt": 0.0, "help": "warm-up: decay = 1 - (1 + t / gamma) ** -power"})
+    start_step: int = field(default=0, metadata={
+        "ge": 0, "help": "optimizer steps during which the EMA copies the weights"})
+    eval_raw: bool = field(default=True, metadata={
+        "help": "also evaluate the raw weights on the validation split (val_raw/...)"})
 
 
 @dataclass
 class EarlyStopConfig:
     """``[train.early_stop]``: stop the run when a validation metric stops improving."""
 
-    patience: int = field(default=0, metadata={"ge": 0, "help": "evaluations without improvement before the run stops (0 = off)"})
+    patience: int = field(default=0, metadata={
+        "ge": 0, "help": "evaluations without improvement before the run stops (0 = off)"})
     metric: str = field(default="auto", metadata={"help": "the validation metric watched (auto = train.best_metric)"})
-    min_delta: float = field(default=0.0, metadata={"ge": 0.0, "help": "the smallest change that counts as an improvement"})
+    min_delta: float = field(default=0.0, metadata={
+        "ge": 0.0, "help": "the smallest change that counts as an improvement"})
     mode: Literal["auto", "max", "min"] = field(
         default="auto", metadata={"help": "max: higher is better; min: lower; auto: min for a loss, else max"})
 
@@ -178,26 +203,33 @@ class EarlyStopConfig:
 @dataclass
 class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = field(
-        default="auto", metadata={"help": "mixed precision: auto = bf16 on GPUs that support it, else fp16 on CUDA, off on CPU"}
+        default="auto", metadata={
+            "help": "mixed precision: auto = bf16 on GPUs that support it, else fp16 on CUDA, off on CPU"}
     )
     grad_clip: float = field(default=0.0, metadata={"ge": 0.0, "help": "clip the global gradient norm (0 = off)"})
-    eval_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "evaluate on the validation split every N epochs"})
-    checkpoint_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "write a checkpoint every N epochs (and at the end)"})
+    eval_every: int = field(default=1, metadata={
+        "ge": 1, "resume": True, "help": "evaluate on the validation split every N epochs"})
+    checkpoint_every: int = field(default=1, metadata={
+        "ge": 1, "resume": True, "help": "write a checkpoint every N epochs (and at the end)"})
     log_every: int = field(default=20, metadata={
         "ge": 1, "resume": True,
         "help": "optimizer steps between the step-level rows of the loggers (and plain progress lines off a terminal)"})
     on_nonfinite: Literal["stop", "skip"] = field(
-        default="stop", metadata={"resume": True, "help": "a non-finite loss or gradient: stop the run, or skip the step"}
+        default="stop", metadata={
+            "resume": True, "help": "a non-finite loss or gradient: stop the run, or skip the step"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     sync_bn: Literal["auto", "on", "off"] = field(
-        default="auto", metadata={"help": "SyncBatchNorm under DDP on CUDA: auto = for methods that need it (moco, dino)"}
+        default="auto", metadata={
+            "help": "SyncBatchNorm under DDP on CUDA: auto = for methods that need it (moco, dino)"}
     )
-    deterministic: bool = field(default=True, metadata={"help": "torch.use_deterministic_algorithms(warn_only) during the run"})
+    deterministic: bool = field(default=True, metadata={
+        "help": "torch.use_deterministic_algorithms(warn_only) during the run"})
     accumulate: int = field(default=1, metadata={
         "ge": 1, "help": "micro-batches of data.batch_size whose gradients make one optimizer step"})
     threads: Literal["auto"] | int = field(default="auto", metadata={
-        "ge": 1, "help": "torch intra-op CPU threads during the run; auto = the cores torch would use, less one, at least 1"})
+        "ge": 1,
+        "help": "torch intra-op CPU threads during the run; auto = the cores torch would use, less one, at least 1"})
     best_metric: str = field(default="auto", metadata={
         "help": "validation metric that chooses best.pt (auto = balanced_acc on long-tailed data, else top1)"})
     ema: EMAConfig = field(default_factory=EMAConfig, metadata={"help": "EMA of the weights"})
@@ -219,8 +251,10 @@ class LogConfig:
 
 @dataclass
 class MetricsConfig:
-    many_threshold: int = field(default=100, metadata={"ge": 1, "help": "classes with more training images than this are 'many'"})
-    few_threshold: int = field(default=20, metadata={"ge": 0, "help": "classes with fewer training images than this are 'few'"})
+    many_threshold: int = field(default=100, metadata={
+        "ge": 1, "help": "classes with more training images than this are 'many'"})
+    few_threshold: int = field(default=20, metadata={
+        "ge": 0, "help": "classes with fewer training images than this are 'few'"})
     shot_split: Literal["auto", "absolute", "relative"] = field(
         default="auto",
         metadata={"help": "many/medium/few groups: absolute thresholds, relative terciles of the class sizes, or auto"},

@@ -112,11 +112,14 @@ class ImageDataset:
                 continue
             if not isinstance(x, torch.Tensor):
                 if not hasattr(x, "stats") or len(x.shape) != 4:
-                    raise DataError(f"{self.name}: {what} images must be a uint8 tensor [N, C, H, W] or an image source")
+                    raise DataError(
+                        f"{self.name}: {what} images must be a uint8 tensor [N, C, H, W] or an image source")
             elif x.dtype != torch.uint8 or x.dim() != 4:
-                raise DataError(f"{self.name}: {what} images must be uint8 [N, C, H, W]; got {x.dtype} {tuple(x.shape)}")
+                raise DataError(
+                    f"{self.name}: {what} images must be uint8 [N, C, H, W]; got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise DataError(f"{self.name}: {what} labels must be int64 [{x.shape[0]}]; got {y.dtype} {tuple(y.shape)}")
+                raise DataError(
+                    f"{self.name}: {what} labels must be int64 [{x.shape[0]}]; got {y.dtype} {tuple(y.shape)}")
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
                 bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
                 raise DataError(
@@ -125,7 +128,8 @@ class ImageDataset:
                 )
         for what, x in (("test", self.test_x), ("validation", self.val_x)):
             if x is not None and tuple(x.shape[1:]) != tuple(self.x.shape[1:]):
-                raise DataError(f"{self.name}: {what} images {tuple(x.shape[1:])} differ from training images {tuple(self.x.shape[1:])}")
+                raise DataError(f"{self.name}: {what} images {tuple(x.shape[1:])} differ from training images "
+                                f"{tuple(self.x.shape[1:])}")
 
 
 @dataclass
@@ -215,7 +219,8 @@ def stratified_split(y: torch.Tensor, num_classes: int, fraction: float, gen: to
     return torch.cat(kept).sort().values, torch.cat(held).sort().values
 
 
-def subset_indices(y: torch.Tensor, num_classes: int, counts: list[int], gen: torch.Generator, what: str) -> torch.Tensor:
+def subset_indices(y: torch.Tensor, num_classes: int, counts: list[
+    int], gen: torch.Generator, what: str) -> torch.Tensor:
     """A seeded random subset keeping ``counts[c]`` images of class ``c``."""
     out = []
     for c, idx in enumerate(_by_class(y, num_classes, gen)):
@@ -308,7 +313,8 @@ def _empty_class_message(ds: ImageDataset, c: int) -> str:
     total = int((ds.y == c).sum()) + (int((ds.test_y == c).sum()) if ds.test_y is not None else 0)
     name = f"class {c} ({ds.classes[c]})"
     if total:
-        return f"{ds.name}: {name} has no training images (all its {total} image(s) are in the validation or test split)"
+        return (f"{ds.name}: {name} has no training images (all its {total} image(s) are in the validation or "
+                "test split)")
     labels = torch.cat([ds.y] + ([ds.test_y] if ds.test_y is not None else []))
     present = torch.unique(labels)
     return (f"{ds.name}: no image has label {c} of the {len(ds.classes)} classes; the labels found are "
@@ -405,7 +411,8 @@ def _find(root: Path, stems: list[str]) -> Path:
     raise DataError(f"{root}: none of {', '.join(stems)} (optionally .gz) found")
 
 
-def load_idx_folder(root: str | Path, name: str = "idx", classes: list[str] | None = None, hflip: bool = True) -> ImageDataset:
+def load_idx_folder(root: str | Path, name: str = "idx", classes: list[
+    str] | None = None, hflip: bool = True) -> ImageDataset:
     """An MNIST-format folder: train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*."""
     root = Path(root)
     _check_folder(root)
@@ -425,7 +432,8 @@ def load_idx_folder(root: str | Path, name: str = "idx", classes: list[str] | No
             raise DataError(f"{root}: {len(yi)} {split} labels ({yf.name}) for {len(xi)} images ({xf.name})")
         parts[split], label_files[split] = (xi, yi), yf
     classes = _idx_classes(parts, label_files, classes)
-    tensors = {k: (torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))) for k, (x, y) in parts.items()}
+    tensors = {k: (torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))) for k, (
+        x, y) in parts.items()}
     return ImageDataset(*tensors["train"], classes, *tensors["test"], hflip=hflip, name=name)
 
 
@@ -454,7 +462,8 @@ def _idx_classes(parts: dict, label_files: dict, classes: list[str] | None) -> l
     return [str(i) for i in range(hi + 1)]
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def load_fashion_mnist(cfg) -> ImageDataset:
@@ -515,7 +524,8 @@ def _cifar_arrays(d: dict, path: Path, label_key: str, num_classes: int):
         raise DataError(f"{path}: {label_key!r} must list one integer label per image ({len(data)} images)")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
-        raise DataError(f"{path}: label {bad} is out of range for the {num_classes} classes (labels 0..{num_classes - 1})")
+        raise DataError(
+            f"{path}: label {bad} is out of range for the {num_classes} classes (labels 0..{num_classes - 1})")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
 
 
@@ -525,7 +535,8 @@ def load_cifar(cfg, which: int) -> ImageDataset:
     root = Path(cfg.root)
     _check_folder(root)
     if which == 10:
-        files, label_key, meta, meta_key = [f"data_batch_{i}" for i in range(1, 6)], "labels", "batches.meta", "label_names"
+        files, label_key, meta, meta_key = [f"data_batch_{i}" for i in range(
+            1, 6)], "labels", "batches.meta", "label_names"
         test = "test_batch"
     else:
         files, label_key, meta, meta_key, test = ["train"], "fine_labels", "meta", "fine_label_names", "test"
@@ -633,7 +644,8 @@ def load_image_folder(cfg) -> ImageDataset:
         x, y, classes = _read_image_folder(root / "train", cfg.image_size)
         tx, ty, _ = _read_image_folder(root / "test", cfg.image_size, classes)
         if tx.shape[1:] != x.shape[1:]:
-            raise DataError(f"{root}: test images {tuple(tx.shape[1:])} differ from training images {tuple(x.shape[1:])}")
+            raise DataError(
+                f"{root}: test images {tuple(tx.shape[1:])} differ from training images {tuple(x.shape[1:])}")
         return ImageDataset(x, y, classes, tx, ty, name="imagefolder")
     x, y, classes = _read_image_folder(root, cfg.image_size)
     return ImageDataset(x, y, classes, name="imagefolder")

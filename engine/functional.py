@@ -69,7 +69,8 @@ from batchkin.plugins.sdmp import (
     soft_cross_entropy,
 )
 from batchkin.plugins.ssl import cosine_momentum, ema_update_, knn_scores, make_local_views, make_views, normalize_views
-from batchkin.probe import train_linear
+
+from .probe import train_linear
 
 __all__ = [
     # BBN

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 #: a training set whose largest class has at least this many times the images of its smallest is long-tailed
 LONG_TAIL_RATIO = 3.0
 

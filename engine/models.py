@@ -53,15 +53,6 @@ class Classifier(nn.Module):
         return feats if return_features else self.classifier(feats["features"])
 
 
-def check_protocol(model: nn.Module, name: str) -> None:
-    """The engine's own needs (every method's default forward): ``forward_features`` and
-    ``classifier``; a model without them is a ConfigError naming what is missing."""
-    missing = [a for a in ("forward_features", "classifier") if not callable(getattr(model, a, None))]
-    if missing:
-        raise ConfigError(f"model {name!r} does not follow batchkin's model protocol: it has no "
-                          f"{' and no '.join(missing)} (see docs/models.md)")
-
-
 def options_with_defaults(base: type, model_name: str, **defaults) -> type:
     """A subclass of the options dataclass ``base`` whose fields in ``defaults`` default to
     the given values (one options class per registered name: ``vit_s16`` and ``vit_b16``
@@ -91,16 +82,33 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 PROTOCOL = ("forward_features", "classifier", "feature_dim")
 
 
-def check_classifier_protocol(model, who: str, model_name: str) -> None:
-    """Refuse, naming the model and the method that needs it, a model that lacks part of the
-    classifier protocol (``feature_dim`` must be a positive integer)."""
-    missing = [a for a in PROTOCOL if not hasattr(model, a)]
+def check_protocol(model: nn.Module, name: str, who: str | None = None) -> None:
+    """Refuse a model that lacks part of batchkin's model protocol, in one line naming what is missing.
+
+    Every run needs ``forward_features`` and ``classifier`` (callables; the engine's own
+    forward); a method ``who`` that reads the feature width needs the whole classifier
+    protocol (:data:`PROTOCOL`): also ``feature_dim``, a positive integer. ``name`` is
+    the configured ``model.name``. Raises :class:`~batchkin.errors.ConfigError`.
+    """
+    missing = [a for a in PROTOCOL[:2] if not callable(getattr(model, a, None))]
+    if who is None:
+        if missing:
+            raise ConfigError(f"model {name!r} does not follow batchkin's model protocol: it has no "
+                              f"{' and no '.join(missing)} (see docs/models.md)")
+        return
     dim = getattr(model, "feature_dim", None)
-    if not missing and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+    if not hasattr(model, "feature_dim"):
+        missing.append("feature_dim")
+    elif not missing and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         missing = [f"an integer feature_dim (it has {dim!r})"]
     if missing:
         raise ConfigError(f"{who} needs a model following the classifier protocol of batchkin.models; "
-                          f"model.name = {model_name!r} lacks {', '.join(missing)}")
+                          f"model.name = {name!r} lacks {', '.join(missing)}")
+
+
+def check_classifier_protocol(model, who: str, model_name: str) -> None:
+    """:func:`check_protocol` for method ``who`` (the whole classifier protocol, ``feature_dim`` included)."""
+    check_protocol(model, model_name, who)
 
 
 def state_dict_mismatch(module: nn.Module, state_dict, limit: int = 4) -> str:
@@ -117,7 +125,8 @@ def state_dict_mismatch(module: nn.Module, state_dict, limit: int = 4) -> str:
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     shapes = [f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the model"
-              for k, v in state_dict.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+              for k, v in state_dict.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[
+                  k].shape)]
     parts = [f"{what} {some(items)}" for what, items in
              (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ:", shapes)) if items]
     return "; ".join(parts)
@@ -169,7 +178,8 @@ class BasicBlock(nn.Module):
 @dataclass
 class ResNetOptions(WeightsOptions):
     width: int = field(default=16, metadata={"ge": 1, "help": "channels of the first stage (doubled per stage)"})
-    blocks: list[int] = field(default_factory=list, metadata={"ge": 1, "help": "blocks per stage (default from the model name)"})
+    blocks: list[int] = field(default_factory=list, metadata={
+        "ge": 1, "help": "blocks per stage (default from the model name)"})
     shortcut: Literal["projection", "pad"] = field(
         default="projection", metadata={"help": "shortcut where the shape changes: projection (1x1 conv + BN) or pad "
                                                 "(option A: subsample + zero channels, no parameters; LDAM/BBN)"})
@@ -211,7 +221,8 @@ RESNET_DEPTHS = {"resnet8": [1, 1, 1], "resnet14": [2, 2, 2], "resnet20": [3, 3,
 def _resnet_builder(name):
     def build(options: ResNetOptions, *, num_classes, in_channels, image_size):
         blocks = options.blocks or RESNET_DEPTHS[name]
-        return load_weights(CifarResNet(blocks, num_classes, in_channels, options.width, options.shortcut), options, name)
+        return load_weights(CifarResNet(
+            blocks, num_classes, in_channels, options.width, options.shortcut), options, name)
 
     return build
 
@@ -225,9 +236,11 @@ class ViTOptions(WeightsOptions):
     depth: int = field(default=4, metadata={"ge": 1, "help": "transformer blocks"})
     heads: int = field(default=4, metadata={"ge": 1, "help": "attention heads"})
     mlp_ratio: float = field(default=2.0, metadata={"gt": 0, "help": "MLP width / token width"})
-    patch: int = field(default=1, metadata={"ge": 1, "help": "stride of the convolutional stem (token grid = image / patch)"})
+    patch: int = field(default=1, metadata={
+        "ge": 1, "help": "stride of the convolutional stem (token grid = image / patch)"})
     stem_channels: int = field(default=32, metadata={"ge": 1, "help": "channels of the stem's first convolution"})
-    drop_path: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block"})
+    drop_path: float = field(default=0.0, metadata={
+        "ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block"})
     pool: str = field(default="mean", metadata={"help": "mean (tokens) or cls"})
 
     def validate(self):
@@ -274,7 +287,8 @@ class SmallViT(Classifier):
             nn.Conv2d(in_channels, o.stem_channels, 3, 1, 1, bias=False),
             nn.BatchNorm2d(o.stem_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(o.stem_channels, o.dim, o.patch, o.patch) if o.patch > 1 else nn.Conv2d(o.stem_channels, o.dim, 1),
+            nn.Conv2d(o.stem_channels, o.dim, o.patch, o.patch) if o.patch > 1 else nn.Conv2d(
+                o.stem_channels, o.dim, 1),
         )
         n = self.grid_size[0] * self.grid_size[1]
         self.use_cls = o.pool == "cls"

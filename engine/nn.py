@@ -26,7 +26,7 @@ from batchkin.kernels.rng_mask import keep_mask, scaled_keep_masks
 __all__ = [
     "STREAM_RESIDUAL1", "STREAM_FFN", "STREAM_RESIDUAL2",
     "BatchFormer", "BatchFormerLayer", "BatchSelfAttention", "draw_seed", "layer_dropout_mask",
-]  # fmt: skip
+]
 
 # Counter-RNG streams of a layer's feature dropouts, folded with the layer's seed.
 STREAM_RESIDUAL1 = 1  # on the attention block's output, before the first residual add
@@ -100,7 +100,7 @@ class BatchFormerLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, nhead: int = 4, dim_feedforward: Optional[int] = None, dropout: float = 0.5,
-                 layer_norm_eps: float = 1e-5):  # fmt: skip
+                 layer_norm_eps: float = 1e-5):
         super().__init__()
         checks.check_int("d_model", d_model, min_value=1)
         checks.check_int("nhead", nhead, min_value=1)
@@ -150,7 +150,7 @@ class BatchFormer(nn.Module):
     """
 
     def __init__(self, d_model: int, num_layers: int = 1, nhead: int = 4, dim_feedforward: Optional[int] = None,
-                 dropout: float = 0.5, layer_norm_eps: float = 1e-5):  # fmt: skip
+                 dropout: float = 0.5, layer_norm_eps: float = 1e-5):
         super().__init__()
         checks.check_int("num_layers", num_layers, min_value=1)
         self.layers = nn.ModuleList(

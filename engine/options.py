@@ -183,5 +183,6 @@ def render_markdown(data: dict) -> str:
             every = ", ".join(f"`{n}`" for names in bare for n in names)
             lines += [f"No options of their own: {every}.", ""]
     lines += ["## Environment variables", "", "| variable | default | meaning |", "|---|---|---|"]
-    lines += [f"| `{name}` | {f'`{default}`' if default else 'unset'} | {meaning} |" for name, default, meaning in ENVIRONMENT]
+    lines += [f"| `{name}` | {f'`{default}`' if default else 'unset'} | {meaning} |" for name, default,
+              meaning in ENVIRONMENT]
     return "\n".join(lines) + "\n"

@@ -52,19 +52,30 @@ ENTRY_POINT_GROUP = "batchkin"
 ENV_NO_AUTOLOAD = "BATCHKIN_DISABLE_PLUGIN_AUTOLOAD"
 ENV_PLUGINS = "BATCHKIN_PLUGINS"
 
-# The built-in plugin modules (name -> module), loaded even when entry-point autoloading
-# is off. batchkin's own entry points name the same modules and are not loaded twice.
-BUILTIN_PLUGINS = {
-    "datasets": "batchkin.data",
-    "models": "batchkin.models",
-    "ce": "batchkin.plugins.ce",
-    "bbn": "batchkin.plugins.bbn",
-    "batchformer": "batchkin.plugins.batchformer",
-    "drloc": "batchkin.plugins.drloc",
-    "moco": "batchkin.plugins.moco",
-    "dino": "batchkin.plugins.dino",
-    "sdmp": "batchkin.plugins.sdmp",
-}
+
+
+def _builtin_plugins() -> dict[str, str]:
+    """batchkin's own entry points (``[project.entry-points.batchkin]`` of pyproject.toml, the one
+    list of the built-in plugins): name -> module. Package metadata keeps no order, so the order
+    (that of listings such as ``batchkin config``) is a rule: the engine's own modules (datasets,
+    models) first, then the methods of ``batchkin.plugins``, each group by name.
+
+    Read from the installed package's metadata; a source tree imported without being installed
+    reads its pyproject.toml instead."""
+    try:
+        eps = importlib.metadata.distribution("batchkin").entry_points
+        found = {ep.name: ep.value for ep in eps if ep.group == ENTRY_POINT_GROUP}
+    except importlib.metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = tomllib.loads(pyproject.read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    return dict(sorted(found.items(), key=lambda item: (item[1].startswith("batchkin.plugins."), item[0])))
+
+
+#: The built-in plugin modules (name -> module), loaded even when entry-point autoloading is
+#: off; batchkin's own entry points, so they are not loaded twice.
+BUILTIN_PLUGINS = _builtin_plugins()
 
 REGISTRATION_HOOKS = ("register_methods", "register_models", "register_datasets")
 
@@ -240,7 +251,8 @@ class Plugins:
                 try:
                     module = ep.load()
                 except (Exception, SystemExit) as exc:
-                    raise PluginError(f"plugin {ep.name!r} from {origin} failed to import: {describe_exception(exc)}") from None
+                    raise PluginError(
+                        f"plugin {ep.name!r} from {origin} failed to import: {describe_exception(exc)}") from None
                 self._register_module(ep.name, module, origin)
 
     def load_file(self, path: str | os.PathLike) -> None:
@@ -300,7 +312,8 @@ class Plugins:
                 except PluginError:
                     raise
                 except (Exception, SystemExit) as exc:
-                    raise PluginError(f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {describe_exception(exc)}") from None
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {describe_exception(exc)}") from None
 
     # -- queries ------------------------------------------------------------------------
 
@@ -390,7 +403,8 @@ def _validate_method_class(name: str, cls, origin: str) -> None:
         opts = getattr(getattr(cls, impl_name), f"{hookspecs.PROJECT}_impl")
         if opts.get("tryfirst") or opts.get("trylast"):
             raise PluginError(
-                f"method {name!r} ({origin}): {impl_name} uses tryfirst/trylast; the call order is the config's `methods` list"
+                f"method {name!r} ({origin}): {impl_name} uses tryfirst/trylast; the call order is the config's "
+                "`methods` list"
             )
     options = getattr(cls, "Options", None)
     if options is not None and not dataclasses.is_dataclass(options):
@@ -431,7 +445,8 @@ class RunHooks:
             except BatchkinError:
                 raise
             except (Exception, SystemExit) as exc:
-                raise PluginError(f"method {name!r} ({entry.origin}) failed to start: {describe_exception(exc)}") from None
+                raise PluginError(
+                    f"method {name!r} ({entry.origin}) failed to start: {describe_exception(exc)}") from None
         self._check_conflicts(plugins)
         self._sinks: dict[str, list] = {}  # hook name -> (method, result) pairs of the call in progress
         self.pm = _new_manager()

@@ -624,8 +624,10 @@ def _stream_root(data, dataset: str) -> Path:
 
 @dataclass
 class ImageListOptions:
-    train_list: str = field(default="", metadata={"help": "imagelist: training list (`relative/path.jpg label` lines), relative to data.root"})
-    val_list: str = field(default="", metadata={"help": "imagelist: validation list (empty: held out of the training list)"})
+    train_list: str = field(default="", metadata={
+        "help": "imagelist: training list (`relative/path.jpg label` lines), relative to data.root"})
+    val_list: str = field(default="", metadata={
+        "help": "imagelist: validation list (empty: held out of the training list)"})
     test_list: str = field(default="", metadata={"help": "imagelist: test list (empty: held out of the training list)"})
 
 
@@ -664,9 +666,12 @@ def load_image_list(options: ImageListOptions, data) -> ImageDataset:
 
 @dataclass
 class INaturalistOptions:
-    train_json: str = field(default="", metadata={"help": "inaturalist: training annotations (COCO-style JSON), relative to data.root"})
-    val_json: str = field(default="", metadata={"help": "inaturalist: validation annotations (empty: held out of the training set)"})
-    test_json: str = field(default="", metadata={"help": "inaturalist: test annotations (empty: held out of the training set)"})
+    train_json: str = field(default="", metadata={
+        "help": "inaturalist: training annotations (COCO-style JSON), relative to data.root"})
+    val_json: str = field(default="", metadata={
+        "help": "inaturalist: validation annotations (empty: held out of the training set)"})
+    test_json: str = field(default="", metadata={
+        "help": "inaturalist: test annotations (empty: held out of the training set)"})
 
 
 def _read_json(path: Path) -> dict:

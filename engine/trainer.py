@@ -18,6 +18,8 @@ from dataclasses import dataclass, is_dataclass
 import torch
 import torch.nn.functional as F  # also used by plugins importing from here
 
+from batchkin.kernels.rng import derive_key
+
 from . import __version__
 from .config import Config, build_config, load_raw, resume_changes
 from .data import DeviceData, ShuffleSampler, check_crop_padding, make_splits
@@ -42,8 +44,6 @@ from .schema import dump_toml, parse, shown, to_dict
 from .selection import Selection
 from .state import State
 from .threads import run_threads
-from batchkin.kernels.rng import derive_key
-
 
 # ------------------------------------------------------------------------------ engine defaults
 

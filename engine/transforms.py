@@ -15,9 +15,10 @@ Three transforms turn a file into a uint8 image of the run's ``data.image_size``
 
 Crop and resize are one Pillow ``resize(size, box=...)`` call: only the crop is
 resampled, with the sample positions and filter of resizing the whole image and then
-cropping (the pixels agree up to the rounding of Pillow's intermediate pass). The random numbers are not drawn here: :func:`random_resized_crop_box` and
-the flip read a row of uniforms that the caller derives from (seed, step, stream,
-slot), so a sample's augmentation never depends on the worker that decodes it.
+cropping (the pixels agree up to the rounding of Pillow's intermediate pass). The random
+numbers are not drawn here: :func:`random_resized_crop_box` and the flip read a row of
+uniforms that the caller derives from (seed, step, stream, slot), so a sample's
+augmentation never depends on the worker that decodes it.
 Normalisation happens later, batched, on the training device.
 """
 

@@ -134,7 +134,7 @@ def triton_status() -> tuple[bool, bool, str]:
     """``(importable, interpreter, reason)`` for Triton on this machine."""
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # ImportError, or a broken install
         return False, interpret, f"triton cannot be imported ({type(exc).__name__}: {exc})"
     version = getattr(triton, "__version__", "?")

@@ -137,7 +137,7 @@ def _torch_lowbias32_int32_(x: Tensor) -> Tensor:
 
 
 def keep_ranges_torch(key: int, start: int, stride: int, count: int, n: int, p: float, device, dtype,
-                      value=None) -> Tensor:  # fmt: skip
+                      value=None) -> Tensor:
     """:func:`keep_ranges` in int32 torch ops, all ranges in one pass, no host copy (non-CPU devices)."""
     offsets = torch.arange(count, dtype=torch.int64, device=device).view(-1, 1) * stride + start
     offsets = offsets + torch.arange(n, dtype=torch.int64, device=device).view(1, -1)
@@ -155,7 +155,7 @@ def keep_ranges_torch(key: int, start: int, stride: int, count: int, n: int, p: 
 
 
 def keep_ranges(key: int, start: int, stride: int, count: int, n: int, p: float, device, dtype=torch.bool,
-                value=None) -> Tensor:  # fmt: skip
+                value=None) -> Tensor:
     """``rng.uniform(key, start + r * stride + arange(n)) >= float32(p)`` for ``r < count``: ``[count, n]``.
 
     Bit-identical to :func:`rng.uniform` and several times faster than its int64 torch
@@ -210,5 +210,5 @@ def scaled_keep_masks(keys, shapes, p: float, device: torch.device, dtype: torch
         masks = torch.from_numpy(np.multiply(keep, np.float32(inv_keep), dtype=np.float32)).to(dtype).split(sizes)
     else:
         masks = [keep_ranges(key, 0, 0, 1, n, p, device, torch.float32, inv_keep).to(dtype)
-                 for key, n in zip(keys, sizes)]  # fmt: skip
+                 for key, n in zip(keys, sizes)]
     return [m.view(shape) for m, shape in zip(masks, shapes)]

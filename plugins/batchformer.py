@@ -71,8 +71,8 @@ from torch import nn
 
 from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
-from batchkin.nn import BatchFormer, draw_seed
 from batchkin.kernels.rng import derive_key
+from batchkin.nn import BatchFormer, draw_seed
 from batchkin.plugin import Method
 
 #: The model's child name of the module.

@@ -38,12 +38,13 @@ model, whose ``feature_dim`` is ``2 D``).
 Functional twins, usable without the engine: :func:`bbn_alpha`,
 :func:`reversed_sampler`, :func:`bbn_features`, :func:`bbn_logits`,
 :func:`bbn_loss`, :func:`sample_beta`; plus :class:`BBNSampler` (the dual index
-stream) and :class:`BilateralNet` (the two-branch model wrapper).
+stream) and :class:`BilateralNet` (the two-branch model wrapper). The model and its
+combiner (``bbn_features``, ``bbn_logits``) live in :mod:`batchkin.plugins.bbn_net`
+and are importable from here.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,11 +57,18 @@ from batchkin.data import ShuffleSampler
 from batchkin.errors import ConfigError, DataError, RunError
 from batchkin.hookspecs import hookimpl
 from batchkin.kernels.reversed_sampler import (
-    MODES, class_sorted_table, epoch_key, prepare_tables, reversed_sampler_impl, sample_epoch,
+    MODES,
+    class_sorted_table,
+    epoch_key,
+    prepare_tables,
+    reversed_sampler_impl,
+    sample_epoch,
 )
 from batchkin.kernels.rng import derive_key
-from batchkin.models import Classifier
 from batchkin.plugin import Method
+from batchkin.schedules import check_epoch, ramp
+
+from .bbn_net import BilateralNet, bbn_features, bbn_logits
 
 SCHEDULES = ("parabolic_decay", "linear_decay", "cosine_decay", "parabolic_increment", "fixed", "beta")
 #: Stream id folded into the run's seed for the reversed stream's uniforms.
@@ -110,14 +118,8 @@ def bbn_alpha(epoch: int, epochs: int, schedule: str = "parabolic_decay", *,
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
     period = epochs if alpha_epochs is None else alpha_epochs
-    for name, v in (("epoch", epoch), ("epochs", epochs), ("alpha_epochs", period)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if epochs < 1 or not 1 <= epoch <= epochs:
-        raise ValueError(f"epoch must lie in 1..epochs (epochs >= 1); got epoch={epoch}, epochs={epochs}")
-    if period < 1:
-        raise ValueError(f"alpha_epochs must be >= 1; got {period}")
-    t = min((epoch - 1) / period, 1.0)
+    check_epoch(epoch, epochs, minimum=1, alpha_epochs=period)
+    t = ramp(epoch - 1, period)
     if schedule == "parabolic_decay":
         return 1.0 - t * t
     if schedule == "linear_decay":
@@ -143,19 +145,6 @@ def reversed_sampler(labels: torch.Tensor, num_draws: int, *, seed: int, epoch: 
     k = int(labels.max()) + 1 if num_classes is None else num_classes
     sorted_indices, counts = class_sorted_table(labels, k)
     return sample_epoch(sorted_indices, counts, num_draws, seed=seed, epoch=epoch, mode=mode, start=start, stop=stop)
-
-
-def bbn_features(f_c: torch.Tensor, f_r: torch.Tensor, alpha) -> torch.Tensor:
-    """The classifier's input ``cat(2 alpha f_c, 2 (1 - alpha) f_r)`` (``cat(f_c, f_r)`` at 0.5)."""
-    if f_c.shape != f_r.shape:
-        raise ValueError(f"f_c and f_r must have the same shape; got {tuple(f_c.shape)} and {tuple(f_r.shape)}")
-    return torch.cat([f_c * (2 * alpha), f_r * (2 * (1 - alpha))], dim=1)
-
-
-def bbn_logits(f_c: torch.Tensor, f_r: torch.Tensor, alpha, weight: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``2 alpha W_c f_c + 2 (1 - alpha) W_r f_r + b`` with ``weight = [W_c | W_r]`` of shape ``[K, 2D]``."""
-    return F.linear(bbn_features(f_c, f_r, alpha), weight, bias)
 
 
 def bbn_loss(logits: torch.Tensor, y_c: torch.Tensor, y_r: torch.Tensor, alpha) -> torch.Tensor:
@@ -273,92 +262,6 @@ def _views(t: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[torch.Tensor,
         end = hi
     sizes.append(len(t) - end)
     return t.split(sizes)[1::2]
-
-
-# ------------------------------------------------------------------------------ the bilateral model
-
-
-class BilateralNet(Classifier):
-    """BBN's two-branch network around a backbone that exposes ``trunk`` and ``last_block``.
-
-    ``trunk`` is shared; ``cb_block`` and ``rb_block`` are deep copies of the
-    backbone's ``last_block`` (equal at the start), each followed by ``pool`` (global
-    average pooling); ``classifier`` is a new ``Linear(2D, K)``. Calls:
-
-    * ``model(x, return_features=True)`` (evaluation, and the classifier protocol):
-      one trunk pass, both blocks on the same image, ``{"features": cat(f_c, f_r),
-      "f_c", "f_r"}`` — the training combiner at ``alpha = 0.5``;
-      ``model(x)`` returns ``classifier(cat(f_c, f_r))``;
-    * ``model(x, x_rev=x_rev, alpha=a, return_features=True)`` (training, one call so
-      that DistributedDataParallel sees the whole pass): ``f_c`` from ``x`` through
-      ``cb_block``, ``f_r`` from ``x_rev`` through ``rb_block``, ``"features" =
-      cat(2a f_c, 2(1 - a) f_r)``.
-
-    ``fused=False`` (the default, as upstream) runs the trunk twice, once per batch,
-    so BatchNorm normalises each batch with its own statistics. ``fused=True`` runs
-    the trunk once over ``cat(x, x_rev)``: faster, but the trunk's BatchNorm layers then
-    normalise (and update running statistics with) both batches together, which
-    changes training. In evaluation mode (running statistics) both give the same result.
-
-    Other child modules that earlier methods attached to the backbone are kept.
-    """
-
-    supports_return_features = True
-
-    def __init__(self, backbone: nn.Module, fused: bool = False):
-        super().__init__()
-        for name in ("trunk", "last_block"):
-            if not isinstance(getattr(backbone, name, None), nn.Module):
-                raise ConfigError(f"BilateralNet needs a backbone with a `{name}` module")
-        self.trunk = backbone.trunk
-        self.cb_block = copy.deepcopy(backbone.last_block)
-        self.rb_block = copy.deepcopy(backbone.last_block)
-        pool = getattr(backbone, "pool", None)
-        self.pool = pool if isinstance(pool, nn.Module) else nn.AdaptiveAvgPool2d(1)
-        old = getattr(backbone, "classifier", None)
-        d = getattr(backbone, "feature_dim", None) or getattr(old, "in_features", None)
-        k = getattr(backbone, "num_classes", None) or getattr(old, "out_features", None)
-        if not d or not k:
-            raise ConfigError("BilateralNet needs a backbone with feature_dim and num_classes (or a Linear classifier)")
-        self.branch_dim, self.feature_dim, self.num_classes = int(d), 2 * int(d), int(k)
-        self.classifier = nn.Linear(2 * int(d), int(k))
-        self.fused = bool(fused)
-        # the backbone's own modules (also under other names, e.g. torchvision's conv1 ... fc,
-        # of which trunk / last_block / pool / classifier are views) are not carried over
-        owned = {id(m) for part in (backbone.trunk, backbone.last_block, pool, old) if isinstance(part, nn.Module)
-                 for m in part.modules()}
-        for name, child in backbone.named_children():  # e.g. heads other methods attached
-            if not any(id(m) in owned for m in child.modules()) and not hasattr(self, name):
-                self.add_module(name, child)
-
-    def _branch(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return self.pool(block(h)).flatten(1)
-
-    def pair_features(self, x: torch.Tensor, x_rev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f_c, f_r)``: ``x`` through the conventional branch, ``x_rev`` through the re-balancing one."""
-        if self.fused:
-            h = self.trunk(torch.cat([x, x_rev]))
-            h_c, h_r = h[: len(x)], h[len(x):]
-        else:
-            h_c, h_r = self.trunk(x), self.trunk(x_rev)
-        return self._branch(self.cb_block, h_c), self._branch(self.rb_block, h_r)
-
-    def branch_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(f_c, f_r)`` of the same images (one trunk pass, both blocks)."""
-        h = self.trunk(x)
-        return self._branch(self.cb_block, h), self._branch(self.rb_block, h)
-
-    def forward_features(self, x: torch.Tensor) -> dict:
-        f_c, f_r = self.branch_features(x)
-        return {"features": torch.cat([f_c, f_r], dim=1), "f_c": f_c, "f_r": f_r}
-
-    def forward(self, x: torch.Tensor, x_rev: torch.Tensor | None = None, alpha=0.5, return_features: bool = False):
-        if x_rev is None and alpha == 0.5:
-            out = self.forward_features(x)
-        else:
-            f_c, f_r = self.branch_features(x) if x_rev is None else self.pair_features(x, x_rev)
-            out = {"features": bbn_features(f_c, f_r, alpha), "f_c": f_c, "f_r": f_r}
-        return out if return_features else self.classifier(out["features"])
 
 
 # ------------------------------------------------------------------------------ the method
@@ -481,3 +384,9 @@ class BBN(Method):
 @hookimpl
 def register_methods(register):
     register("bbn", BBN)
+
+
+__all__ = [
+    "BBN", "BBNSampler", "BilateralNet", "REVERSED_STREAM", "SCHEDULES", "bbn_alpha", "bbn_features", "bbn_logits",
+    "bbn_loss", "register_methods", "reversed_sampler", "sample_beta",
+]

@@ -84,7 +84,9 @@ import torch.nn.functional as F
 
 from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
-from batchkin.plugins.ssl import (
+from batchkin.schedules import check_epoch, ramp
+
+from .ssl import (
     DINOHead,
     LocalCrops,
     SSLBase,
@@ -102,13 +104,11 @@ def teacher_temperature(epoch: int, epochs: int, start: float = 0.04, end: float
                         warmup_fraction: float = 0.3) -> float:
     """The teacher temperature of epoch ``epoch`` (from 1): ``linspace(start, end, W)[epoch - 1]``
     for the first ``W = round(warmup_fraction * epochs)`` epochs, then ``end``."""
+    check_epoch(epoch, epochs)
     warm = int(round(warmup_fraction * epochs))
-    e = epoch - 1
-    if e >= warm:
+    if epoch > warm:
         return end
-    if warm == 1:
-        return start
-    return start + (end - start) * e / (warm - 1)
+    return ramp(epoch - 1, warm - 1, start, end)
 
 
 def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -227,7 +227,8 @@ class DINO(SSLBase):
         """``[dino]``; ``momentum``, ``knn_k``, ``knn_temperature`` and ``[dino.views]`` are
         :class:`~batchkin.plugins.ssl.SSLOptions`' (``momentum`` with DINO's default)."""
 
-        momentum: float = field(default=0.996, metadata={"ge": 0.0, "le": 1.0, "help": "initial teacher momentum (cosine to 1)"})
+        momentum: float = field(default=0.996, metadata={
+            "ge": 0.0, "le": 1.0, "help": "initial teacher momentum (cosine to 1)"})
         out_dim: int = field(default=1024, metadata={"ge": 2, "help": "head output width (prototypes)"})
         hidden_dim: int = field(default=256, metadata={"ge": 1, "help": "head MLP hidden width"})
         bottleneck_dim: int = field(default=64, metadata={"ge": 1, "help": "head bottleneck width"})
@@ -235,8 +236,10 @@ class DINO(SSLBase):
         norm_last_layer: bool = field(default=True, metadata={"help": "weight-normalised last layer with g fixed to 1"})
         student_temp: float = field(default=0.1, metadata={"gt": 0.0, "help": "student temperature"})
         teacher_temp: float = field(default=0.07, metadata={"gt": 0.0, "help": "teacher temperature after warm-up"})
-        warmup_teacher_temp: float = field(default=0.04, metadata={"gt": 0.0, "help": "teacher temperature at the start"})
-        warmup_fraction: float = field(default=0.3, metadata={"ge": 0.0, "le": 1.0, "help": "fraction of the epochs of the teacher warm-up"})
+        warmup_teacher_temp: float = field(default=0.04, metadata={
+            "gt": 0.0, "help": "teacher temperature at the start"})
+        warmup_fraction: float = field(default=0.3, metadata={
+            "ge": 0.0, "le": 1.0, "help": "fraction of the epochs of the teacher warm-up"})
         center_momentum: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0, "help": "centering momentum"})
         n_local_crops: int = field(
             default=0, metadata={"ge": 0, "help": "multi-crop: local crops per image, seen by the student only"})
@@ -248,15 +251,18 @@ class DINO(SSLBase):
             metadata={"gt": 0.0, "le": 1.0, "help": "local crops: range of the crop's area fraction"})
         head_init: Literal["trunc_normal", "fan_in"] = field(
             default="trunc_normal",
-            metadata={"help": "head MLP init: DINO's N(0, 0.02^2), or fan_in (He) for a bottleneck of norm O(1) on small encoders"})
+            metadata={"help": "head MLP init: DINO's N(0, 0.02^2), or fan_in (He) for a bottleneck of norm O(1) on "
+                              "small encoders"})
         head_bn: bool = field(
             default=False, metadata={"help": "BatchNorm after every hidden layer of the head (DINO's use_bn_in_head)"})
         freeze_last_layer: int = field(
             default=1, metadata={"ge": 0, "help": "epochs during which the head's last layer is not updated (DINO: 1)"})
         clip_grad: float = field(
-            default=3.0, metadata={"ge": 0.0, "help": "clip each parameter's gradient norm to this value (DINO: 3; 0 = off)"})
+            default=3.0, metadata={
+                "ge": 0.0, "help": "clip each parameter's gradient norm to this value (DINO: 3; 0 = off)"})
         eval_encoder: Literal["teacher", "student"] = field(
-            default="teacher", metadata={"help": "the encoder kNN evaluation and the linear probe read (DINO: teacher)"})
+            default="teacher", metadata={
+                "help": "the encoder kNN evaluation and the linear probe read (DINO: teacher)"})
 
         def validate(self):
             if len(self.local_crop_scale) != 2 or self.local_crop_scale[0] > self.local_crop_scale[1]:
@@ -276,7 +282,8 @@ class DINO(SSLBase):
         o = self.options
         if o.n_local_crops > 0:
             self.local = self.local_crops(state, encoder)
-        head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer,
+        head = DINOHead(
+            encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer,
                         init=o.head_init, use_bn=o.head_bn)
         net = SSLNet(encoder, head)
         net.eval_momentum = o.eval_encoder == "teacher"
@@ -303,7 +310,8 @@ class DINO(SSLBase):
     @hookimpl
     def on_epoch_start(self, state):
         o = self.options
-        self.temp = teacher_temperature(state.epoch, state.epochs, o.warmup_teacher_temp, o.teacher_temp, o.warmup_fraction)
+        self.temp = teacher_temperature(
+            state.epoch, state.epochs, o.warmup_teacher_temp, o.teacher_temp, o.warmup_fraction)
         state.epoch_metrics["dino/teacher_temp"] = self.temp
         self.entropy = torch.zeros(3)  # sums over the epoch's steps: H(P_i) mean, H(mean P), steps
 

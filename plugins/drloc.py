@@ -82,7 +82,9 @@ from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
 from batchkin.kernels.rng import derive_key
 from batchkin.plugin import Method
-from batchkin.plugins.drloc_head import (  # noqa: F401  (public names of this module)
+from batchkin.schedules import check_epoch, ramp
+
+from .drloc_head import (
     CBR_EPS,
     CBR_LOG_VAR_WEIGHT,
     FIRST_LAYER,
@@ -94,8 +96,8 @@ from batchkin.plugins.drloc_head import (  # noqa: F401  (public names of this m
     drloc_l1_loss,
     drloc_loss,
 )
-from batchkin.plugins.hier_vit import HierViT, HierViTOptions, PatchMerging  # noqa: F401
-from batchkin.plugins.hier_vit import hier_vit_builder as _hier_builder
+from .hier_vit import HierViT, HierViTOptions, PatchMerging
+from .hier_vit import hier_vit_builder as _hier_builder
 
 SCHEDULES = ("warmup_decay", "constant")
 #: Stream id folded into the run's seed for the heads' initialisation.
@@ -108,13 +110,7 @@ INIT_STREAM = 0x44524C6F  # "DRLo"
 def drloc_lambda(epoch: int, epochs: int, schedule: str = "warmup_decay", *, lambda0: float = 0.1,
                  warmup_epochs: int = 20) -> float:
     """``lambda`` for epoch ``epoch`` (from 1) of a run of ``epochs`` epochs; see the module docstring."""
-    for name, value in (("epoch", epoch), ("epochs", epochs), ("warmup_epochs", warmup_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if epochs < 1 or not 1 <= epoch <= epochs:
-        raise ValueError(f"epoch must lie in [1, epochs]; got epoch={epoch}, epochs={epochs}")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be >= 0; got {warmup_epochs}")
+    check_epoch(epoch, epochs, warmup_epochs=warmup_epochs)
     if not (isinstance(lambda0, (int, float)) and not isinstance(lambda0, bool)
             and math.isfinite(lambda0) and lambda0 >= 0):
         raise ValueError(f"lambda0 must be a finite number >= 0; got {lambda0!r}")
@@ -125,8 +121,8 @@ def drloc_lambda(epoch: int, epochs: int, schedule: str = "warmup_decay", *, lam
     warm = min(warmup_epochs, epochs)
     t = epoch - 1
     if t < warm:
-        return lambda0 * t / warm
-    return lambda0 * (1 - (t - warm) / (epochs - warm))
+        return ramp(t, warm, 0.0, lambda0)
+    return lambda0 * ramp(t - warm, epochs - warm, 1.0, 0.0)
 
 
 # ------------------------------------------------------------------------------ models
@@ -267,3 +263,10 @@ def register_methods(register):
 @hookimpl
 def register_models(register):
     register("vit_hier", _hier_builder, options=HierViTOptions)
+
+
+__all__ = [
+    "CBR_EPS", "CBR_LOG_VAR_WEIGHT", "FIRST_LAYER", "HEADS", "INIT_STREAM", "MODES", "SCHEDULES", "DRLoc", "DRLocHead",
+    "HierViT", "HierViTOptions", "PatchMerging", "drloc_cbr_loss", "drloc_ce_loss", "drloc_l1_loss", "drloc_lambda",
+    "drloc_loss", "register_methods", "register_models", "token_grids",
+]

@@ -45,12 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from batchkin.hookspecs import hookimpl
-from batchkin.plugins.ssl import SSLBase, SSLNet, SSLOptions, fp32, mlp, ssl_train_forward
+
+from .ssl import SSLBase, SSLNet, SSLOptions, fp32, mlp, ssl_train_forward
 
 # ------------------------------------------------------------------------------ functional twins
 
 
-def moco_infonce(q: torch.Tensor, k: torch.Tensor, temperature: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+def moco_infonce(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, labels: torch.Tensor | None = None) -> torch.Tensor:
     """MoCo v3's contrastive loss ``CE(q̂ k̂ᵀ / T, labels) * 2T`` (``q̂``, ``k̂`` L2-normalised),
     in float32. ``k`` may hold more rows than ``q`` (keys gathered from every rank);
     ``labels`` (default ``arange(len(q))``) is the row of each query's positive key."""
@@ -78,7 +80,8 @@ class MoCo(SSLBase):
     name = "moco"
     accumulation = "refuse"
     accumulation_note = ("its InfoNCE loss takes the negatives from the batch, and each micro-batch would see "
-                         "data.batch_size - 1 of them instead of the accumulated batch's; raise data.batch_size instead")
+                         "data.batch_size - 1 of them instead of the accumulated batch's; raise data.batch_size "
+                         "instead")
 
     @dataclass
     class Options(SSLOptions):

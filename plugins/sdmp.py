@@ -66,9 +66,10 @@ from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
 from batchkin.kernels.batch_mix import MIXUP, OPERATORS, MixParams, batch_mix, sample_mix_params
 from batchkin.plugin import Method
-from batchkin.plugins.dino import teacher_probs
-from batchkin.plugins.moco import moco_loss
-from batchkin.plugins.ssl import MixBatch, fp32, gather_rows
+
+from .dino import teacher_probs
+from .moco import moco_loss
+from .ssl import MixBatch, fp32, gather_rows
 
 ALL_OPS = ("mixup", "cutmix", "resizemix")
 
@@ -117,11 +118,11 @@ def mixture_nll(logits: torch.Tensor, index_a: torch.Tensor, index_b: torch.Tens
     ``logsumexp(l) - logsumexp(log w_a + l_a, log w_b + l_b)`` in float32 (zero weights
     are fine: ``log 0 = -inf`` drops out of the logsumexp)."""
     with fp32(logits.device.type):
-        l = logits.float()
-        la = l.gather(1, index_a.view(-1, 1)).squeeze(1)
-        lb = l.gather(1, index_b.view(-1, 1)).squeeze(1)
+        z = logits.float()
+        la = z.gather(1, index_a.view(-1, 1)).squeeze(1)
+        lb = z.gather(1, index_b.view(-1, 1)).squeeze(1)
         mix = torch.stack((torch.log(w_a.float()) + la, torch.log(w_b.float()) + lb), dim=1)
-        return torch.logsumexp(l, dim=1) - torch.logsumexp(mix, dim=1)
+        return torch.logsumexp(z, dim=1) - torch.logsumexp(mix, dim=1)
 
 
 def _logits(q, k, temperature):
@@ -265,14 +266,16 @@ class SDMP(Method):
 
     requires = ("moco", "dino")
     accumulation = "micro-batch"
-    accumulation_note = "each image's mixing partner is its flip within one micro-batch (flip = 'local' per micro-batch)"
+    accumulation_note = ("each image's mixing partner is its flip within one micro-batch "
+                         "(flip = 'local' per micro-batch)")
 
     @dataclass
     class Options:
         ops: list[str] = field(default_factory=lambda: list(ALL_OPS),
                                metadata={"help": "operators chosen from per batch: mixup, cutmix, resizemix"})
         flip: Literal["local", "global"] = field(default="local",
-                                                 metadata={"help": "partner B-1-i within each process's batch, or the global batch"})
+                                                 metadata={"help": "partner B-1-i within each process's batch, or the "
+                                                                   "global batch"})
         weight_ms: float = field(default=0.5, metadata={"ge": 0.0, "help": "weight of the source-mix loss"})
         weight_mm: float = field(default=0.5, metadata={"ge": 0.0, "help": "weight of the mix-mix loss"})
 

@@ -3,7 +3,8 @@
 Triton only runs in interpreter mode without a GPU, and the switch must be set
 before triton is first imported, so it is set here, at collection time. The
 fixtures ``torch_threads`` (a context manager) and ``one_torch_thread`` (a module's
-worth of one intra-op thread) pin torch's thread count; the op tests' own helpers
+worth of one intra-op thread) pin torch's thread count. Helpers that tests import (a
+seeded generator, file-tree hashes) are in tests/_common.py; the op tests' own helpers
 are in tests/kernels/_util.py.
 """
 

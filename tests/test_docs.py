@@ -1,9 +1,9 @@
 """The documentation matches the code: hooks, config keys, set-up commands."""
 
 import dataclasses
-import typing
 import inspect
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,8 @@ def test_every_hook_spec_is_documented_with_its_signature():
     assert len(SPECS) >= 15
     for name, func in SPECS.items():
         args = ", ".join(inspect.signature(func).parameters)
-        assert re.search(rf"^### {name}\({re.escape(args)}\)", PLUGIN_DOCS, re.M), f"{name}({args}) missing from docs/plugins.md"
+        assert re.search(
+            rf"^### {name}\({re.escape(args)}\)", PLUGIN_DOCS, re.M), f"{name}({args}) missing from docs/plugins.md"
         firstresult = func.batchkin_spec.get("firstresult", False)
         heading = re.search(rf"^### {name}\(.*$", PLUGIN_DOCS, re.M).group(0)
         assert ("firstresult" in heading) == firstresult, f"{name}: firstresult marking differs from the spec"

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _common import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 BALANCED_SOFTMAX = ROOT / "examples" / "batchkin-balanced-softmax"
 NPZ_DATASET = ROOT / "examples" / "batchkin-npz-dataset"
@@ -74,7 +76,8 @@ def test_disable_switch_hides_it(site, tmp_path):
     data = json.loads(r.stdout)
     assert "balanced_softmax" not in data["methods"] and "mlp" not in data["models"]
     assert "ce" in data["methods"]  # built-ins stay
-    r = _run(site, "-m", "batchkin", "train", "--set", 'methods=["balanced_softmax"]', "--out", str(tmp_path / "unused"),
+    r = _run(site, "-m", "batchkin", "train", "--set", 'methods=["balanced_softmax"]', "--out", str(
+        tmp_path / "unused"),
              env_extra={"BATCHKIN_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert r.returncode == 2 and "unknown method 'balanced_softmax'" in r.stderr
 
@@ -82,10 +85,11 @@ def test_disable_switch_hides_it(site, tmp_path):
 def test_trains_a_short_run_combined_with_batchformer(site, tmp_path):
     out = tmp_path / "run"
     r = _run(site, "-m", "batchkin", "train", "--quiet", "--out", str(out),
-             "--set", 'methods=["balanced_softmax", "batchformer"]', "--set", "epochs=1", "--set", "data.name=synthetic",
+             "--set", 'methods=["balanced_softmax", "batchformer"]', "--set", "epochs=1", "--set",
+             "data.name=synthetic",
              "--set", "model.name=mlp", "--set", "model.hidden=32", "--set", "data.imbalance_factor=4")
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     assert "train/balanced_softmax" in lines[0]
     assert json.loads((out / "run.json").read_text())["methods"] == ["balanced_softmax", "batchformer"]
     assert lines[-1]["kind"] == "final"
@@ -138,8 +142,9 @@ def test_npz_trains_a_short_run_combined_with_batchformer(npz_site, tmp_path):
              "--set", f"data.path={path}", "--set", "data.batch_size=16", "--set", "model.name=tiny",
              "--set", "model.width=8")
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["kind"] == "epoch" and lines[0]["step"] == 4  # 70 training images (2 per class held out for val) // 16
+    lines = read_metrics(out)
+    assert lines[0]["kind"] == "epoch" and lines[0][
+        "step"] == 4  # 70 training images (2 per class held out for val) // 16
     assert "train/ce" in lines[0] and len(lines[0]["val/per_class"]) == 5
     final = lines[-1]
     assert final["kind"] == "final" and len(final["test/per_class"]) == 5
@@ -159,7 +164,8 @@ def test_npz_options_are_checked_by_the_cli(npz_site, tmp_path):
     r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", "data.name=npz",
              "--set", f"data.pth={path}")
     assert r.returncode == 2
-    assert "unknown config key data.pth (did you mean 'path'?); valid [data] keys for data.name = 'npz': path" in r.stderr
+    assert ("unknown config key data.pth (did you mean 'path'?); valid [data] keys for data.name = 'npz': path"
+            in r.stderr)
     r = _run(npz_site, "-m", "batchkin", "train", "--out", str(tmp_path / "unused"), "--set", "data.name=npz",
              "--set", "data.path=3")
     assert r.returncode == 2 and "data.path must be a string, got int 3" in r.stderr

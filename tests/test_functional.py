@@ -35,7 +35,8 @@ def test_every_exported_name_imports_is_documented_and_listed():
 
 
 def test_ops_come_from_the_kernels_and_twins_from_their_plugins():
-    for name in ("batch_mix", "sample_mix_params", "batch_attention", "drloc_positions", "drloc_targets", "sample_epoch"):
+    for name in (
+        "batch_mix", "sample_mix_params", "batch_attention", "drloc_positions", "drloc_targets", "sample_epoch"):
         assert getattr(bf, name).__module__.startswith("batchkin.kernels"), name
     for name, plugin in (("bbn_alpha", "bbn"), ("batchformer_logits", "batchformer"), ("drloc_loss", "drloc"),
                          ("sdmp_mm_loss", "sdmp"), ("moco_loss", "moco"), ("dino_loss", "dino")):

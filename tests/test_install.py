@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from _common import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKER = """
@@ -56,7 +58,7 @@ def test_batchkin_imports_and_trains_without_triton_or_pytest_benchmark(tmp_path
     assert out["code"] == 0 and out["doctor"] == 0, r.stderr[-3000:]
     assert out["loaded"] == [] and out["triton"] is False and "triton cannot be imported" in out["why"]
     assert {"reversed_sampler", "batch_attention", "drloc_pairs", "batch_mix"} <= set(out["ops"])
-    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    final = read_metrics(tmp_path / "run")[-1]
     assert final["kind"] == "final" and 0.0 <= final["test/top1"] <= 1.0
     assert "triton: triton cannot be imported" in r.stdout
 

@@ -39,6 +39,8 @@ from PIL import Image
 from batchkin.cli import main
 from batchkin.config import apply_overrides, load_raw
 
+from _common import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
 DOCS = ROOT / "docs" / "recipes.md"
@@ -241,7 +243,8 @@ def imagenet_lt_folder(root: Path) -> Path:
     """ImageNet_LT_{train,val,test}.txt (`train/nXXXX/nXXXX_k.JPEG label` lines) over JPEGs."""
     rng = np.random.default_rng(2)
     wnids = ["n01440764", "n01443537", "n01484850"]
-    for part, folder, counts in (("train", "train", TRAIN_COUNTS), ("val", "train", (1, 1, 1)), ("test", "val", (1, 1, 1))):
+    for part, folder, counts in (("train", "train", TRAIN_COUNTS), ("val", "train", (1, 1, 1)), ("test", "val", (
+        1, 1, 1))):
         lines = []
         for label, (wnid, n) in enumerate(zip(wnids, counts)):
             for k in range(n):
@@ -322,7 +325,7 @@ def test_recipe_trains_one_step(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0, err
 
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(out)
     epoch, final = lines[0], lines[-1]
     assert [line["kind"] for line in lines] == ["epoch", "final"]
     assert epoch["epoch"] == 1 and epoch["step"] == 1, "the tiny set is one batch: exactly one optimizer step"
@@ -356,7 +359,8 @@ def test_docs_list_every_recipe_with_its_command():
         assert re.search(rf"batchkin train configs/recipes/{re.escape(name)}\b[^`\n]*--set data\.root=", docs), \
             f"docs/recipes.md gives no command for {name}"
     listed = set(re.findall(r"configs/recipes/(\w+\.toml)", docs))
-    assert listed <= set(recipe_files()), f"docs/recipes.md names recipes that do not exist: {listed - set(recipe_files())}"
+    assert listed <= set(
+        recipe_files()), f"docs/recipes.md names recipes that do not exist: {listed - set(recipe_files())}"
 
 
 def test_readme_links_the_recipes_page():

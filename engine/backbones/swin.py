@@ -216,8 +216,8 @@ class SwinOptions(WeightsOptions):
     patch: int = field(default=4, metadata={"ge": 1, "help": "patch side in pixels of the first stage's tokens"})
     mlp_ratio: float = field(default=4.0, metadata={"gt": 0, "help": "MLP width / token width"})
     qkv_bias: bool = field(default=True, metadata={"help": "bias in the qkv projections"})
-    drop_path: float = field(default=0.2, metadata={"ge": 0.0, "lt": 1.0,
-                                                    "help": "stochastic depth rate of the last block (linear in depth)"})
+    drop_path: float = field(default=0.2, metadata={
+        "ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block (linear in depth)"})
 
     def validate(self):
         if not self.depths:

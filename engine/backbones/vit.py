@@ -128,8 +128,8 @@ class ViTOptions(WeightsOptions):
     pool: Literal["cls", "mean"] = field(default="cls", metadata={
         "help": "features: the normed class token (cls) or the mean of the normed patch tokens (mean)"})
     qkv_bias: bool = field(default=True, metadata={"help": "bias in the qkv projection"})
-    drop_path: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0,
-                                                    "help": "stochastic depth rate of the last block (linear in depth)"})
+    drop_path: float = field(default=0.0, metadata={
+        "ge": 0.0, "lt": 1.0, "help": "stochastic depth rate of the last block (linear in depth)"})
 
     def validate(self):
         if self.dim % self.heads:
@@ -151,7 +151,8 @@ class VisionTransformer(Classifier):
         self.pooling = o.pool
         self.patch_embed = PatchEmbed(in_channels, o.dim, o.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, o.dim)) if o.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.pos_grid[0] * self.pos_grid[1], o.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.pos_grid[0] * self.pos_grid[
+            1], o.dim))
         rates = [o.drop_path * i / max(o.depth - 1, 1) for i in range(o.depth)]
         self.blocks = nn.Sequential(*(Block(o.dim, o.heads, o.mlp_ratio, o.qkv_bias, r) for r in rates))
         self.norm = nn.LayerNorm(o.dim, eps=1e-6)

@@ -183,7 +183,8 @@ def load_state_dict_into(model: nn.Module, sd: dict[str, torch.Tensor], *, sourc
             parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
         if mismatched:
             shown = [f"{k}: file {_shape(sd[k])}, model {_shape(own[k])}" for k in mismatched[:SHOWN]]
-            parts.append(f"{len(mismatched)} shape mismatches ({', '.join(shown)}{', ...' if len(mismatched) > SHOWN else ''})")
+            parts.append(
+                f"{len(mismatched)} shape mismatches ({', '.join(shown)}{', ...' if len(mismatched) > SHOWN else ''})")
         hint = _prefix_hint(list(sd), own) if not any(k in own for k in sd) else ""
         raise ConfigError(f"model.weights: {source} does not fit model {name!r}: {'; '.join(parts)}{hint}")
     reinit = [] if head_fits else sorted(head_keys)

@@ -24,6 +24,7 @@ The BatchFormer layers live in :mod:`batchkin.nn` (``BatchFormerLayer``, ``Batch
 ... are still importable from here). Design notes: docs/kernels/batch_attention.md.
 """
 
+from ..rng_mask import keep_mask_op
 from .op import (
     DTYPES,
     IMPL_PATHS,
@@ -36,19 +37,18 @@ from .op import (
     explain_path,
 )
 from .reference import attention_key, batch_attention_reference, dropout_keep_mask
-from ..rng_mask import keep_mask_op
 
 # The layers moved to batchkin.nn; these names stay importable from here.
 _MOVED_TO_NN = (
     "BatchFormer", "BatchFormerLayer", "BatchSelfAttention", "draw_seed", "layer_dropout_mask",
     "STREAM_RESIDUAL1", "STREAM_FFN", "STREAM_RESIDUAL2",
-)  # fmt: skip
+)
 
 __all__ = [
     "DTYPES", "IMPL_PATHS", "INFO", "TRITON_MAX_HEAD_DIM", "attention_key", "batch_attention",
     "batch_attention_backward_op", "batch_attention_impl", "batch_attention_op", "batch_attention_reference",
     "dropout_keep_mask", "explain_path", "keep_mask_op",
-]  # fmt: skip
+]
 
 
 def __getattr__(name):

@@ -70,7 +70,7 @@ def _(q, k, v, scale, dropout_p, key, keep_mask, path):
 def batch_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, dropout_p: float,
     key: int, keep_mask: Optional[Tensor], path: str,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: ``(dq, dk, dv)``, P and the dropout mask recomputed from ``lse`` and ``key``."""
     return _backward_impl(grad_out, q, k, v, out, lse, scale, dropout_p, key, keep_mask, path)
 
@@ -164,7 +164,7 @@ def _materialize_mask(q: Tensor, path: str) -> bool:
 def batch_attention_impl(
     q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, dropout_p: float = 0.0, seed: int = 0,
     dropout_mask: Optional[Tensor] = None, path: str = "auto",
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """:func:`batch_attention` on a chosen path (``auto``, ``ref``, ``sdpa``/``cpp``, ``triton``)."""
     scale, dropout_p, path = _check_args(q, k, v, scale, dropout_p, seed, dropout_mask, path)
     key = attention_key(seed) if dropout_p > 0.0 else 0
@@ -182,7 +182,7 @@ def batch_attention_impl(
 def batch_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, dropout_p: float = 0.0, seed: int = 0,
     dropout_mask: Optional[Tensor] = None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """Attention over the batch: ``softmax(scale * q k^T) v`` with seeded dropout.
 
     Args:

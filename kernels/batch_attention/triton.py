@@ -74,7 +74,7 @@ if triton is not None:
     def _bwd_tile(
         q, kb, vb, do, lse, delta, MASK, head, offs_m, offs_n, m_ok, n_ok,
         B, scale, dropout_p, inv_keep, key, DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """One ``[BLOCK_M, BLOCK_N]`` tile of the backward, shared by the dK/dV and dQ kernels.
 
         Recomputes ``P = exp(scale * q k^T - lse)`` (0 outside the ``B x B`` range) and
@@ -96,10 +96,10 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["key"])  # a key equal to 1 must stay a runtime value
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE, MASK, s_h, s_b, s_d, B, D, scale, dropout_p, inv_keep, key,
+        Q, K, V, OUT, LSE, MASK, s_h, s_b, s_d, B, D, scale, dropout_p, inv_keep, key,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):  # fmt: skip
+    ):
         head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
         offs_m, m_ok, q_ok = _rows(tl.program_id(0) * BLOCK_M, BLOCK_M, B, offs_d, D)
         q = _load_qkv(Q, head, s_h, s_b, s_d, offs_m, offs_d, q_ok)
@@ -123,15 +123,15 @@ if triton is not None:
         acc = acc / l_i[:, None]
         if DROPOUT:
             acc = acc * inv_keep
-        tl.store(O + _tile(head, B, D, offs_m, offs_d), acc.to(O.dtype.element_ty), mask=q_ok)
+        tl.store(OUT + _tile(head, B, D, offs_m, offs_d), acc.to(OUT.dtype.element_ty), mask=q_ok)
         tl.store(LSE + head * B + offs_m, m_i + tl.log(l_i), mask=m_ok)
 
     @triton.jit
-    def _attn_bwd_preprocess_kernel(O, DO, DELTA, B, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _attn_bwd_preprocess_kernel(OUT, DO, DELTA, B, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
         offs_m, m_ok, ok = _rows(tl.program_id(0) * BLOCK_M, BLOCK_M, B, offs_d, D)
         tile = _tile(head, B, D, offs_m, offs_d)
-        o = tl.load(O + tile, mask=ok, other=0.0).to(tl.float32)
+        o = tl.load(OUT + tile, mask=ok, other=0.0).to(tl.float32)
         do = tl.load(DO + tile, mask=ok, other=0.0).to(tl.float32)
         tl.store(DELTA + head * B + offs_m, tl.sum(o * do, 1), mask=m_ok)
 
@@ -140,7 +140,7 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, MASK, DK, DV, s_h, s_b, s_d, B, D, scale, dropout_p, inv_keep, key,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):  # fmt: skip
+    ):
         head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
         offs_n, n_ok, kv_ok = _rows(tl.program_id(0) * BLOCK_N, BLOCK_N, B, offs_d, D)
         kb, vb = _load_kv(K, V, head, s_h, s_b, s_d, offs_n, offs_d, kv_ok)
@@ -154,7 +154,7 @@ if triton is not None:
             pd, ds = _bwd_tile(
                 q, kb, vb, do, lse, delta, MASK, head, offs_m, offs_n, m_ok, n_ok,
                 B, scale, dropout_p, inv_keep, key, DROPOUT, HAS_MASK,
-            )  # fmt: skip
+            )
             dv += tl.dot(tl.trans(pd), do, input_precision="ieee")
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
         tile = _tile(head, B, D, offs_n, offs_d)
@@ -166,7 +166,7 @@ if triton is not None:
         Q, K, V, DO, LSE, DELTA, MASK, DQ, s_h, s_b, s_d, B, D, scale, dropout_p, inv_keep, key,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr,
-    ):  # fmt: skip
+    ):
         head, offs_d = tl.program_id(1), tl.arange(0, BLOCK_D)
         offs_m, m_ok, q_ok = _rows(tl.program_id(0) * BLOCK_M, BLOCK_M, B, offs_d, D)
         q, do, lse, delta = _load_query_rows(Q, DO, LSE, DELTA, head, s_h, s_b, s_d, B, D, offs_m, offs_d, m_ok, q_ok)
@@ -177,7 +177,7 @@ if triton is not None:
             _, ds = _bwd_tile(
                 q, kb, vb, do, lse, delta, MASK, head, offs_m, offs_n, m_ok, n_ok,
                 B, scale, dropout_p, inv_keep, key, DROPOUT, HAS_MASK,
-            )  # fmt: skip
+            )
             dq += tl.dot(ds, kb, input_precision="ieee")
         tl.store(DQ + _tile(head, B, D, offs_m, offs_d), (dq * scale).to(DQ.dtype.element_ty), mask=q_ok)
 
@@ -217,7 +217,7 @@ def _launch_args(q, k, v, scale, p, key, keep_mask):
     scalars = (*q.stride(), B, d, float(scale), float32(p), 1.0 / (1.0 - p) if dropout else 1.0, int(key))
     bm, bn, bd, stages = _blocks(d)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DROPOUT=dropout, HAS_MASK=keep_mask is not None,
-                num_warps=4, num_stages=stages)  # fmt: skip
+                num_warps=4, num_stages=stages)
     return q, k, v, mask, scalars, meta
 
 
@@ -248,7 +248,7 @@ def triton_backward(grad_out, q, k, v, out, lse, scale, p, key, keep_mask):
         _attn_bwd_preprocess_kernel[(rows, h)](
             out, grad_out, delta, B, d, BLOCK_M=meta["BLOCK_M"], BLOCK_D=meta["BLOCK_D"],
             num_warps=meta["num_warps"], num_stages=meta["num_stages"],
-        )  # fmt: skip
+        )
         _attn_bwd_dkdv_kernel[(cols, h)](q, k, v, grad_out, lse, delta, mask, dk, dv, *scalars, **meta)
         _attn_bwd_dq_kernel[(rows, h)](q, k, v, grad_out, lse, delta, mask, dq, *scalars, **meta)
     return dq, dk, dv

@@ -38,12 +38,21 @@ Usage::
 """
 
 from .op import (
-    IMAGE_DTYPES, IMPL_PATHS, INDEX_DTYPES, INFO, LAM_DTYPES, batch_mix, batch_mix_impl, batch_mix_op, bytes_moved,
-)  # fmt: skip
+    IMAGE_DTYPES,
+    IMPL_PATHS,
+    INDEX_DTYPES,
+    INFO,
+    LAM_DTYPES,
+    batch_mix,
+    batch_mix_impl,
+    batch_mix_op,
+    bytes_moved,
+)
 from .params import CUTMIX, MIXUP, OPERATOR_NAMES, OPERATORS, RESIZEMIX, MixParams, partner_index, sample_mix_params
 from .reference import batch_mix_reference, batch_mix_reference_vectorized
 
 __all__ = [
-    "MIXUP", "CUTMIX", "RESIZEMIX", "OPERATORS", "MixParams", "sample_mix_params", "partner_index",
-    "batch_mix", "batch_mix_impl", "batch_mix_reference", "batch_mix_reference_vectorized",
-]  # fmt: skip
+    "CUTMIX", "IMAGE_DTYPES", "IMPL_PATHS", "INDEX_DTYPES", "INFO", "LAM_DTYPES", "MIXUP", "OPERATOR_NAMES",
+    "OPERATORS", "RESIZEMIX", "batch_mix", "batch_mix_impl", "batch_mix_op", "batch_mix_reference",
+    "batch_mix_reference_vectorized", "bytes_moved", "MixParams", "partner_index", "sample_mix_params",
+]

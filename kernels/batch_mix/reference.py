@@ -75,9 +75,9 @@ def batch_mix_reference(x: torch.Tensor, op: torch.Tensor, lam: torch.Tensor, bo
             code = int(op[i])
             y0, x0, h, w = (int(t) for t in boxes[v, i])
             if code == MIXUP:
-                l = lam32[i]
-                mixed = l * own + (1 - l) * other
-                lam_eff[v, i] = l
+                lam_i = lam32[i]
+                mixed = lam_i * own + (1 - lam_i) * other
+                lam_eff[v, i] = lam_i
             elif code in (CUTMIX, RESIZEMIX):
                 mixed = own.clone()
                 if h > 0 and w > 0:

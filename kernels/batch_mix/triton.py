@@ -20,7 +20,7 @@ if triton is not None:
     def _batch_mix_kernel(
         x_ptr, out_ptr, op_ptr, lam_ptr, box_ptr, lam_eff_ptr, B, C, H, W, HW,
         IS_UINT8: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
+    ):
         # program (plane, block): plane = (v*B + b)*C + c, block = BLOCK elements of that plane
         plane = tl.program_id(0)
         blk = tl.program_id(1)
@@ -97,5 +97,5 @@ def batch_mix_triton(x: torch.Tensor, op: torch.Tensor, lam: torch.Tensor, boxes
             xv, out, op.contiguous(), lam.contiguous(), boxes.contiguous(), lam_eff, B, C, H, W, HW,
             IS_UINT8=x.dtype == torch.uint8, BLOCK=block, num_warps=4 if block >= 512 else 1,
             enable_fp_fusion=False,  # separate multiply and add roundings, as the reference and the C++ path
-        )  # fmt: skip
+        )
     return out.view(x.shape), lam_eff

@@ -76,3 +76,16 @@ from .reference import (
     drloc_targets_reference,
     drloc_unique_rows_reference,
 )
+
+__all__ = [
+    "FLOPS_PER_BYTE", "GRID_DTYPES", "INFO", "MAX_DRAWS", "MODES", "STRATEGIES", "choose_first_layer_strategy",
+    "drloc_first_layer", "drloc_first_layer_reference", "drloc_first_layer_unique_backward_impl",
+    "drloc_first_layer_unique_backward_op", "drloc_first_layer_unique_backward_reference",
+    "drloc_first_layer_unique_impl", "drloc_first_layer_unique_op", "drloc_first_layer_unique_reference",
+    "drloc_gather", "drloc_gather_cat", "drloc_gather_cat_impl", "drloc_gather_cat_op", "drloc_gather_impl",
+    "drloc_gather_op", "drloc_gather_reference", "drloc_gather_sum_impl", "drloc_gather_sum_op",
+    "drloc_gather_sum_reference", "drloc_pairs", "drloc_pairs_impl", "drloc_pairs_op", "drloc_pairs_reference",
+    "drloc_positions", "drloc_positions_impl", "drloc_positions_op", "drloc_positions_reference", "drloc_scatter_impl",
+    "drloc_scatter_op", "drloc_scatter_reference", "drloc_targets", "drloc_targets_reference",
+    "drloc_unique_rows_reference", "expected_distinct", "first_layer_costs",
+]

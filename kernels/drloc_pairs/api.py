@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from .. import checks, dispatch
 from .cost import choose_first_layer_strategy
 from .op import (
-    drloc_pairs_impl,
-    drloc_positions_impl,
     drloc_first_layer_unique_op,
     drloc_gather_cat_op,
     drloc_gather_op,
     drloc_gather_sum_op,
+    drloc_pairs_impl,
     drloc_pairs_op,
+    drloc_positions_impl,
     drloc_positions_op,
 )
 from .reference import drloc_targets_reference
@@ -71,7 +71,8 @@ def drloc_positions(B: int, m: int, H: int, W: int, key, device=None) -> torch.T
     device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
         return drloc_positions_op(B, m, H, W, key, device)
-    return drloc_positions_impl(B, m, H, W, key, device, dispatch.select("drloc_pairs", device))  # eager: no op dispatch
+    return drloc_positions_impl(B, m, H, W, key, device, dispatch.select(
+        "drloc_pairs", device))  # eager: no op dispatch
 
 
 def drloc_targets(pos: torch.Tensor, H: int, W: int, mode: str = "abs", normalize: bool = False) -> torch.Tensor:

@@ -177,7 +177,7 @@ def _(B, m, H, W, key, device):
 def drloc_scatter_op(
     grad_a: torch.Tensor, grad_b: torch.Tensor, pos: torch.Tensor, channels: int, H: int, W: int, off_b: int,
     channels_last: bool,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     return drloc_scatter_impl(grad_a, grad_b, pos, channels, H, W, off_b, channels_last, _select(grad_a.device))
 
 
@@ -294,7 +294,7 @@ def _(grid, pos, weight, bias=None):
 def drloc_first_layer_unique_backward_op(
     grad: torch.Tensor, grid: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, has_bias: bool,
     channels_last: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     path = _select(grid.device)
     return drloc_first_layer_unique_backward_impl(grad, grid, pos, weight, has_bias, channels_last, path)
 

@@ -60,7 +60,7 @@ if triton is not None:
         N, m, NCH, OFF_B, H, W, O_STRIDE,
         s_b, s_c, s_h, s_w,
         SUM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
+    ):
         n, k, nm, km = _pair_tile(N, NCH, BLOCK_P, BLOCK_C)
         # clamped so that a bad position can never address memory outside the grid
         ra = tl.minimum(tl.maximum(tl.load(pos_ptr + n * 4 + 0, mask=nm, other=0), 0), H - 1)
@@ -97,7 +97,7 @@ if triton is not None:
         N, m, C, H, W, Hf, Wf, denom_h, denom_w, key,
         s_b, s_c, s_h, s_w,
         SIGNED: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
+    ):
         n, k, nm, km = _pair_tile(N, C, BLOCK_P, BLOCK_C)
         off = n * 4
         ra = tl.minimum((tl_uniform(key, off + 0) * Hf).to(tl.int32), H - 1).to(tl.int64)
@@ -124,7 +124,7 @@ if triton is not None:
         o_b, o_p, o_c,
         a_sb, a_sm, a_sc, b_sb, b_sm, b_sc,
         BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
+    ):
         # One program owns the float32 accumulator of (image b, a block of channels) and
         # adds its terms in a fixed order: deterministic, no cross-program races.
         b = tl.program_id(0).to(tl.int64)
@@ -174,7 +174,7 @@ def gather_triton(grid, pos, nch, off_b, kind, bias=None):
         grid, pos, e_a, e_b, e_a if bias is None else bias.contiguous(),
         N, m, nch, off_b, H, W, width, *grid.stride(),
         SUM=kind == "sum", HAS_BIAS=bias is not None, BLOCK_P=bp, BLOCK_C=bc,
-    )  # fmt: skip
+    )
     return e_a, e_b
 
 
@@ -193,7 +193,7 @@ def pairs_triton(grid, m, key, signed_mode, normalize):
         N, m, C, H, W, float(H), float(W), float(max(H - 1, 1)), float(max(W - 1, 1)), key,
         *grid.stride(),
         SIGNED=signed_mode, NORMALIZE=normalize, BLOCK_P=bp, BLOCK_C=bc,
-    )  # fmt: skip
+    )
     return e_a, e_b, tgt, pos
 
 
@@ -208,5 +208,5 @@ def scatter_triton(grad_a, grad_b, pos, channels, H, W, off_b, channels_last):
     _drloc_scatter_kernel[(B, triton.cdiv(nch, block_c))](
         acc, grad_a, grad_b, pos, m, nch, off_b, W, o_b, o_p, o_c,
         *grad_a.stride(), *grad_b.stride(), BLOCK_C=block_c,
-    )  # fmt: skip
+    )
     return acc if grad_a.dtype == torch.float32 else acc.to(grad_a.dtype)

@@ -32,12 +32,12 @@ from .op import (
     INFO,
     reversed_sampler_cpp,
     reversed_sampler_from_uniforms_cpp,
-    reversed_sampler_from_uniforms_triton,
-    reversed_sampler_triton,
     reversed_sampler_from_uniforms_impl,
     reversed_sampler_from_uniforms_op,
+    reversed_sampler_from_uniforms_triton,
     reversed_sampler_impl,
     reversed_sampler_op,
+    reversed_sampler_triton,
     sample_epoch,
     sample_from_uniforms,
 )
@@ -56,11 +56,13 @@ from .tables import (
 from .triton import TRITON_BLOCK
 
 __all__ = [
-    "INFO", "MAX_DRAWS", "MODES", "SamplerTables", "TRITON_BLOCK", "class_cdf", "class_probabilities",
-    "class_sorted_table", "epoch_key", "epoch_uniforms", "prepare_tables", "reversed_sampler_from_uniforms_impl",
-    "reversed_sampler_from_uniforms_op", "reversed_sampler_from_uniforms_reference", "reversed_sampler_impl",
-    "reversed_sampler_op", "reversed_sampler_reference", "sample_epoch", "sample_from_uniforms",
-]  # fmt: skip
+    "INFO", "MAX_DRAWS", "MODES", "TRITON_BLOCK", "class_cdf", "class_probabilities", "class_sorted_table",
+    "epoch_key", "epoch_uniforms", "prepare_tables", "reversed_sampler_cpp", "reversed_sampler_from_uniforms_cpp",
+    "reversed_sampler_from_uniforms_impl", "reversed_sampler_from_uniforms_op",
+    "reversed_sampler_from_uniforms_reference", "reversed_sampler_from_uniforms_triton", "reversed_sampler_impl",
+    "reversed_sampler_op", "reversed_sampler_reference", "reversed_sampler_triton", "sample_epoch",
+    "sample_from_uniforms", "SamplerTables",
+]
 
 _OLD_NAMES = {
     "reversed_sampler": "reversed_sampler_op",

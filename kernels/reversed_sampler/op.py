@@ -9,7 +9,13 @@ import torch
 from .. import checks, dispatch
 from .reference import reversed_sampler_from_uniforms_reference, reversed_sampler_reference
 from .tables import (
-    _FLOAT_DTYPES, MAX_DRAWS, SamplerTables, _check_sorted_indices, _counts_matching, epoch_key, prepare_tables,
+    _FLOAT_DTYPES,
+    MAX_DRAWS,
+    SamplerTables,
+    _check_sorted_indices,
+    _counts_matching,
+    epoch_key,
+    prepare_tables,
 )
 from .triton import reversed_sampler_triton_launch
 
@@ -82,7 +88,7 @@ def reversed_sampler_from_uniforms_impl(
 def reversed_sampler_op(
     sorted_indices: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, cdf: torch.Tensor,
     key: int, start: int, stop: int,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Draws ``start .. stop - 1`` of the epoch whose uniforms have key ``key`` (int64 indices)."""
     return _run(_EPOCH_PATHS, None, sorted_indices, offsets, counts, cdf, key, start, stop)
 
@@ -97,7 +103,7 @@ def _(sorted_indices, offsets, counts, cdf, key, start, stop):
 def reversed_sampler_from_uniforms_op(
     sorted_indices: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, cdf: torch.Tensor,
     u_class: torch.Tensor, u_inst: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Indices for given uniforms ``u_class``/``u_inst`` in ``[0, 1)`` (same shape as ``u_class``)."""
     return _run(_UNIFORM_PATHS, None, sorted_indices, offsets, counts, cdf, u_class, u_inst)
 
@@ -145,7 +151,7 @@ def _prepared(sorted_indices, counts, mode, weights) -> SamplerTables:
 def sample_epoch(
     sorted_indices: torch.Tensor, counts, num_draws: int, *, seed: int, epoch: int, mode: str = "reversed",
     weights=None, start: int = 0, stop: int | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Draws ``start .. stop - 1`` (default: all ``num_draws``) of one epoch's sample indices.
 
     ``sorted_indices`` (int64 [N]) and ``counts`` ([C], all >= 1, summing to N) are a

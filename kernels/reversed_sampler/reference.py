@@ -10,7 +10,7 @@ from .. import rng
 def reversed_sampler_from_uniforms_reference(
     sorted_indices: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, cdf: torch.Tensor,
     u_class: torch.Tensor, u_inst: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Indices for the given uniforms: inverse-CDF class, then a uniform instance."""
     num_classes = cdf.numel()
     # first class whose cumulative probability exceeds u (number of cdf entries <= u)
@@ -25,7 +25,7 @@ def reversed_sampler_from_uniforms_reference(
 def reversed_sampler_reference(
     sorted_indices: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor, cdf: torch.Tensor,
     key: int, start: int, stop: int,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Draws ``start .. stop - 1`` of the epoch with uniforms key ``key`` (offsets 2i, 2i+1)."""
     draws = torch.arange(start, stop, dtype=torch.int64, device=sorted_indices.device)
     u_class = rng.uniform(key, 2 * draws)

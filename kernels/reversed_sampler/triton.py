@@ -22,7 +22,7 @@ if triton is not None:
     def _sampler_kernel(
         out_ptr, idx_ptr, off_ptr, cnt_ptr, cdf_ptr, uc_ptr, ui_ptr, C, n_iter, key, start, n,
         BLOCK: tl.constexpr, FROM_UNIFORMS: tl.constexpr,
-    ):  # fmt: skip
+    ):
         """Indices of draws ``start + j`` (uniforms hashed from ``key``), or of the given uniforms."""
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = j < n
@@ -52,7 +52,7 @@ if triton is not None:
 
 
 def reversed_sampler_triton_launch(sorted_indices, offsets, counts, cdf, n: int, *, key: int = 0, start: int = 0,
-                                   uniforms=None) -> torch.Tensor:  # fmt: skip
+                                   uniforms=None) -> torch.Tensor:
     """``n`` indices: draws ``start .. start + n - 1`` of key ``key``, or those of ``uniforms``
     (``(u_class, u_inst)``, widened to float64: the kernel compares in float64 like the other paths)."""
     device = sorted_indices.device
@@ -65,7 +65,7 @@ def reversed_sampler_triton_launch(sorted_indices, offsets, counts, cdf, n: int,
     uc, ui = (out, out) if uniforms is None else (u.to(torch.float64).contiguous() for u in uniforms)
     C = cdf.numel()
     args = (out, sorted_indices.contiguous(), offsets.contiguous(), counts.contiguous(), cdf.contiguous(), uc, ui,
-            C, C.bit_length(), int(key) & rng.MASK32, start, n)  # fmt: skip
+            C, C.bit_length(), int(key) & rng.MASK32, start, n)
     meta = dict(BLOCK=TRITON_BLOCK, FROM_UNIFORMS=uniforms is not None)
     if device.type == "cuda":
         with torch.cuda.device(device):

@@ -27,7 +27,7 @@ from torch import nn
 
 from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
-from batchkin.models import check_classifier_protocol
+from batchkin.models import check_protocol
 from batchkin.plugin import Method
 
 from .knn import KNNEvaluator
@@ -57,7 +57,8 @@ def check_ssl_run(state, name: str) -> None:
                           "(MoCo's key all-gather and DINO's centre, a sum all-reduced and divided by world size "
                           "x batch, need equal batches on every rank)")
     if "ce" in cfg.methods:
-        raise ConfigError(f"methods lists both {name!r} and 'ce': self-supervised pretraining uses no labels; remove 'ce'")
+        raise ConfigError(
+            f"methods lists both {name!r} and 'ce': self-supervised pretraining uses no labels; remove 'ce'")
 
 
 def check_last_batch(state, name: str) -> None:
@@ -67,7 +68,8 @@ def check_last_batch(state, name: str) -> None:
     n, g = len(state.train_data), cfg.batch_size * state.world_size
     if not cfg.drop_last and n % g == 1:
         raise ConfigError(f"data.drop_last = false leaves a last batch of 1 image ({n} training images, "
-                          f"batch {g}) which {name} cannot train on; set data.drop_last = true or change data.batch_size")
+                          f"batch {g}) which {name} cannot train on; set data.drop_last = true or change "
+                          "data.batch_size")
 
 
 # ------------------------------------------------------------------------------ the contract with a mixing method
@@ -233,7 +235,7 @@ class SSLBase(Method):
     @hookimpl
     def wrap_model(self, state):
         check_last_batch(state, self.name)
-        check_classifier_protocol(state.model, self.name, state.config.model["name"])
+        check_protocol(state.model, state.config.model["name"], self.name)
         state.model = self.build_model(state, state.model)
 
     @hookimpl

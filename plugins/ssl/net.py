@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchkin.errors import RunError
-from batchkin.models import Classifier, check_classifier_protocol
+from batchkin.models import Classifier, check_protocol
+from batchkin.schedules import ramp
 
 
 def mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -117,7 +118,7 @@ class SSLNet(Classifier):
 
     def __init__(self, encoder: nn.Module, head: nn.Module, predictor: nn.Module | None = None):
         super().__init__()
-        check_classifier_protocol(encoder, "the SSL bases", type(encoder).__name__)
+        check_protocol(encoder, type(encoder).__name__, "the SSL bases")
         encoder.classifier.requires_grad_(False)
         self.encoder = encoder
         self.head = head
@@ -174,7 +175,7 @@ class SSLNet(Classifier):
 def cosine_momentum(step: int, total_steps: int, m0: float) -> float:
     """MoCo v3 / DINO's momentum at ``step`` of ``total_steps``: ``1 - (1 - m0)(1 + cos(pi step / total)) / 2``
     (``m0`` at the start, 1 at the end)."""
-    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    t = ramp(step, total_steps)
     return 1.0 - (1.0 - m0) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 

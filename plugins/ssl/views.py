@@ -36,15 +36,19 @@ class ViewOptions:
     crop_ratio: list[float] = field(
         default_factory=lambda: [3 / 4, 4 / 3], metadata={"gt": 0.0, "help": "random resized crop: aspect-ratio range"}
     )
-    hflip: bool | None = field(default=None, metadata={"help": "random horizontal flip (default: the dataset's choice)"})
-    jitter_prob: float = field(default=0.8, metadata={"ge": 0.0, "le": 1.0, "help": "colour-jitter probability (3 channels)"})
+    hflip: bool | None = field(default=None, metadata={
+        "help": "random horizontal flip (default: the dataset's choice)"})
+    jitter_prob: float = field(default=0.8, metadata={
+        "ge": 0.0, "le": 1.0, "help": "colour-jitter probability (3 channels)"})
     jitter: list[float] = field(
         default_factory=lambda: [0.4, 0.4, 0.2, 0.1],
         metadata={"ge": 0.0, "help": "colour-jitter strengths: brightness, contrast, saturation, hue"},
     )
-    grayscale_prob: float = field(default=0.2, metadata={"ge": 0.0, "le": 1.0, "help": "grayscale probability (3 channels)"})
+    grayscale_prob: float = field(default=0.2, metadata={
+        "ge": 0.0, "le": 1.0, "help": "grayscale probability (3 channels)"})
     blur_prob: list[float] = field(
-        default_factory=lambda: [1.0, 0.1], metadata={"ge": 0.0, "le": 1.0, "help": "Gaussian-blur probability per view"}
+        default_factory=lambda: [1.0, 0.1], metadata={
+            "ge": 0.0, "le": 1.0, "help": "Gaussian-blur probability per view"}
     )
     blur_sigma: list[float] = field(
         default_factory=lambda: [0.1, 2.0], metadata={"gt": 0.0, "help": "Gaussian-blur sigma range, in pixels"}

@@ -16,13 +16,13 @@ only slow each other down with more.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from _common import read_metrics
 
 #: The tiny run every launch starts from: synthetic 1x8x8 images, the BatchNorm-free
 #: ``tiny`` model, 2 epochs on the CPU; later ``--set`` arguments override these.
@@ -57,11 +57,6 @@ def train_config(*args: str) -> dict:
 
     all_args = [*COMMON, *args]
     return apply_overrides({}, [all_args[i + 1] for i, a in enumerate(all_args) if a == "--set"])
-
-
-def read_metrics(out) -> list[dict]:
-    """The records of ``OUT/metrics.jsonl`` in order."""
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="session")

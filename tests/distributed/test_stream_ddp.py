@@ -19,7 +19,8 @@ def _noise_folder(root, counts, size=(12, 10)):
     for c, n in enumerate(counts):
         (root / f"c{c}").mkdir(parents=True)
         for _ in range(n):
-            Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(root / f"c{c}" / f"{k:03d}.png")
+            Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(
+                root / f"c{c}" / f"{k:03d}.png")
             k += 1
     return root
 

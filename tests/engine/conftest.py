@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from _common import read_metrics
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread(one_torch_thread):
@@ -70,14 +72,10 @@ def tiny():
     return make_tiny
 
 
-def read_lines(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def comparable_lines(run: Path) -> list[str]:
     """metrics.jsonl lines without the timing field, as JSON text (so NaN compares equal)."""
     out = []
-    for record in read_lines(run):
+    for record in read_metrics(run):
         record.pop("images_per_s", None)
         out.append(json.dumps(record, sort_keys=True))
     return out
@@ -85,7 +83,7 @@ def comparable_lines(run: Path) -> list[str]:
 
 @pytest.fixture(scope="session")
 def metrics_lines():
-    return read_lines
+    return read_metrics
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,8 @@ def test_the_methods_declare_what_accumulation_means_for_them():
     from batchkin.plugin import Plugins as P
 
     methods = P().registry.methods
-    kinds = {name: methods[name].obj.accumulation for name in ("ce", "bbn", "drloc", "batchformer", "moco", "dino", "sdmp")}
+    kinds = {name: methods[name].obj.accumulation for name in (
+        "ce", "bbn", "drloc", "batchformer", "moco", "dino", "sdmp")}
     assert kinds == {"ce": "exact", "bbn": "exact", "drloc": "exact", "batchformer": "micro-batch", "moco": "refuse",
                      "dino": "exact", "sdmp": "micro-batch"}
     for name in ("batchformer", "moco", "sdmp"):

@@ -736,11 +736,15 @@ PROTOCOL_PLUGIN = """
                              nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
+    def builder(feature_dim, head=True):
+        return lambda o, *, num_classes, in_channels, image_size: Wrapped(extractor(in_channels), feature_dim,
+                                                                          num_classes, head)
+
     @hookimpl
     def register_models(register):
-        register("plain", lambda o, *, num_classes, in_channels, image_size: Wrapped(extractor(in_channels), 8, num_classes))
-        register("no_dim", lambda o, *, num_classes, in_channels, image_size: Wrapped(extractor(in_channels), 0, num_classes))
-        register("headless", lambda o, *, num_classes, in_channels, image_size: Wrapped(extractor(in_channels), 8, num_classes, False))
+        register("plain", builder(8))
+        register("no_dim", builder(0))
+        register("headless", builder(8, False))
 """
 
 

@@ -64,7 +64,8 @@ def test_timm_mixup_is_loaded_from_its_file_or_reported_missing(monkeypatch):
 def test_overhead_section_times_public_calls_against_their_kernels():
     pk = _module("peers_kernels")
     rows = pk.overhead(quick=True, rounds=2)
-    assert [r["call"] for r in rows[:2]] == ["batch_mix 256x3x32x32 float32 mixup", "batch_mix 2x256x3x32x32 uint8 cutmix"]
+    assert [r["call"] for r in rows[:2]] == [
+        "batch_mix 256x3x32x32 float32 mixup", "batch_mix 2x256x3x32x32 uint8 cutmix"]
     for r in rows[:2]:
         assert r["kernel_us"] > 0 and r["public_us"] > 0 and len(r["overhead_range_us"]) == 2
     assert rows[-1]["call"].startswith("sample_mix_params") and rows[-1]["public_us"] > 0
@@ -87,7 +88,8 @@ def test_run_peers_runs_both_scripts_on_one_thread_and_leaves_the_readme(monkeyp
                               "wrs_list": {"ms": 0.11, "ratio": 2.84, "range": [2.5, 3.1]},
                               "multinomial": {"ms": 0.06, "ratio": 1.6, "range": [1.4, 1.8]}}}]}}}
     engine = {"step": {"case": "ce resnet8 digits", "rounds": 3, "timer": "process CPU time", "plain_ms": 6.0,
-                       "engine_ms": 6.12, "plain_over_engine": 0.98, "overhead_pct": 2.04, "quartiles": [0.97, 0.98, 0.99],
+                       "engine_ms": 6.12, "plain_over_engine": 0.98, "overhead_pct": 2.04, "quartiles": [
+                           0.97, 0.98, 0.99],
                        "range": [0.9, 1.1]},
               "fixed": {"case": "ce resnet8 digits, one epoch", "rounds": 3, "plugins_s": 0.04, "plain_epoch_s": 0.13,
                         "batchkin_fixed_s": 0.05, "batchkin_fixed_range_s": [0.04, 0.06], "batchkin_fsyncs": 12,

@@ -71,7 +71,8 @@ def test_the_default_metric_is_balanced_accuracy_on_long_tailed_data(tmp_path):
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("best_metric", "top-1", "train.best_metric = 'top-1' is not a validation metric of this run (did you mean 'top1'?)"),
+    ("best_metric", "top-1",
+     "train.best_metric = 'top-1' is not a validation metric of this run (did you mean 'top1'?)"),
     ("best_metric", "knn_top5", "train.best_metric = 'knn_top5' is not a validation metric of this run; one of top1, "
                                 "balanced_acc, many_acc, medium_acc, few_acc"),
 ])
@@ -117,7 +118,8 @@ def test_early_stop_ends_the_run_cleanly(tmp_path, scripted, metrics_lines):
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 5 and last["early_stop"] == {"best": 0.56, "bad": 2, "stopped": 5}
     info = run_json(run)
-    assert info["early_stop"] == {"metric": "score", "mode": "max", "patience": 2, "min_delta": 0.05, "stopped_epoch": 5}
+    assert info["early_stop"] == {
+        "metric": "score", "mode": "max", "patience": 2, "min_delta": 0.05, "stopped_epoch": 5}
     assert (run / "report.md").is_file()
 
 

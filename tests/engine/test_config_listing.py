@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -172,8 +172,9 @@ def test_cli_refuses_an_unknown_name_in_one_line(capsys, argv, fragment):
     ("optim.label_smoothing=0.1", "unknown config key optim.label_smoothing (did you mean 'ce.label_smoothing'?)"),
     ("ce.lr=0.1", "unknown config key ce.lr (did you mean 'optim.lr'?)"),
     ("batch_size=8", "unknown config key batch_size (did you mean 'data.batch_size'?)"),
-    ("momentum=0.9", "unknown config key momentum (did you mean 'optim.momentum' or 'moco.momentum' or "
-                     "'dino.momentum'?)"),
+    # the engine's tables first, then the methods' by name (the order of the built-in plugins)
+    ("momentum=0.9", "unknown config key momentum (did you mean 'optim.momentum' or 'dino.momentum' or "
+                     "'moco.momentum'?)"),
     ("epoch=3", "unknown config key epoch (did you mean 'epochs'?)"),  # a close key of the table itself
     ("optim.lrr=1", "unknown config key optim.lrr (did you mean 'lr'?)"),
     ("zzz=1", "unknown config key zzz"),

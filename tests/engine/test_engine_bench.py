@@ -56,7 +56,8 @@ def test_write_doc_replaces_only_the_marked_block(acc, tmp_path):
 
 
 def test_suite_table_and_paired_differences(acc, tmp_path):
-    exp = acc.Experiment("e", "E", {"ce": acc.Run("c.toml", ("epochs=2",)), "m": acc.Run("c.toml", ("epochs=2", "x=1"))})
+    exp = acc.Experiment("e", "E", {"ce": acc.Run("c.toml", ("epochs=2",)), "m": acc.Run("c.toml", (
+        "epochs=2", "x=1"))})
     suite = acc.Suite("s", "S", (exp,))
     keys = [k for k, _ in acc.SUPERVISED]
 
@@ -95,8 +96,10 @@ def test_unknown_suite_is_refused(acc, capsys):
 
 def test_summary_speedups_against_the_reference_row():
     raw = {"benchmarks": [
-        {"group": "g", "name": "a", "extra_info": {"path": "ref", "bytes": 2e9}, "stats": {"median": 0.2, "iqr": 0.01, "rounds": 5}},
-        {"group": "g", "name": "b", "extra_info": {"path": "cpp", "bytes": 2e9}, "stats": {"median": 0.05, "iqr": 0.01, "rounds": 5}},
+        {"group": "g", "name": "a", "extra_info": {"path": "ref", "bytes": 2e9}, "stats": {
+            "median": 0.2, "iqr": 0.01, "rounds": 5}},
+        {"group": "g", "name": "b", "extra_info": {"path": "cpp", "bytes": 2e9}, "stats": {
+            "median": 0.05, "iqr": 0.01, "rounds": 5}},
     ]}
     rows = {r["impl"]: r for r in bench.summarize(raw, {"copy_GBps": 80.0})}
     assert rows["ref"]["speedup_vs_ref"] == pytest.approx(1.0)
@@ -132,7 +135,8 @@ def test_step_timer_measures_every_phase_without_changing_training():
 def test_summary_ratio_against_a_named_target_baseline():
     raw = {"benchmarks": [
         {"group": "g", "name": n, "extra_info": {"impl": n, "baseline": "original"},
-         "stats": {"median": m, "iqr": 0.0, "rounds": 3}} for n, m in (("reference", 0.3), ("original", 0.4), ("ours", 0.1))
+         "stats": {"median": m, "iqr": 0.0, "rounds": 3}} for n, m in (("reference", 0.3), ("original", 0.4), (
+             "ours", 0.1))
     ]}
     rows = {r["impl"]: r for r in bench.summarize(raw)}
     assert rows["ours"]["speedup_vs_ref"] == pytest.approx(3.0)
@@ -285,6 +289,8 @@ def test_update_readme_refuses_what_it_cannot_show(checkout, capsys, argv, fragm
 
 def test_a_missing_pytest_benchmark_is_one_line(checkout, monkeypatch):
     real = bench.importlib.util.find_spec
-    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "pytest_benchmark" else real(name))
-    with pytest.raises(bench.BatchkinError, match=r"needs pytest_benchmark, which is not installed: pip install -e '\.\[bench\]'"):
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "pytest_benchmark" else real(
+        name))
+    with pytest.raises(
+        bench.BatchkinError, match=r"needs pytest_benchmark, which is not installed: pip install -e '\.\[bench\]'"):
         bench.run("e2e", "cpu", quick=True)

@@ -73,12 +73,14 @@ class _RunsShell:
 
 
 def test_unknown_key(capsys, tmp_path, tiny):
-    expect_error(capsys, ["train", "--quiet", *tiny_args(tiny), "--set", "data.batchsize=3", "--out", str(tmp_path / "r")],
+    expect_error(capsys, ["train", "--quiet", *tiny_args(tiny), "--set", "data.batchsize=3", "--out", str(
+        tmp_path / "r")],
                  "unknown config key data.batchsize (did you mean 'batch_size'?)")
 
 
 def test_impossible_value(capsys, tmp_path, tiny):
-    expect_error(capsys, ["train", "--quiet", *tiny_args(tiny), "--set", "data.batch_size=0", "--out", str(tmp_path / "r")],
+    expect_error(capsys, ["train", "--quiet", *tiny_args(tiny), "--set", "data.batch_size=0", "--out", str(
+        tmp_path / "r")],
                  "data.batch_size must be >= 1; got 0")
 
 
@@ -90,7 +92,8 @@ def test_wrong_type(capsys, tmp_path):
 def test_bad_config_file(capsys, tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("epochs = = 3\n")
-    expect_error(capsys, ["train", "--quiet", str(cfg), "--out", str(tmp_path / "r")], f"config file {cfg} is not valid TOML")
+    expect_error(capsys, ["train", "--quiet", str(cfg), "--out", str(
+        tmp_path / "r")], f"config file {cfg} is not valid TOML")
     expect_error(capsys, ["train", "--quiet", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "r")],
                  "config file not found")
 
@@ -112,7 +115,8 @@ def _idx_folder(root: Path) -> None:
     [
         ("train-images-idx3-ubyte.gz", gzip.compress(_idx((4, 4, 4), bytes(64)))[:-6], "cannot read"),
         ("train-images-idx3-ubyte", _idx((4, 4, 4), bytes(40)), "is truncated or corrupt: 40 data bytes, expected 64"),
-        ("train-images-idx3-ubyte", b"\x08\x03" + _idx((4, 4, 4), bytes(64))[2:], "is not an IDX file (bad magic number)"),
+        ("train-images-idx3-ubyte", b"\x08\x03" + _idx((4, 4, 4), bytes(64))[
+            2:], "is not an IDX file (bad magic number)"),
     ],
     ids=["truncated-gz", "truncated-raw", "wrong-magic"],
 )
@@ -272,7 +276,8 @@ def test_resume_without_a_checkpoint(capsys, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     expect_error(capsys, ["train", "--quiet", "--resume", str(run)], "is not a batchkin run folder (no config.toml)")
-    expect_error(capsys, ["train", "--quiet", "--resume", str(run), "cfg.toml"], "--resume takes the run folder's own config")
+    expect_error(capsys, ["train", "--quiet", "--resume", str(
+        run), "cfg.toml"], "--resume takes the run folder's own config")
 
 
 def test_training_one_channel_images_with_one_thread(tmp_path, tiny):

@@ -51,7 +51,8 @@ def test_values_reach_the_config(methods):
     "raw, message",
     [
         ({"epoch": 3}, "unknown config key epoch (did you mean 'epochs'?)"),
-        ({"optim": {"lr": 0.1, "wieght_decay": 0}}, "unknown config key optim.wieght_decay (did you mean 'weight_decay'?)"),
+        ({"optim": {
+            "lr": 0.1, "wieght_decay": 0}}, "unknown config key optim.wieght_decay (did you mean 'weight_decay'?)"),
     ],
 )
 def test_unknown_keys_are_named_with_a_suggestion(methods, raw, message):
@@ -115,7 +116,8 @@ def test_wrong_types_are_named(methods, raw, message):
         ({"optim": {"betas": [0.9, 1.0]}}, "optim.betas must be < 1.0; got 1.0"),
         ({"optim": {"betas": [0.9]}}, "optim.betas must have two values"),
         ({"epochs": 3, "schedule": {"milestones": [2, 5]}}, "schedule.milestones has epoch 5 beyond epochs = 3"),
-        ({"data": {"few_shot": 5, "imbalance_factor": 10}}, "data.few_shot and data.imbalance_factor cannot both be set"),
+        ({"data": {
+            "few_shot": 5, "imbalance_factor": 10}}, "data.few_shot and data.imbalance_factor cannot both be set"),
         ({"metrics": {"few_threshold": 50, "many_threshold": 10}}, "metrics.few_threshold must not exceed"),
         ({"methods": []}, "methods must name at least one method"),
         ({"methods": ["ce", "ce"]}, "methods lists a method twice"),
@@ -247,7 +249,8 @@ def test_a_dataset_without_options_gets_the_data_table_only(dataset_plugins, tin
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"blob": 4}, "unknown config key data.blob (did you mean 'blobs'?); valid [data] keys for data.name = 'blobs': "
+        ({"blob": 4},
+         "unknown config key data.blob (did you mean 'blobs'?); valid [data] keys for data.name = 'blobs': "
                       "blobs, per_blob, scale, mode (the dataset's own) and the engine's name, root, val_fraction, "),
         ({"per_blb": 4}, "unknown config key data.per_blb (did you mean 'per_blob'?)"),
         ({"batch_sise": 4}, "unknown config key data.batch_sise (did you mean 'batch_size'?); valid [data] keys"),

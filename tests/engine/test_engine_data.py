@@ -23,7 +23,6 @@ from batchkin.data import (
 )
 from batchkin.errors import ConfigError, DataError
 
-
 # ------------------------------------------------------------------------------ long-tail profile
 
 

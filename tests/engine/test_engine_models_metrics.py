@@ -126,7 +126,8 @@ def test_shot_groups_auto():
     assert shot_groups([150, 50, 10]) == (["many", "medium", "few"], "absolute")
     assert shot_groups([50, 40, 30]) == (["many", "medium", "few"], "relative")
     assert shot_groups([500, 300, 200], 100, 20) == (["many", "medium", "few"], "relative")
-    assert shot_groups([30, 25, 10, 5], many_threshold=20, few_threshold=8) == (["many", "many", "medium", "few"], "absolute")
+    assert shot_groups([30, 25, 10, 5], many_threshold=20, few_threshold=8) == ([
+        "many", "many", "medium", "few"], "absolute")
 
 
 def test_confusion_counts():

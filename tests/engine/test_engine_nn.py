@@ -15,9 +15,13 @@ from batchkin import nn as bnn
 from batchkin.kernels import batch_attention as ba
 from batchkin.kernels import rng
 
+from _common import gen
+
+SEED = 20240607
+
 
 def _gen(*salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(rng.derive_key(20240607, *salt))
+    return gen(SEED, *salt)
 
 
 def test_layer_feature_mask_definition():

@@ -18,6 +18,8 @@ from batchkin.errors import PluginError
 from batchkin.plugin import ENV_NO_AUTOLOAD, ENV_PLUGINS, Plugins, RunHooks
 from batchkin.trainer import EngineDefaults, fit, prepare
 
+from _common import read_metrics
+
 SPECS = sorted(n for n, f in vars(hookspecs).items() if hasattr(f, "batchkin_spec"))
 
 ORDER_PLUGIN = """
@@ -216,7 +218,9 @@ def test_run_hooks_at_module_level_are_refused(plugin_file):
     def loss_terms(state, outputs):
         return {}
     """)
-    with pytest.raises(PluginError, match=rf"plugin 'module_level' \(file {re.escape(str(path))}\) implements loss_terms at module level"):
+    with pytest.raises(PluginError,
+                       match=rf"plugin 'module_level' \(file {re.escape(str(path))}\) implements loss_terms at module "
+                             r"level"):
         Plugins(extra_files=[path])
 
 
@@ -281,6 +285,29 @@ def test_entry_points_are_loaded_unless_disabled(fake_distribution, monkeypatch,
     out = capsys.readouterr().out
     assert "fake_method" not in out
     assert "(entry-point autoloading is disabled: BATCHKIN_DISABLE_PLUGIN_AUTOLOAD)" in out
+
+
+def test_the_builtin_plugins_are_pyprojects_entry_points(monkeypatch):
+    """pyproject.toml's [project.entry-points.batchkin] is the one list: the engine reads it from the
+    installed metadata, or from pyproject.toml itself when batchkin has no metadata."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from batchkin import plugin
+
+    listed = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    listed = listed["project"]["entry-points"]["batchkin"]
+    assert plugin.BUILTIN_PLUGINS == listed
+    # the engine's datasets and models first, then the methods, each by name
+    assert list(plugin.BUILTIN_PLUGINS) == ["datasets", "models", "batchformer", "bbn", "ce", "dino", "drloc", "moco",
+                                            "sdmp"]
+    assert set(Plugins(autoload=False).origins) >= set(listed)
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    assert plugin._builtin_plugins() == plugin.BUILTIN_PLUGINS
 
 
 def test_plugin_files_from_the_environment(plugin_file, monkeypatch):
@@ -400,7 +427,7 @@ def test_transform_features_streams_reach_the_logits_and_targets(setup_plugins, 
     assert out["logits"].shape == (5, 3)
 
 
-# ------------------------------------------------------------------------------ datasets with options, origins in run.json
+# ------------------------------------------------------------------------ datasets with options, origins in run.json
 
 
 ORIGINS_PLUGIN = """
@@ -474,7 +501,7 @@ def test_cli_sets_dataset_options_and_run_json_records_plugin_origins(plugin_fil
     assert info["model"] == {"name": "tiny_copy", "origin": f"file {path}"}
     saved = tomllib.loads((run / "config.toml").read_text())["data"]
     assert saved["name"] == "stripes" and saved["stripes"] == 4
-    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    final = read_metrics(run)[-1]
     assert len(final["test/per_class"]) == 4
 
     # a wrong value given with --set stops the CLI with one line naming the key

@@ -54,7 +54,8 @@ def shared(tmp_path_factory, tiny):
 def test_run_folder_contents(shared, metrics_lines):
     run, result = shared
     names = {p.name for p in run.iterdir()}
-    assert {"config.toml", "run.json", "metrics.jsonl", "checkpoints", "report.md", "curves.png", "per_class.png"} <= names
+    assert {
+        "config.toml", "run.json", "metrics.jsonl", "checkpoints", "report.md", "curves.png", "per_class.png"} <= names
     assert ".lock" not in names
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
     info = json.loads((run / "run.json").read_text())
@@ -64,7 +65,8 @@ def test_run_folder_contents(shared, metrics_lines):
     assert [r["kind"] for r in lines] == ["epoch"] * 4 + ["final"]
     assert [r["epoch"] for r in lines[:4]] == [1, 2, 3, 4]
     assert [r["step"] for r in lines[:4]] == [3, 6, 9, 12]  # 27 training images, batches of 8
-    assert result.final == lines[-1] or json.dumps(result.final, sort_keys=True) == json.dumps(lines[-1], sort_keys=True)
+    assert result.final == lines[-1] or json.dumps(result.final, sort_keys=True) == json.dumps(lines[
+        -1], sort_keys=True)
     assert result.state.steps_per_epoch == 3
     cfg = saved_config(run)
     assert cfg == resolved_config(result.state)  # config.toml is the resolved config, read back exactly

@@ -5,7 +5,6 @@ scalars, every parameter group's learning rate, and resume without lost or repea
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import sys
@@ -16,6 +15,8 @@ from batchkin.errors import ConfigError
 from batchkin.plugin import Plugins
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit, resume_config
+
+from _common import file_hashes, read_jsonl, read_metrics
 
 BACKENDS = {"backends": ["jsonl", "tensorboard", "csv"]}
 
@@ -66,10 +67,6 @@ def raw_config(**over) -> dict:
     return tiny_config(["ce", "scalars"], **tables)
 
 
-def jsonl(path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 def tensorboard(run) -> dict:
     """{tag: [(step, value), ...]} read back with TensorBoard's own EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -91,7 +88,7 @@ def same(a, b) -> bool:
 def test_every_backend_holds_every_row(tmp_path, scalars):
     run = tmp_path / "run"
     fit(raw_config(), run, plugins=scalars(), progress=False)
-    epochs, steps = jsonl(run / "metrics.jsonl"), jsonl(run / "steps.jsonl")
+    epochs, steps = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "steps.jsonl")
     # step rows: every 2nd optimizer step, each loss term, each group's learning rate, the method's scalar
     assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
     first = steps[0]
@@ -133,12 +130,7 @@ def test_jsonl_alone_writes_no_other_file(tmp_path):
     fit(tiny_config(["ce"], epochs=2, train={"log_every": 3}), run, progress=False)  # 4 steps per epoch
     names = {p.name for p in run.iterdir()}
     assert {"metrics.jsonl", "steps.jsonl"} <= names and not names & {"metrics.csv", "steps.csv", "tensorboard"}
-    assert [r["step"] for r in jsonl(run / "steps.jsonl")] == [3, 6]
-
-
-def _digest(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    assert [r["step"] for r in read_jsonl(run / "steps.jsonl")] == [3, 6]
 
 
 def _without_timing(rows: list[dict]) -> list[dict]:
@@ -157,15 +149,15 @@ def test_resume_neither_loses_nor_repeats_rows(tmp_path, scalars):
     fit(raw_config(), straight, plugins=scalars(), progress=False)
     with pytest.raises(Exception, match="stopped on purpose"):
         fit(raw_config(), parted, plugins=scalars(fail_at=11), progress=False)
-    assert [r["step"] for r in jsonl(parted / "steps.jsonl")][-1] == 10  # a row past the checkpoint of step 8
+    assert [r["step"] for r in read_jsonl(parted / "steps.jsonl")][-1] == 10  # a row past the checkpoint of step 8
     assert tensorboard(parted)["step/loss"][-1][0] == 10 and read_csv(parted / "steps.csv")[-1]["step"] == "10"
-    before = _digest(parted)
+    before = file_hashes(parted, (".lock",))
     with pytest.raises(Exception, match="stopped on purpose"):
         fit(resume_config(parted), parted, resume=True, plugins=scalars(fail_at=11), progress=False)
-    assert _digest(parted) == before  # its step rows were held back: nothing changed
+    assert file_hashes(parted, (".lock",)) == before  # its step rows were held back: nothing changed
     fit(resume_config(parted), parted, resume=True, plugins=scalars(), progress=False)
-    assert jsonl(parted / "steps.jsonl") == jsonl(straight / "steps.jsonl")
-    assert _without_timing(jsonl(parted / "metrics.jsonl")) == _without_timing(jsonl(straight / "metrics.jsonl"))
+    assert read_jsonl(parted / "steps.jsonl") == read_jsonl(straight / "steps.jsonl")
+    assert _without_timing(read_metrics(parted)) == _without_timing(read_metrics(straight))
     assert _without_timing(read_csv(parted / "metrics.csv")) == _without_timing(read_csv(straight / "metrics.csv"))
     assert read_csv(parted / "steps.csv") == read_csv(straight / "steps.csv")
     assert _tb_without_timing(parted) == _tb_without_timing(straight)
@@ -217,6 +209,6 @@ def test_a_line_torn_by_a_killed_process_is_dropped_on_resume(tmp_path):
     before = (tmp_path / "steps.jsonl").read_text()
     assert before.endswith('{"step": 4, "lo') and not (tmp_path / "steps.csv").exists()
     log.resume(step=2)
-    assert jsonl(tmp_path / "steps.jsonl") == rows[:2] + [{"step": 3, "epoch": 2, "loss": 0.25}]
+    assert read_jsonl(tmp_path / "steps.jsonl") == rows[:2] + [{"step": 3, "epoch": 2, "loss": 0.25}]
     assert [r["step"] for r in read_csv(tmp_path / "steps.csv")] == ["1", "2", "3"]
     assert read_csv(tmp_path / "metrics.csv") == [{"kind": "epoch", "epoch": "1", "step": "2", "loss": "0.5"}]

@@ -25,7 +25,9 @@ from batchkin.plugin import Plugins
 from batchkin.stream import ImageFiles, Request, StreamData, StreamDataset
 from batchkin.testing import run_plugin
 from batchkin.trainer import checkpoint_dict, fit, prepare, restore, train_step
+
 import faults  # tests/faults.py
+from _common import read_metrics
 from test_engine_cli import set_args  # --set arguments of a raw config (this folder's CLI tests)
 
 SIZE = (12, 10)  # Pillow (width, height)
@@ -50,7 +52,8 @@ def noise_folder(root: Path, counts, size=SIZE, seed=0) -> Path:
     for c, n in enumerate(counts):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
         for _ in range(n):
-            Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(root / f"c{c}" / f"{k:04d}.png")
+            Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(
+                root / f"c{c}" / f"{k:04d}.png")
             k += 1
     return root
 
@@ -277,7 +280,8 @@ def test_streamed_subsets_equal_the_in_memory_subsets(tmp_path):
     """Long-tailed, few-shot and sized subsets and the held-out splits come from the labels:
     streamed and in-memory runs of one folder keep the same files."""
     root = coded_folder(tmp_path / "d", [30, 24, 20, 16])
-    for data in ({"imbalance_factor": 5.0}, {"few_shot": 6}, {"train_size": 20}, {"imbalance_factor": 3.0, "train_size": 25}):
+    for data in ({"imbalance_factor": 5.0}, {"few_shot": 6}, {"train_size": 20}, {
+        "imbalance_factor": 3.0, "train_size": 25}):
         cfg = config(root, **data)
         mem = prepare({**cfg, "data": {**cfg["data"], "storage": "memory", "image_size": []}}).splits
         st = prepare(cfg).splits
@@ -509,7 +513,7 @@ def test_skip_bad_replaces_counts_and_logs_unreadable_images(tmp_path, capsys):
     capsys.readouterr()
     result = fit(raw, tmp_path / "run", progress=False)
     err = capsys.readouterr().err
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     assert [r.get("data/skipped_images") for r in lines if r["kind"] == "epoch"] == [1, 1]
     assert err.count(f"skipping unreadable image {root / bad}") == 1  # logged once, counted every time
     assert result.final["kind"] == "final" and lines[-1]["kind"] == "final"

@@ -83,10 +83,12 @@ def test_centre_crop_box_matches_resizing_then_cropping():
         image = Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
         resize = int(rng.integers(4, 40))
         out_h, out_w = int(rng.integers(2, resize + 1)), int(rng.integers(2, resize + 1))
-        new_w, new_h = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
+        new_w, new_h = (resize, int(resize * height / width)) if width <= height else (int(
+            resize * width / height), resize)
         top, left = int(round((new_h - out_h) / 2)), int(round((new_w - out_w) / 2))
         want = np.asarray(image.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + out_w, top + out_h)))
-        got = np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=center_crop_box(width, height, resize, out_h, out_w)))
+        got = np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=center_crop_box(
+            width, height, resize, out_h, out_w)))
         diffs.append(np.abs(want.astype(int) - got))
     d = np.concatenate([x.ravel() for x in diffs])
     assert d.max() <= 2 and d.mean() < 0.2
@@ -126,7 +128,8 @@ def test_eval_and_raw_transforms_are_centred_and_deterministic():
     raw = ImageTransform("raw", "L", (8, 8), 9)(image)  # the shorter side resized to 8: the whole height
     assert raw.shape == (8, 8, 1)
     gray = image.convert("L")
-    assert np.array_equal(raw[:, :, 0], np.asarray(gray.resize((8, 8), Image.BILINEAR, box=center_crop_box(24, 16, 8, 8, 8))))
+    assert np.array_equal(raw[:, :, 0], np.asarray(gray.resize((8, 8), Image.BILINEAR, box=center_crop_box(
+        24, 16, 8, 8, 8))))
 
 
 def test_modes_and_files(tmp_path):

@@ -1,7 +1,8 @@
-"""Helpers shared by the op tests: generators, dtypes and their tolerances, path parameters.
+"""Helpers shared by the op tests: dtypes and their tolerances, path parameters, AOT compiles.
 
 Thread pinning is a fixture of the root ``tests/conftest.py`` (``torch_threads``,
-``one_torch_thread``), as the plugin and engine tests use it too.
+``one_torch_thread``), and the seeded generator ``gen`` comes from ``tests/_common.py``
+(re-exported here), as the plugin and engine tests use them too.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchkin.kernels import rng
+from _common import gen as gen
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DT_ID = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.uint8: "u8"}
@@ -21,11 +22,6 @@ TOL = {
 }
 #: Extra CUDA cases run where a GPU exists; nothing is skipped on a CPU-only machine.
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-
-
-def gen(seed: int, *salt: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``, or with ``rng.derive_key(seed, *salt)`` given salts."""
-    return torch.Generator().manual_seed(rng.derive_key(seed, *salt) if salt else seed)
 
 
 def path_params(*paths: str) -> list:
@@ -67,7 +63,7 @@ def compile_for_cuda(script: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     run = subprocess.run([sys.executable, "-c", AOT_PREAMBLE + script], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "compiled" in run.stdout
 

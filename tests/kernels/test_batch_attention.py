@@ -13,14 +13,15 @@ import math
 
 import pytest
 import torch
-from _util import DT_ID, TOL, aot, compile_for_cuda, gen, path_params
-from _util import FLOAT_DTYPES as DTYPES
 from scipy import stats
 
 from batchkin.kernels import batch_attention as ba
 from batchkin.kernels import dispatch, rng
 from batchkin.kernels.batch_attention import cpu
 from batchkin.kernels.rng_mask import float32
+
+from _util import DT_ID, TOL, aot, compile_for_cuda, gen, path_params
+from _util import FLOAT_DTYPES as DTYPES
 
 SEED = 20240607
 
@@ -467,11 +468,11 @@ for dt, block_d, has_mask in (("fp32", 16, True), ("bf16", 32, False)):
     block = 64 if block_d <= 64 else 32
     consts = {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_D": block_d, "DROPOUT": True, "HAS_MASK": has_mask}
     ptrs = {"Q": "*" + dt, "K": "*" + dt, "V": "*" + dt, "LSE": "*fp32", "MASK": "*u8"}
-    build(bak._attn_fwd_kernel, dict(ptrs, O="*" + dt, **scalars), consts)
+    build(bak._attn_fwd_kernel, dict(ptrs, OUT="*" + dt, **scalars), consts)
     ptrs.update(DO="*" + dt, DELTA="*fp32")
     build(bak._attn_bwd_dkdv_kernel, dict(ptrs, DK="*" + dt, DV="*" + dt, **scalars), consts)
     build(bak._attn_bwd_dq_kernel, dict(ptrs, DQ="*" + dt, **scalars), consts)
-build(bak._attn_bwd_preprocess_kernel, {"O": "*fp32", "DO": "*fp32", "DELTA": "*fp32", "B": i32, "D": i32},
+build(bak._attn_bwd_preprocess_kernel, {"OUT": "*fp32", "DO": "*fp32", "DELTA": "*fp32", "B": i32, "D": i32},
       {"BLOCK_M": 64, "BLOCK_D": 16})
 print("compiled")
 """

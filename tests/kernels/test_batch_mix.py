@@ -13,11 +13,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import batch_mix as bm
 from batchkin.kernels import dispatch
+
+from _util import aot, compile_for_cuda, gen, path_params
 
 IMAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
@@ -207,7 +208,8 @@ def test_uint8_rounds_half_up(path):
     x = torch.tensor([10, 0, 11], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 1, 1, 2).contiguous()
     x[1, 0, 0, 1] = 1
     lam = torch.tensor([0.5, 0.5, 0.5])
-    out, _ = bm.batch_mix_impl(x, torch.zeros(3, dtype=torch.long), lam, torch.zeros(1, 3, 4, dtype=torch.long), path=path)
+    out, _ = bm.batch_mix_impl(x, torch.zeros(3, dtype=torch.long), lam, torch.zeros(
+        1, 3, 4, dtype=torch.long), path=path)
     # 0.5*10 + 0.5*11 = 10.5 -> 11; the middle sample mixes with itself: 0 -> 0 and 1 -> 1
     assert out[:, 0, 0].tolist() == [[11, 11], [0, 1], [11, 11]]
 
@@ -632,7 +634,8 @@ def _good():
         (lambda a: a.update(lam=torch.ones(4, dtype=torch.long)), TypeError, "lam must have dtype"),
         (lambda a: a.update(lam=torch.ones(5)), ValueError, "lam must have shape"),
         (lambda a: a.update(boxes=torch.tensor([[[0, 0, 4, 4]] * 3 + [[5, 0, 4, 4]]])), ValueError, r"boxes\[0, 3\]"),
-        (lambda a: a.update(boxes=torch.tensor([[[0, 0, 4, 4], [0, 6, 2, 3]] * 2])), ValueError, r"boxes\[0, 1\].*inside"),
+        (lambda a: a.update(boxes=torch.tensor([[[0, 0, 4, 4], [
+            0, 6, 2, 3]] * 2])), ValueError, r"boxes\[0, 1\].*inside"),
         (lambda a: a.update(boxes=torch.tensor([[[-1, 0, 4, 4]] * 4])), ValueError, r"boxes\[0, 0\]"),
         (lambda a: a.update(boxes=torch.tensor([[[0, 0, -1, 4]] * 4])), ValueError, r"boxes\[0, 0\]"),
         (lambda a: a.update(boxes=torch.zeros(2, 4, 4, dtype=torch.long)), ValueError, "boxes must have shape"),
@@ -671,8 +674,10 @@ def test_bad_values_are_caught_by_cpp_too():
         torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([0, 5]), torch.ones(2), ok_boxes)
     with pytest.raises(ValueError, match=r"^lam\[0\] = nan is outside \[0, 1\]$"):
         torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([0, 1]), torch.tensor([float("nan"), 0.5]), ok_boxes)
-    with pytest.raises(ValueError, match=r"^boxes\[0, 0\] = \[0, 0, 5, 1\] \(y0, x0, h, w\) is not inside the 4x4 image$"):
-        torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([1, 1]), torch.ones(2), torch.tensor([[[0, 0, 5, 1], [0, 0, 1, 1]]]))
+    with pytest.raises(
+        ValueError, match=r"^boxes\[0, 0\] = \[0, 0, 5, 1\] \(y0, x0, h, w\) is not inside the 4x4 image$"):
+        torch.ops.batchkin._batch_mix_cpu(x, torch.tensor([1, 1]), torch.ones(2), torch.tensor([[[0, 0, 5, 1], [
+            0, 0, 1, 1]]]))
 
 
 _TRITON = pytest.mark.triton

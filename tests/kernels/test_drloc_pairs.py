@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _util import DEVICES, FLOAT_DTYPES, TOL, aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import dispatch, rng
 from batchkin.kernels import drloc_pairs as dp
 from batchkin.kernels.drloc_pairs import api
+
+from _util import DEVICES, FLOAT_DTYPES, TOL, aot, compile_for_cuda, gen, path_params
 
 PATHS = ("ref", "cpp", "triton")
 DTYPES = FLOAT_DTYPES

@@ -7,11 +7,12 @@ from fractions import Fraction
 
 import pytest
 import torch
-from _util import DEVICES, aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import dispatch, rng
 from batchkin.kernels import reversed_sampler as rs
+
+from _util import DEVICES, aot, compile_for_cuda, gen, path_params
 
 PATHS = ("ref", "cpp", "triton")
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # CIFAR-10-LT, imbalance 100

@@ -18,17 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchkin.plugins.batchformer as bf
+import batchkin.plugins.bbn as bbn
 from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
-from batchkin.nn import BatchFormer, draw_seed
 from batchkin.kernels.rng import derive_key
+from batchkin.nn import BatchFormer, draw_seed
 from batchkin.plugin import Plugins
 from batchkin.rundir import load_checkpoint
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare
-
-import batchkin.plugins.bbn as bbn
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,6 +27,7 @@ from batchkin.rundir import load_checkpoint
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare, restore, train_step
 
+from _common import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -585,13 +586,9 @@ def test_beta_schedule_draws_per_batch_from_the_bbn_generator():
     assert state.outputs["alpha"] == expected[-1]
 
 
-def read_lines(run) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
 def comparable(run) -> list[str]:
     out = []
-    for r in read_lines(run):
+    for r in read_metrics(run):
         r.pop("images_per_s", None)
         out.append(json.dumps(r, sort_keys=True))
     return out
@@ -615,7 +612,7 @@ def test_resume_is_exact(tmp_path, schedule):
     assert a["methods"]["bbn"] == b["methods"]["bbn"]
     assert comparable(straight) == comparable(parted)
     assert json.dumps(full.final, sort_keys=True) == json.dumps(resumed.final, sort_keys=True)
-    alphas = [r["bbn/alpha"] for r in read_lines(straight) if r["kind"] == "epoch"]
+    alphas = [r["bbn/alpha"] for r in read_metrics(straight) if r["kind"] == "epoch"]
     assert len(alphas) == 4
     if schedule == "parabolic_decay":
         assert alphas == [1.0, 0.9375, 0.75, 0.4375]
@@ -627,7 +624,7 @@ def test_resume_is_exact(tmp_path, schedule):
 def test_fit_logs_alpha_and_evaluates_from_the_checkpoint(tmp_path):
     raw = lt_config(epochs=3, bbn={"alpha_schedule": "linear_decay", "sampler": "balanced"})
     result = fit(raw, tmp_path / "run", progress=False, plugins=plugins())
-    lines = read_lines(tmp_path / "run")
+    lines = read_metrics(tmp_path / "run")
     epochs = [r for r in lines if r["kind"] == "epoch"]
     assert [r["bbn/alpha"] for r in epochs] == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert all("train/bbn" in r and math.isfinite(r["train/bbn"]) for r in epochs)
@@ -747,7 +744,7 @@ def test_quick_digits_config_runs_one_epoch(tmp_path):
     raw = load_config("bbn_digits.toml")
     raw["epochs"] = 1
     result = fit(raw, tmp_path / "digits", progress=False, plugins=plugins())
-    lines = read_lines(tmp_path / "digits")
+    lines = read_metrics(tmp_path / "digits")
     assert lines[0]["bbn/alpha"] == 1.0 and lines[0]["step"] == result.state.steps_per_epoch
     assert isinstance(result.state.model, bbn.BilateralNet)
     assert lines[-1]["kind"] == "final" and lines[-1]["test/top1"] == result.final["test/top1"]

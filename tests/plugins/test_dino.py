@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import tomllib
 from pathlib import Path
@@ -37,6 +36,8 @@ from batchkin.plugins.ssl import (
 from batchkin.rundir import load_checkpoint
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit, prepare, train_step
+
+from _common import read_metrics
 
 MODULES = [moco, dino, sdmp]
 
@@ -186,7 +187,7 @@ def test_dino_step_loss_center_and_teacher_update():
 
 def test_fit_dino_logs_schedules_and_checkpoints_the_center(tmp_path):
     fit(dino_config(epochs=2), tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     assert [r.get("dino/teacher_temp") for r in lines[:2]] == pytest.approx([0.04, 0.07])  # warm-up of 1 epoch
     assert all(0.996 <= r["dino/momentum"] <= 1.0 for r in lines[:2])
     assert all(math.isfinite(r["train/dino"]) for r in lines[:2])
@@ -363,7 +364,7 @@ def test_global_views_are_unchanged_by_local_crops():
 def test_fit_with_local_crops_is_finite(tmp_path, model):
     raw = dino_config(epochs=2, dino={"n_local_crops": 2, "local_crop_size": 3}, model=model)
     fit(raw, tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     assert all(math.isfinite(r["train/dino"]) for r in lines[:2])
     assert math.isfinite(lines[-1]["test/top1"])
     model = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
@@ -503,7 +504,7 @@ def test_run_uses_each_epochs_teacher_temperature():
     assert seen == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
 
 
-# ------------------------------------------------------------------------------ DINO's optimiser details and small-scale options
+# ------------------------------------------------------------------ DINO's optimiser details and small-scale options
 
 
 def test_clip_gradients_clips_each_parameter_to_its_own_norm():
@@ -542,7 +543,7 @@ def test_teacher_entropy_hand_examples():
 
 def test_fit_logs_the_teacher_entropy_of_every_epoch(tmp_path):
     fit(dino_config(epochs=2), tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     for r in lines[:2]:
         assert 0.0 <= r["dino/teacher_entropy"] <= math.log(32) + 1e-5
         assert r["dino/teacher_entropy"] <= r["dino/teacher_batch_entropy"] + 1e-5  # entropy is concave

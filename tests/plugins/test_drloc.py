@@ -30,6 +30,8 @@ from batchkin.plugin import Plugins
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare, train_step
 
+from _common import gen, read_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -63,10 +65,6 @@ def token_grid(B, C, H, W, seed=0, requires_grad=False):
 
 def val(t) -> float:
     return t.detach().item() if isinstance(t, torch.Tensor) else float(t)
-
-
-def gen(seed=0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------ lambda schedule
@@ -497,10 +495,6 @@ def test_heads_are_part_of_the_model_and_the_optimizer():
     assert any(k.startswith("drloc.grid.fc1") for k in state.model.state_dict())
 
 
-def read_lines(run) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
 @pytest.mark.parametrize("model,table", [
     (VIT, {"head": "l1", "normalize": True}),
     (HIER, {"head": "ce", "mode": "signed", "multiscale": True}),
@@ -508,7 +502,7 @@ def read_lines(run) -> list[dict]:
 def test_fit_completes_and_logs(tmp_path, model, table):
     raw = grid_config(model, {**table, "warmup_epochs": 1}, epochs=2)
     result = fit(raw, tmp_path / "run", progress=False, plugins=plugins())
-    lines = read_lines(tmp_path / "run")
+    lines = read_metrics(tmp_path / "run")
     epochs = [r for r in lines if r["kind"] == "epoch"]
     assert [r["drloc/lambda"] for r in epochs] == pytest.approx([0.0, 0.5])
     assert all(math.isfinite(r["drloc/loss"]) and r["drloc/loss"] > 0 for r in epochs)
@@ -520,7 +514,7 @@ def test_fit_completes_and_logs(tmp_path, model, table):
 
 def comparable(run) -> list[str]:
     out = []
-    for r in read_lines(run):
+    for r in read_metrics(run):
         r.pop("images_per_s", None)
         out.append(json.dumps(r, sort_keys=True))
     return out
@@ -542,7 +536,7 @@ def test_resume_is_exact(tmp_path, model, table):
     assert torch.equal(a["generators"]["drloc@cpu"], b["generators"]["drloc@cpu"])
     assert comparable(straight) == comparable(parted)
     assert json.dumps(full.final, sort_keys=True) == json.dumps(resumed.final, sort_keys=True)
-    lambdas = [r["drloc/lambda"] for r in read_lines(straight) if r["kind"] == "epoch"]
+    lambdas = [r["drloc/lambda"] for r in read_metrics(straight) if r["kind"] == "epoch"]
     assert lambdas == pytest.approx([0.0, 0.25, 0.5, 0.25])
     assert a["methods"]["drloc"] == {"lambda": pytest.approx(0.25)}
 
@@ -649,7 +643,7 @@ def test_quick_digits_config_runs_one_epoch(tmp_path):
     raw = load_config("drloc_digits.toml")
     raw["epochs"] = 1
     result = fit(raw, tmp_path / "digits", progress=False, plugins=plugins())
-    lines = read_lines(tmp_path / "digits")
+    lines = read_metrics(tmp_path / "digits")
     assert lines[0]["step"] == result.state.steps_per_epoch
     assert "drloc/lambda" in lines[0] and math.isfinite(lines[0]["drloc/loss"])
     assert lines[-1]["kind"] == "final" and lines[-1]["test/top1"] == result.final["test/top1"]

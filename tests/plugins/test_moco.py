@@ -24,6 +24,8 @@ from batchkin.rundir import load_checkpoint
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare, train_step
 
+from _common import read_metrics
+
 MODULES = [moco, dino, sdmp]
 
 
@@ -37,8 +39,9 @@ def ssl_config(methods=("moco",), epochs=1, **tables):
     return raw
 
 
-def read_metrics(run):
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def untimed_metrics(run):
+    """metrics.jsonl without the timing field, so that two runs' records compare."""
+    lines = read_metrics(run)
     for r in lines:
         r.pop("images_per_s", None)
     return lines
@@ -162,7 +165,7 @@ def test_labels_are_not_used_in_training():
 
 def test_fit_moco_logs_knn_metrics_and_checkpoints_the_momentum_encoder(tmp_path):
     res = fit(ssl_config(epochs=1), tmp_path / "run", plugins=plugins(), progress=False)
-    lines = read_metrics(tmp_path / "run")
+    lines = untimed_metrics(tmp_path / "run")
     epoch, final = lines[0], lines[-1]
     assert 0.99 < epoch["moco/momentum"] <= 1.0
     assert "train/moco" in epoch and 0.0 <= epoch["val/top1"] <= 1.0 and 0.0 <= final["test/top1"] <= 1.0
@@ -191,7 +194,7 @@ def test_resume_equals_straight_run(tmp_path):
 
     fit(load_raw(tmp_path / "stopped" / "config.toml"), tmp_path / "stopped", resume=True, plugins=plugins(),
         progress=False)
-    assert read_metrics(tmp_path / "straight") == read_metrics(tmp_path / "stopped")
+    assert untimed_metrics(tmp_path / "straight") == untimed_metrics(tmp_path / "stopped")
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
     assert a["model"].keys() == b["model"].keys()

@@ -35,11 +35,9 @@ from batchkin.state import State
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit, prepare
 
+from _common import gen, read_metrics
+
 MODULES = [moco, dino, sdmp]
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def random_views(V=2, B=8, C=2, H=8, W=8, seed=0):
@@ -187,9 +185,11 @@ def test_global_flip_across_two_ranks_equals_one_process(tmp_path):
         def worker(rank, world):
             torch.set_num_threads(1)
             dist.init_process_group("gloo", init_method="file://{tmp_path / 'rdv'}", rank=rank, world_size=world)
-            views = torch.randint(0, 256, (2, 8, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            views = torch.randint(0, 256, (2, 8, 1, 6, 6), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(0))
             state = State(config=types.SimpleNamespace(seed=0), device=torch.device("cpu"), rank=rank, world_size=world)
-            b = SDMP(SDMP.Options(flip="global")).transform_views(state, views[:, rank * 4 : (rank + 1) * 4].contiguous())
+            shard = views[:, rank * 4 : (rank + 1) * 4].contiguous()
+            b = SDMP(SDMP.Options(flip="global")).transform_views(state, shard)
             with open(f"{tmp_path}/rank{{rank}}.json", "w") as fh:
                 json.dump({{"mixed": b.mixed.tolist(), "lam": b.lam.tolist(), "partner": b.partner.tolist(),
                            "lam_partner": b.lam_partner.tolist()}}, fh)
@@ -332,7 +332,8 @@ def test_sdmp_moco_loss_total_and_terms():
     torch.testing.assert_close(out["src"], moco_loss(q[0], q[1], k[0], k[1], 0.2))
     flip = torch.arange(5, -1, -1)
     ms = sdmp_ms_loss(qm[0], k[1], lam[0], 0.2) + sdmp_ms_loss(qm[1], k[0], lam[1], 0.2)
-    mm = sdmp_mm_loss(qm[0], km[1], lam[0], 0.2, lam_keys=lam[1]) + sdmp_mm_loss(qm[1], km[0], lam[1], 0.2, lam_keys=lam[0])
+    mm = sdmp_mm_loss(qm[0], km[1], lam[0], 0.2, lam_keys=lam[1]) + sdmp_mm_loss(qm[1], km[0], lam[
+        1], 0.2, lam_keys=lam[0])
     c = torch.minimum(lam[0], 1 - lam[1][flip]) + torch.minimum(1 - lam[0], lam[1][flip])
     explicit = _explicit(qm[0], km[1], 1 / (1 + c), c / (1 + c), 0.2)
     assert float(sdmp_mm_loss(qm[0], km[1], lam[0], 0.2, lam_keys=lam[1])) == pytest.approx(float(explicit), rel=1e-5)
@@ -426,9 +427,10 @@ def test_plugin_terms_equal_the_functional_twin():
 def test_fit_with_sdmp(tmp_path, base):
     over = {"dino": {"out_dim": 32}} if base == "dino" else {}
     fit(ssl_config([base, "sdmp"], **over), tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "run")
     ep = lines[0]
-    assert math.isfinite(ep[f"train/{base}"]) and math.isfinite(ep["train/sdmp_ms"]) and math.isfinite(ep["train/sdmp_mm"])
+    assert math.isfinite(ep[f"train/{base}"]) and math.isfinite(ep["train/sdmp_ms"]) and math.isfinite(ep[
+        "train/sdmp_mm"])
     assert 0.1 <= ep["sdmp/lam_eff_mean"] <= 1.0
     assert "test/top1" in lines[-1]
 

@@ -430,7 +430,7 @@ def test_probe_command(moco_run, capsys):
     assert {k: v for k, v in out.items() if k != "run"} == expect
 
 
-# ------------------------------------------------------------------------------ the raw batch and the transform_views hook
+# ------------------------------------------------------------------------ the raw batch and the transform_views hook
 
 
 @pytest.mark.parametrize("base", ["moco", "dino"])

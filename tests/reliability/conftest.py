@@ -6,7 +6,6 @@ live in contract.py and hostile.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,23 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import faults
-from contract import TINY, assert_user_error, tree_hash
-
 from batchkin.cli import main
 
-
-def file_hashes(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, str]:
-    """Every file (hidden ones too) and folder under ``folder``: relative path -> sha256 of the
-    bytes ("dir" for a folder). ``ignore`` names files left out (e.g. ``.lock``, which a
-    process killed with SIGKILL cannot remove)."""
-    out = {}
-    for p in sorted(Path(folder).rglob("*")):
-        if p.name in ignore:
-            continue
-        rel = str(p.relative_to(folder))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+import faults
+from _common import file_hashes, tree_hash
+from contract import TINY, assert_user_error
 
 
 def siblings(run: Path) -> list[str]:

@@ -28,7 +28,8 @@ def _bad(*sets: str) -> list[str]:
 
 FIRST_STEP_FAILURES = {
     "diverging lr": (["optim.lr=1e30", 'train.on_nonfinite="stop"'], "epoch 1 step 2: non-finite"),
-    "plugin returns NaN": (_bad('bad.how="nan"'), "epoch 1 step 1: non-finite loss term(s) 'bad' from method 'bad' (loss_terms)"),
+    "plugin returns NaN": (_bad(
+        'bad.how="nan"'), "epoch 1 step 1: non-finite loss term(s) 'bad' from method 'bad' (loss_terms)"),
     "allocation failure": (_bad('bad.how="oom"'), "out of memory at epoch 1 step 1"),
 }
 
@@ -81,7 +82,8 @@ def test_overwrite_swaps_the_new_run_in_with_its_first_checkpoint(cli, old_run, 
     """A new run failing after its first checkpoint has replaced the old run, and says what is intact."""
     run, _ = old_run
     cli.user_error([*tiny_args(3, *_bad("bad.from_epoch=2")), "--plugin", bad_plugin, "--overwrite", "--out", run],
-                   "epoch 2 step 5: non-finite", f"; checkpoints/last.pt of epoch 1 is intact; --resume {run} continues")
+                   "epoch 2 step 5: non-finite",
+                   f"; checkpoints/last.pt of epoch 1 is intact; --resume {run} continues")
     assert siblings_of(run) == []
     assert faults.checkpoint(run)["epoch"] == 1
     assert [r["epoch"] for r in faults.epoch_lines(run)] == [1]
@@ -260,7 +262,8 @@ def test_a_folder_that_is_not_a_batchkin_run_is_never_replaced(how, marker, cli,
     _user_folder(folder, marker)
     before = folder_hash(folder)
     if how == "resume":
-        cli.user_error(["train", "--quiet", "--resume", folder], f"nothing to resume in {folder}: no checkpoints/last.pt")
+        cli.user_error([
+            "train", "--quiet", "--resume", folder], f"nothing to resume in {folder}: no checkpoints/last.pt")
     else:
         what = "--overwrite replaces only batchkin run folders" if how == "overwrite" else \
             "already exists and is not a batchkin run folder (no run.json)"
@@ -295,7 +298,8 @@ def killed_early(tmp_path_factory, child, tiny_args):
 
 
 @pytest.mark.parametrize("how", ["the same command", "--resume"])
-def test_a_run_killed_before_its_first_checkpoint_starts_again(how, killed_early, cli, tmp_path, tiny_args, siblings_of):
+def test_a_run_killed_before_its_first_checkpoint_starts_again(
+    how, killed_early, cli, tmp_path, tiny_args, siblings_of):
     killed, reference = killed_early
     run = tmp_path / "run"
     shutil.copytree(killed, run)
@@ -327,7 +331,8 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_says_so(cli, tmp_path, 
     with the plugin file fixed in between) starts the run again in the same folder."""
     run = tmp_path / "run"
     argv = [*tiny_args(1, *_bad()), "--plugin", bad_plugin, "--out", run]
-    line = cli.user_error(argv, "non-finite", "; checkpoints/last.pt was not written yet; the same command starts the run again")
+    line = cli.user_error(
+        argv, "non-finite", "; checkpoints/last.pt was not written yet; the same command starts the run again")
     assert "intact" not in line
     assert (run / "run.json").is_file() and not (run / "checkpoints" / "last.pt").exists()
     bad_plugin.write_text(bad_plugin.read_text().replace('default="nan"', 'default="none"').replace(

@@ -8,7 +8,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import faults
 from batchkin import rundir
 from batchkin.config import ENGINE_TABLES, build_config
 from batchkin.errors import ConfigError, RunError
@@ -16,6 +15,8 @@ from batchkin.plugin import Plugins
 from batchkin.rundir import load_checkpoint
 from batchkin.testing import tiny_config
 from batchkin.trainer import fit
+
+import faults
 
 ARGS = faults.tiny_run_args(epochs=4)
 KILLER = faults.KILLER_ARGS
@@ -106,7 +107,8 @@ def test_out_of_memory_is_a_clear_message(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "train_step", oom)
-    with pytest.raises(RunError, match=r"out of memory at epoch 1 step 1 with data.batch_size = 16 .*--set data.batch_size=8"):
+    with pytest.raises(
+        RunError, match=r"out of memory at epoch 1 step 1 with data.batch_size = 16 .*--set data.batch_size=8"):
         fit(tiny_config(), tmp_path / "run", progress=False)
     # the run folder is consistent: config written, no checkpoint, no half files, unlocked
     assert (tmp_path / "run" / "config.toml").exists()
@@ -128,10 +130,13 @@ def _methods():
 
 values = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(
+        max_size=4), st.integers(), max_size=2),
 )
-KEYS = ["seed", "epochs", "methods", "device", "data.name", "data.batch_size", "data.imbalance_factor", "data.val_fraction",
-        "data.image_size", "data.hflip", "optim.name", "optim.lr", "optim.betas", "schedule.name", "schedule.milestones",
+KEYS = [
+    "seed", "epochs", "methods", "device", "data.name", "data.batch_size", "data.imbalance_factor", "data.val_fraction",
+        "data.image_size", "data.hflip", "optim.name", "optim.lr", "optim.betas", "schedule.name",
+        "schedule.milestones",
         "schedule.warmup_epochs", "train.amp", "train.grad_clip", "metrics.few_threshold", "model", "data", "nosuchkey",
         "data.nosuch"]
 

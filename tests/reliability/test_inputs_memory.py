@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hostile import idx_bytes, idx_folder, image_folder, png, png_claiming, small_idx_set
 
 from batchkin import data
 from batchkin.config import DataConfig
 from batchkin.errors import ConfigError, DataError
+
+from hostile import idx_bytes, idx_folder, image_folder, png, png_claiming, small_idx_set
 
 ROOT = Path(__file__).resolve().parents[2]
 NPZ_PLUGIN = ROOT / "examples" / "batchkin-npz-dataset" / "src" / "batchkin_npz_dataset" / "plugin.py"
@@ -33,7 +34,7 @@ def small_memory(monkeypatch):
     monkeypatch.setattr(data, "available_memory", lambda: 64 * 1024)
 
 
-# ------------------------------------------------------------------------------ labels that make the class count explode
+# -------------------------------------------------------------------------- labels that make the class count explode
 
 
 def test_an_idx_label_of_two_billion_is_refused_before_any_class_list(user_error, tmp_path):
@@ -114,7 +115,8 @@ def test_a_100_byte_png_claiming_20000x20000_pixels_is_refused(user_error, tmp_p
 
 def test_an_image_header_is_checked_against_memory_before_decoding(small_memory, tmp_path):
     root = image_folder(tmp_path / "images", {"a/big.png": png((200, 200)), "b/ok.png": png((6, 6))})
-    with pytest.raises(DataError, match=r"big\.png \(200x200 pixels\) needs 156\.2 KiB of memory; this machine has 64\.0 KiB"):
+    with pytest.raises(
+        DataError, match=r"big\.png \(200x200 pixels\) needs 156\.2 KiB of memory; this machine has 64\.0 KiB"):
         data.load_image_folder(DataConfig(name="imagefolder", root=str(root)))
 
 

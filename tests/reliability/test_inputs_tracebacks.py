@@ -15,12 +15,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from contract import TINY, assert_user_error, run_cli, tree_hash
-from hostile import idx_bytes, idx_folder, plugin, small_idx_set
 
 from batchkin import rundir
 from batchkin.errors import RunError
 from batchkin.report import write_report
+
+from _common import tree_hash
+from contract import TINY, assert_user_error, run_cli
+from hostile import idx_bytes, idx_folder, plugin, small_idx_set
 
 TRAIN = ["train", *TINY]
 
@@ -49,7 +51,8 @@ def _idx_case(root, case):
         (folder / "train-images-idx3-ubyte").rename(folder / "train-images-idx3-ubyte.gz")
         return folder, "train-images-idx3-ubyte.gz", "Not a gzipped file"
     if case == "zero-height images":
-        return idx_folder(root, np.zeros((24, 0, 6), np.uint8), y), "train-images-idx3-ubyte", "of size 0x6 have no pixels"
+        return idx_folder(root, np.zeros((
+            24, 0, 6), np.uint8), y), "train-images-idx3-ubyte", "of size 0x6 have no pixels"
     if case == "float labels":
         return idx_folder(root, x, y, label_code=0x0D), "train-labels-idx1-ubyte", "labels must be integers"
     raise AssertionError(case)
@@ -234,7 +237,8 @@ def test_disk_full_while_the_report_of_a_new_run_is_written(user_error, tmp_path
 
 @pytest.mark.parametrize("n", ["-1", "0"])
 def test_nproc_below_one(user_error, tmp_path, n):
-    user_error([*TRAIN, "--nproc", n, "--out", tmp_path / "run"], f"--nproc must be >= 1 (the number of processes); got {n}",
+    user_error([
+        *TRAIN, "--nproc", n, "--out", tmp_path / "run"], f"--nproc must be >= 1 (the number of processes); got {n}",
                unchanged=[tmp_path / "run"])
 
 
@@ -264,7 +268,8 @@ def test_nproc_a_rank_killed_without_a_line_is_reported_once(tmp_path):
         def register_methods(register):
             register("killer", Killer)
     """)
-    r = run_cli(*TRAIN, "--nproc", "2", "--plugin", killer, "--set", 'methods=["ce","killer"]', "--out", tmp_path / "run")
+    r = run_cli(
+        *TRAIN, "--nproc", "2", "--plugin", killer, "--set", 'methods=["ce","killer"]', "--out", tmp_path / "run")
     assert_user_error(r.returncode, r.stderr, "rank 1 of 2 was killed by signal SIGKILL")
 
 

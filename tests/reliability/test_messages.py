@@ -8,12 +8,13 @@ import shutil
 
 import pytest
 import torch
-from contract import TINY
-from hostile import idx_folder, image_folder, plugin, png, small_idx_set
 
 from batchkin.config import DataConfig
 from batchkin.data import ImageDataset, make_splits
 from batchkin.errors import DataError
+
+from contract import TINY
+from hostile import idx_folder, image_folder, plugin, png, small_idx_set
 
 TRAIN = ["train", *TINY]
 
@@ -91,7 +92,8 @@ def test_grey_and_rgb_images_say_the_channels_differ(user_error, tmp_path):
     root = image_folder(tmp_path / "images", {"a/grey.png": png((6, 6), "L"), "b/colour.png": png((6, 6), "RGB")})
     line = user_error([*TRAIN, "--set", "data.name=imagefolder", "--set", f"data.root={root}",
                        "--set", "data.image_size=[6,6]", "--out", tmp_path / "run"],
-                      "images with different channels", "colour.png is RGB (3 channels)", "grey.png is grey (1 channel)",
+                      "images with different channels", "colour.png is RGB (3 channels)",
+                      "grey.png is grey (1 channel)",
                       unchanged=[root, tmp_path / "run"])
     assert "image_size" not in line
 
@@ -110,7 +112,8 @@ def test_a_folder_given_as_a_plugin_file_or_a_file_as_the_data_folder(user_error
     user_error([*TRAIN, "--plugin", folder, "--out", tmp_path / "run"], f"plugin file {folder} is a folder",
                unchanged=[folder, tmp_path / "run"])
     (tmp_path / "data.bin").write_bytes(b"\0" * 16)
-    user_error([*TRAIN, "--set", "data.name=idx", "--set", f"data.root={tmp_path / 'data.bin'}", "--out", tmp_path / "run"],
+    user_error([
+        *TRAIN, "--set", "data.name=idx", "--set", f"data.root={tmp_path / 'data.bin'}", "--out", tmp_path / "run"],
                f"data.root {tmp_path / 'data.bin'} is a file; it must name the dataset's folder",
                unchanged=[tmp_path / "data.bin", tmp_path / "run"])
 
@@ -122,7 +125,8 @@ def test_a_multi_megabyte_value_is_cut_in_the_message(user_error, tmp_path):
     assert len(line) < 300
     cfg = tmp_path / "huge.toml"
     cfg.write_text(f'[optim]\nname = "{huge}"\n')
-    assert len(user_error([*TRAIN, cfg, "--out", tmp_path / "run"], "optim.name must be one of 'sgd', 'adamw'; got 'xxx")) < 300
+    assert len(user_error([
+        *TRAIN, cfg, "--out", tmp_path / "run"], "optim.name must be one of 'sgd', 'adamw'; got 'xxx")) < 300
     # a value the message does not format itself (a 3 MB key) is cut by the command line's formatter
     line = user_error([*TRAIN, "--set", f"{huge}=1", "--out", tmp_path / "run"], "unknown config key xxx",
                       "characters cut")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from contract import TINY
-from hostile import plugin
 
 from batchkin.plugin import Plugins
 from batchkin.testing import tiny_config
 from batchkin.trainer import prepare, train_step
+
+from contract import TINY
+from hostile import plugin
 
 TRAIN = ["train", *TINY]
 
@@ -64,7 +65,8 @@ def configure(self, state):
 def test_sys_exit_in_a_plugin_file_or_a_hook_does_not_end_the_run_silently(user_error, tmp_path):
     at_import = plugin(tmp_path, "exits_at_import", "import sys\nsys.exit(0)\n")
     user_error([*TRAIN, "--plugin", at_import, "--out", tmp_path / "run"],
-               f"plugin file {at_import} failed to import: it called sys.exit(0)", unchanged=[at_import, tmp_path / "run"])
+               f"plugin file {at_import} failed to import: it called sys.exit(0)", unchanged=[
+                   at_import, tmp_path / "run"])
     in_hook = _method(tmp_path, "exits_in_hook", """
 @hookimpl
 def on_epoch_start(self, state):
@@ -89,7 +91,8 @@ def loss_terms(self, state, outputs):
 
 
 @pytest.mark.parametrize("value, fragments", [
-    ("torch.ones(4, requires_grad=True)", ["returned 'extra' as a torch.float32 tensor of shape [4]", "one floating-point value"]),
+    ("torch.ones(4, requires_grad=True)", [
+        "returned 'extra' as a torch.float32 tensor of shape [4]", "one floating-point value"]),
     ("0.5", ["returned 'extra' as float 0.5", "must be a scalar tensor"]),
     ("torch.tensor(3)", ["returned 'extra' as a torch.int64 tensor of shape []"]),
 ])

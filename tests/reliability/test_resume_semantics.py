@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import faults
 from batchkin.config import resume_keys
+
+import faults
 
 CLI_DOCS = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
 
@@ -120,7 +121,8 @@ def test_a_config_edited_to_another_optimizer_is_refused(cli, old_run, folder_ha
     (["--set", "epochs=1"], "epochs = 1 is below the 2 epochs {run} has trained"),
     (["--until", "0"], "--until must be an epoch >= 1; got 0"),
     (["--until", "-1"], "--until must be an epoch >= 1; got -1"),
-    (["--until", "1", "--set", "epochs=4"], "--until 1: {run} has already trained 2 epochs; give a later epoch, up to epochs = 4"),
+    (["--until", "1", "--set", "epochs=4"],
+     "--until 1: {run} has already trained 2 epochs; give a later epoch, up to epochs = 4"),
     (["--until", "2", "--set", "epochs=4"], "--until 2: {run} has already trained 2 epochs"),
     (["--until", "5", "--set", "epochs=4"], "--until 5 is beyond epochs = 4"),
     (["--overwrite"], "--resume continues a run and --overwrite replaces it"),

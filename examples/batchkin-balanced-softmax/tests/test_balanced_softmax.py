@@ -4,9 +4,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from batchkin_balanced_softmax import plugin
 
 from batchkin.testing import run_plugin, tiny_config
-from batchkin_balanced_softmax import plugin
 
 
 def test_loss_on_a_hand_worked_example():

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from batchkin_npz_dataset import NpzOptions, load_npz, plugin
 
 from batchkin.config import DataConfig
 from batchkin.errors import ConfigError, DataError
 from batchkin.plugin import Plugins
 from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import prepare, resolved_config
-from batchkin_npz_dataset import NpzOptions, load_npz, plugin
 
 
 def _images(rng, n, shape):
@@ -95,7 +95,9 @@ def test_data_root_is_the_fallback_for_an_empty_path(tmp_path, rng):
     assert ds.classes == ["0", "1", "2"]
     same = plugin.npz_dataset(NpzOptions(path=str(path)), data=DataConfig(name="npz", root=str(path)))
     assert same.classes == ["0", "1", "2"]
-    with pytest.raises(ConfigError, match=r"data\.path \('a\.npz'\) and data\.root \('b\.npz'\) both name the file.*set data\.path only"):
+    with pytest.raises(ConfigError,
+                       match=r"data\.path \('a\.npz'\) and data\.root \('b\.npz'\) both name the file.*set data\.path "
+                             r"only"):
         plugin.npz_dataset(NpzOptions(path="a.npz"), data=DataConfig(name="npz", root="b.npz"))
     with pytest.raises(ConfigError, match=r"data\.path must name the \.npz file for data\.name = 'npz'"):
         plugin.npz_dataset(NpzOptions(), data=DataConfig(name="npz"))
@@ -143,29 +145,36 @@ BAD = {
     "unknown array": (lambda a: a.update(x_tset=a["x"]), r"unknown array 'x_tset' \(did you mean 'x_test'\?\)"),
     "float images": (lambda a: a.update(x=a["x"].astype(np.float32)), r"'x' must be uint8 images .*got dtype float32"),
     "int16 images": (lambda a: a.update(x=a["x"].astype(np.int16)), r"'x' must be uint8 images .*got dtype int16"),
-    "flat images": (lambda a: a.update(x=a["x"].reshape(6, 16)), r"'x' must have shape \[N, H, W\] or \[N, H, W, C\]; got \[6, 16\]"),
+    "flat images": (lambda a: a.update(x=a["x"].reshape(
+        6, 16)), r"'x' must have shape \[N, H, W\] or \[N, H, W, C\]; got \[6, 16\]"),
     "5-d images": (lambda a: a.update(x=a["x"].reshape(6, 2, 2, 2, 2)), r"got \[6, 2, 2, 2, 2\]"),
     "channels first": (lambda a: a.update(x=np.zeros((6, 3, 8, 8), np.uint8)), r"looks channels-first.*np\.moveaxis"),
     "no images": (lambda a: a.update(x=a["x"][:0], y=a["y"][:0]), r"'x' holds no images"),
     "empty image": (lambda a: a.update(x=np.zeros((6, 0, 4), np.uint8)), r"'x' has an empty image dimension"),
-    "float labels": (lambda a: a.update(y=a["y"].astype(np.float64)), r"'y' must hold integer labels; got dtype float64"),
+    "float labels": (lambda a: a.update(y=a["y"].astype(
+        np.float64)), r"'y' must hold integer labels; got dtype float64"),
     "bool labels": (lambda a: a.update(y=a["y"] > 0), r"'y' must hold integer labels; got dtype bool"),
     "string labels": (lambda a: a.update(y=a["y"].astype(str)), r"'y' must hold integer labels"),
     "2-d labels": (lambda a: a.update(y=a["y"][:, None]), r"'y' must have shape \[N\]; got \[6, 1\]"),
     "fewer labels": (lambda a: a.update(y=a["y"][:5]), r"5 labels in 'y' for 6 images in 'x'"),
-    "more test labels": (lambda a: a.update(x_test=a["x"][:2], y_test=a["y"][:3]), r"3 labels in 'y_test' for 2 images in 'x_test'"),
+    "more test labels": (lambda a: a.update(x_test=a["x"][:2], y_test=a["y"][
+        :3]), r"3 labels in 'y_test' for 2 images in 'x_test'"),
     "test size differs": (lambda a: a.update(x_test=np.zeros((2, 4, 5), np.uint8), y_test=a["y"][:2]),
                           r"'x_test' images are \[4, 5\] but 'x' images are \[4, 4\]"),
     "negative label": (lambda a: a["y"].__setitem__(3, -1), r"labels must be >= 0; 'y' holds -1"),
     "negative test label": (lambda a: a.update(x_test=a["x"][:2], y_test=np.array([0, -2])), r"'y_test' holds -2"),
     "label beyond classes": (lambda a: a.update(classes=np.array(["a", "b"])),
-                             r"'y' holds label 2, out of range for the 2 names in 'classes' \(labels must lie in \[0, 1\]\)"),
-    "test label beyond classes": (lambda a: a.update(classes=np.array(["a", "b", "c"]), x_test=a["x"][:1], y_test=np.array([7])),
+                             r"'y' holds label 2, out of range for the 2 names in 'classes' \(labels must lie in \[0, "
+                             r"1\]\)"),
+    "test label beyond classes": (lambda a: a.update(classes=np.array(["a", "b", "c"]), x_test=a["x"][
+        :1], y_test=np.array([7])),
                                   r"'y_test' holds label 7, out of range for the 3 names"),
     "label of 1e12 without names": (lambda a: a["y"].__setitem__(2, 10**12),
                                     r"'y' holds label 1000000000000, which implies 1000000000001 classes for 6 images"),
-    "numeric class names": (lambda a: a.update(classes=np.arange(3)), r"'classes' must be a non-empty 1-d string array"),
-    "duplicate class names": (lambda a: a.update(classes=np.array(["a", "b", "a"])), r"'classes' names 'a' more than once"),
+    "numeric class names": (lambda a: a.update(classes=np.arange(
+        3)), r"'classes' must be a non-empty 1-d string array"),
+    "duplicate class names": (lambda a: a.update(classes=np.array([
+        "a", "b", "a"])), r"'classes' names 'a' more than once"),
     "non-bool flip flag": (lambda a: a.update(hflip=np.array(1)), r"'hflip' must be a single boolean"),
 }
 

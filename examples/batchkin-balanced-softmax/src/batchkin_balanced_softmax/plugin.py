@@ -37,7 +37,8 @@ class BalancedSoftmax(Method):
 
     @hookimpl
     def loss_terms(self, state, outputs):
-        return {"balanced_softmax": balanced_softmax_loss(outputs["logits"], state.targets(), self.counts, self.options.tau)}
+        return {"balanced_softmax": balanced_softmax_loss(outputs[
+            "logits"], state.targets(), self.counts, self.options.tau)}
 
 
 @dataclass

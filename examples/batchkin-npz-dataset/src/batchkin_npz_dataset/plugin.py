@@ -62,7 +62,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     if magic == b"\x93NUMPY":
-        raise DataError(f"{path} holds a single .npy array, not an .npz archive; write it with np.savez(path, x=..., y=...)")
+        raise DataError(
+            f"{path} holds a single .npy array, not an .npz archive; write it with np.savez(path, x=..., y=...)")
     if not magic.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC)):
         what = "is empty" if not magic else "is not an .npz archive (no zip header)"
         raise DataError(f"{path} {what}; write the dataset with np.savez(path, x=..., y=...)")
@@ -70,7 +71,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         archive = np.load(path, allow_pickle=False)
     except _CORRUPT as exc:
-        raise DataError(f"{path} is not a readable .npz archive (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+        raise DataError(
+            f"{path} is not a readable .npz archive (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
     arrays = {}
     with archive:
         for key in archive.files:
@@ -98,7 +100,8 @@ def _check_sizes(path: Path) -> None:
     try:
         archive = zipfile.ZipFile(path)
     except _CORRUPT as exc:
-        raise DataError(f"{path} is not a readable .npz archive (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+        raise DataError(
+            f"{path} is not a readable .npz archive (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
     with archive:
         for info in archive.infolist():
             key = info.filename.removesuffix(".npy")
@@ -107,7 +110,8 @@ def _check_sizes(path: Path) -> None:
                     version = np.lib.format.read_magic(fh)
                     if version not in ((1, 0), (2, 0)):
                         continue  # numpy reads (and checks) other versions itself
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    read = np.lib.format.read_array_header_1_0 if version == (
+                        1, 0) else np.lib.format.read_array_header_2_0
                     shape, _, dtype = read(fh)
                     held = info.file_size - fh.tell()
             except _CORRUPT as exc:
@@ -166,7 +170,8 @@ def _class_names(path: Path, arrays: dict) -> list[str] | None:
         return None
     names = arrays["classes"]
     if names.dtype.kind not in "US" or names.ndim != 1 or len(names) == 0:
-        raise DataError(f"{path}: 'classes' must be a non-empty 1-d string array; got {names.dtype} {list(names.shape)}")
+        raise DataError(
+            f"{path}: 'classes' must be a non-empty 1-d string array; got {names.dtype} {list(names.shape)}")
     out = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names.tolist()]
     dupes = sorted({n for n in out if out.count(n) > 1})
     if dupes:
