@@ -55,7 +55,7 @@ if DRY:  # before triton is first imported
 
 import torch  # noqa: E402
 
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests" / "kernels")]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests" / "kernels"), str(ROOT / "tests")]  # _util needs _common
 
 #: the e2e stage: method -> its digits config
 E2E_CONFIGS = {"ce": "quickstart.toml", "bbn": "bbn_digits.toml", "batchformer": "batchformer_digits.toml",
