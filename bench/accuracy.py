@@ -97,6 +97,7 @@ class Experiment:
     budgets: tuple = ()  # pilot budgets (values of budget_key)
     budget: int | float | None = None  # the final budget; None: chosen from the pilots (see choose_budget)
     common: tuple[str, ...] = ()  # overrides of every run
+    pilot_seeds: tuple[int, ...] = PILOT_SEEDS  # fewer where a run costs most of an hour on a CPU
     long_tailed: bool = False
     quick: tuple[str, ...] = ()  # extra overrides under --quick
 
@@ -146,7 +147,8 @@ def suites() -> dict[str, Suite]:
         Suite("bbn", "BBN against cross-entropy on long-tailed data", (
             Experiment("fmlt100", "Fashion-MNIST-LT (imbalance factor 100), ResNet-8 (width 16)",
                        {"ce": Run(fm_lt), "bbn": Run("configs/bbn_fashion_mnist_lt.toml")},
-                       budgets=(10, 20, 40), common=FM_LT, long_tailed=True, quick=("data.train_size=1000",)),
+                       budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
+                       quick=("data.train_size=1000",)),
             Experiment("digitslt10", "digits-LT (imbalance factor 10), ResNet-8",
                        {"ce": Run("configs/ce_digits_lt.toml"), "bbn": Run("configs/bbn_digits.toml")},
                        budgets=(15, 30, 60), common=("train.eval_every=1000",), long_tailed=True),
@@ -158,7 +160,8 @@ def suites() -> dict[str, Suite]:
                         "bbn": Run("configs/bbn_fashion_mnist_lt.toml"),
                         "bbn+batchformer": Run("configs/bbn_fashion_mnist_lt.toml", (WITH_BBN,))},
                        pairs=(("ce+batchformer", "ce"), ("bbn+batchformer", "bbn")),
-                       budgets=(10, 20, 40), common=FM_LT, long_tailed=True, quick=("data.train_size=1000",)),
+                       budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
+                       quick=("data.train_size=1000",)),
         )),
     )}
 
@@ -345,7 +348,7 @@ def pts(x: float) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:+.2f}"
 
 
-def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=PILOT_SEEDS, budgets=None):
+def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=None, budgets=None):
     """The final budget: ``exp.budget`` if fixed, else the smallest pilot budget where the
     baseline's mean validation ``metric`` is within ``CONVERGED`` of its best pilot budget.
 
@@ -356,7 +359,7 @@ def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=PILOT_SEEDS, 
     base = next(iter(exp.runs))
     means = {}
     for b in exp.budgets if budgets is None else budgets:
-        vals = [r["val"].get(metric) for s in seeds if (r := pilot.get((base, b, s))) and "val" in r]
+        vals = [r["val"].get(metric) for s in (seeds or exp.pilot_seeds) if (r := pilot.get((base, b, s))) and "val" in r]
         if vals:
             means[b] = mean_std(vals)[0]
     if not means:
@@ -374,12 +377,14 @@ def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=PILOT_SEEDS, 
 class Plan:
     """The seeds of each phase and the pilot budgets (``--quick`` shrinks them)."""
 
-    pilot_seeds: tuple = PILOT_SEEDS
     final_seeds: tuple = FINAL_SEEDS
     quick: bool = False
 
     def budgets(self, exp: Experiment) -> tuple:
         return (exp.quick_budget(),) if self.quick else exp.budgets
+
+    def pilot_seeds(self, exp: Experiment) -> tuple:
+        return exp.pilot_seeds[:1] if self.quick else exp.pilot_seeds
 
 
 def class_counts(folder: Path, p) -> str | None:
@@ -459,14 +464,14 @@ def experiment_markdown(suite: Suite, exp: Experiment, plan: "Plan", pilot: dict
                              + f" | {pts(pr['mean'])} | [{pts(pr['ci95'][0])}, {pts(pr['ci95'][1])}] |")
     # pilot table
     if plan.budgets(exp):
-        lines += ["", f"**Pilots** (seeds {', '.join(map(str, plan.pilot_seeds))}; validation split; mean, then "
+        lines += ["", f"**Pilots** (seeds {', '.join(map(str, plan.pilot_seeds(exp)))}; validation split; mean, then "
                       f"each seed), {metrics[0][1]} (%):", "",
                   f"| {exp.budget_key} | " + " | ".join(exp.labels("pilot")) + " |",
                   "|---|" + "---|" * len(exp.labels("pilot"))]
         for b in plan.budgets(exp):
             cells = []
             for label in exp.labels("pilot"):
-                rs = [pilot.get((label, b, s)) for s in plan.pilot_seeds]
+                rs = [pilot.get((label, b, s)) for s in plan.pilot_seeds(exp)]
                 vals = [_score(r, "val", key) for r in rs]
                 shown = [("failed" if r and "error" in r else fmt(v) if r else "-") for r, v in zip(rs, vals)]
                 cells.append(f"{fmt(mean_std(vals)[0])} ({', '.join(shown)})")
@@ -520,7 +525,7 @@ def plot_budget(suite: Suite, plan: "Plan", pilot: dict, final: dict, budgets: d
         top, bottom = axes[0][j], axes[1][j]
         bx = list(plan.budgets(exp))
         for i, label in enumerate(exp.labels("pilot")):
-            means = [mean_std([_score(pilot[exp.key].get((label, b, s)), "val", key) for s in plan.pilot_seeds])[0]
+            means = [mean_std([_score(pilot[exp.key].get((label, b, s)), "val", key) for s in plan.pilot_seeds(exp)])[0]
                      for b in bx]
             top.plot(bx, [100 * m for m in means], "o-", color=f"C{i}", label=f"{label} (val)", ms=4)
             b = budgets.get(exp.key)
@@ -535,8 +540,8 @@ def plot_budget(suite: Suite, plan: "Plan", pilot: dict, final: dict, budgets: d
         for i, (method, base) in enumerate(exp.pairings()):
             d = []
             for b in bx:
-                a = [_score(pilot[exp.key].get((method, b, s)), "val", key) for s in plan.pilot_seeds]
-                c = [_score(pilot[exp.key].get((base, b, s)), "val", key) for s in plan.pilot_seeds]
+                a = [_score(pilot[exp.key].get((method, b, s)), "val", key) for s in plan.pilot_seeds(exp)]
+                c = [_score(pilot[exp.key].get((base, b, s)), "val", key) for s in plan.pilot_seeds(exp)]
                 d.append(paired(a, c)["mean"])
             bottom.plot(bx, [100 * x for x in d], "o-", color=f"C{i}", label=f"{method} - {base} (val, pilots)", ms=4)
             b = budgets.get(exp.key)
@@ -657,8 +662,8 @@ def main(argv=None) -> int:
     out = Path(args.out) / ("quick" if args.quick else "")
     docs = out / "docs" if args.quick else Path(args.docs)
     stamp = commit()
-    plan = Plan(PILOT_SEEDS[:1], FINAL_SEEDS[:1], True) if args.quick else Plan()
-    pilot_seeds, final_seeds = plan.pilot_seeds, plan.final_seeds
+    plan = Plan(FINAL_SEEDS[:1], True) if args.quick else Plan()
+    final_seeds = plan.final_seeds
     t0 = time.perf_counter()
 
     def job(suite, exp, phase, label, budget, seed):
@@ -693,7 +698,7 @@ def main(argv=None) -> int:
     # pilots: every phase needs them (the final budget is chosen from them)
     pilot_jobs = [job(s, e, "pilot", label, b, seed) for s in chosen for e in s.experiments
                   for b in plan.budgets(e)
-                  for seed in pilot_seeds for label in e.labels("pilot") if wanted(e, label)]
+                  for seed in plan.pilot_seeds(e) for label in e.labels("pilot") if wanted(e, label)]
     # the final phase only reads the finished pilots (the final budget is chosen from them)
     execute(pilot_jobs, results, train=args.phase != "final" and not args.report_only)
     budgets = {}
@@ -703,7 +708,7 @@ def main(argv=None) -> int:
                 budgets[(s.name, e.key)] = (e.quick_budget(), "--quick: the smallest budget")
                 continue
             pilot = {(k[3], k[4], k[5]): r for k, r in results.items() if k[:3] == (s.name, e.key, "pilot")}
-            budgets[(s.name, e.key)] = choose_budget(e, pilot, s.metrics[0][0], plan.pilot_seeds, plan.budgets(e))
+            budgets[(s.name, e.key)] = choose_budget(e, pilot, s.metrics[0][0], plan.pilot_seeds(e), plan.budgets(e))
     if args.phase in ("final", "both"):
         final_jobs = [job(s, e, "final", label, budgets[(s.name, e.key)][0], seed) for s in chosen
                       for e in s.experiments if budgets[(s.name, e.key)][0] is not None
@@ -723,8 +728,8 @@ def main(argv=None) -> int:
                  for e in s.experiments}
         commits = sorted({r.get("commit") or "unrecorded" for r in res.values()})
         walls = [r["wall_s"] for r in res.values() if "wall_s" in r]
-        block = [f"Reproduce: `{' '.join(['python bench/accuracy.py', s.name, *flags])}` (pilot seeds "
-                 f"{', '.join(map(str, pilot_seeds))}, final seeds {', '.join(map(str, final_seeds))}; "
+        block = [f"Reproduce: `{' '.join(['python bench/accuracy.py', s.name, *flags])}` (final seeds "
+                 f"{', '.join(map(str, final_seeds))}, never used by a pilot; "
                  f"{args.threads} torch thread(s) per run; python {platform.python_version()}, torch {_torch()}; "
                  f"runs made at commit(s) {', '.join(commits)}; {len(walls)} runs, {sum(walls) / 3600:.1f} "
                  f"CPU-hours in all; run folders under `{out / s.name}`).", "",
