@@ -10,17 +10,28 @@ Every classifier follows one protocol, which the methods rely on:
   ``classifier(forward_features(x)["features"])``.
 
 ResNets also expose ``trunk`` (stem and every residual block but the last),
-``last_block`` and ``pool``, which BBN splits into its two branches.
+``last_block`` and ``pool``, which BBN splits into its two branches. docs/models.md
+states the protocol in full, method by method.
+
+This module registers the CIFAR-style ResNets (``resnet8`` ... ``resnet32``, projection
+or option-A shortcuts), the small ViT ``vit``, ``tiny``, and the ImageNet-scale backbones
+of :mod:`batchkin.backbones` (``resnet18`` ... ``resnext50_32x4d``, ``vit_s16``,
+``vit_b16``, ``swin_t``). Every one has the options ``weights`` / ``weights_prefix``
+(:mod:`batchkin.backbones.weights`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones.weights import WeightsOptions, load_weights
 from .errors import ConfigError
 from .hookspecs import hookimpl
 
@@ -42,18 +53,77 @@ class Classifier(nn.Module):
         return feats if return_features else self.classifier(feats["features"])
 
 
+def check_protocol(model: nn.Module, name: str) -> None:
+    """The engine's own needs (every method's default forward): ``forward_features`` and
+    ``classifier``; a model without them is a ConfigError naming what is missing."""
+    missing = [a for a in ("forward_features", "classifier") if not callable(getattr(model, a, None))]
+    if missing:
+        raise ConfigError(f"model {name!r} does not follow batchkin's model protocol: it has no "
+                          f"{' and no '.join(missing)} (see docs/models.md)")
+
+
+def options_with_defaults(base: type, model_name: str, **defaults) -> type:
+    """A subclass of the options dataclass ``base`` whose fields in ``defaults`` default to
+    the given values (one options class per registered name: ``vit_s16`` and ``vit_b16``
+    share :class:`~batchkin.backbones.vit.ViTOptions` with other widths), so that a run's
+    resolved config shows the real values."""
+    hints = typing.get_type_hints(base)
+    known = {f.name: f for f in dataclasses.fields(base)}
+    spec = []
+    for key, value in defaults.items():
+        meta = known[key].metadata
+        fld = field(default_factory=lambda v=value: list(v), metadata=meta) if isinstance(value, list) \
+            else field(default=value, metadata=meta)
+        spec.append((key, hints[key], fld))
+    cls = dataclasses.make_dataclass(f"{base.__name__}_{model_name}", spec, bases=(base,))
+    cls.__module__, cls.__qualname__ = base.__module__, f"{base.__qualname__}[{model_name}]"
+    return cls
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a fraction ``p`` of the samples and scale
+    the others by ``1 / (1 - p)``; the identity in evaluation or at ``p = 0``."""
+    if not training or p == 0:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
+    return x * keep / (1 - p)
+
+
 # ------------------------------------------------------------------------------ ResNet
 
 
-class BasicBlock(nn.Module):
+class PadShortcut(nn.Module):
+    """The option-A shortcut of He et al. (2016) for CIFAR, used by the LDAM / BBN ResNet-32:
+    keep every ``stride``-th pixel and zero-pad the new channels, ``(cout - cin) // 2``
+    before and the rest after the input's. No parameters."""
+
     def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        if cout < cin:
+            raise ValueError(f"a padding shortcut cannot reduce {cin} channels to {cout}")
+        self.stride, self.before, self.after = stride, (cout - cin) // 2, cout - cin - (cout - cin) // 2
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.before, self.after))
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, pad=({self.before}, {self.after})"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions; where the shape changes the shortcut is a 1x1 convolution +
+    BatchNorm (``shortcut = "projection"``, option B) or :class:`PadShortcut` (``"pad"``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str = "projection"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
+        if (stride != 1 or cin != cout) and shortcut == "pad":
+            self.shortcut = PadShortcut(cin, cout, stride)
+        elif stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
@@ -63,25 +133,30 @@ class BasicBlock(nn.Module):
 
 
 @dataclass
-class ResNetOptions:
+class ResNetOptions(WeightsOptions):
     width: int = field(default=16, metadata={"ge": 1, "help": "channels of the first stage (doubled per stage)"})
     blocks: list[int] = field(default_factory=list, metadata={"ge": 1, "help": "blocks per stage (default from the model name)"})
+    shortcut: Literal["projection", "pad"] = field(
+        default="projection", metadata={"help": "shortcut where the shape changes: projection (1x1 conv + BN) or pad "
+                                                "(option A: subsample + zero channels, no parameters; LDAM/BBN)"})
 
 
 class CifarResNet(Classifier):
     """ResNet for small images (He et al. 2016, CIFAR variant): 3x3 stem, three stages
     of basic blocks at widths w, 2w, 4w (strides 1, 2, 2), global average pooling.
     ResNet-(6n+2) has n blocks per stage; the shortcut is a 1x1 projection where the
-    shape changes."""
+    shape changes, or with ``shortcut="pad"`` option A (:class:`PadShortcut`), as the
+    ResNet-32 of LDAM and BBN."""
 
-    def __init__(self, blocks, num_classes: int, in_channels: int = 3, width: int = 16):
+    def __init__(self, blocks, num_classes: int, in_channels: int = 3, width: int = 16,
+                 shortcut: str = "projection"):
         super().__init__()
         layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         cin = width
         for stage, n in enumerate(blocks):
             cout = width * 2**stage
             for i in range(n):
-                layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+                layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1, shortcut))
                 cin = cout
         self.trunk = nn.Sequential(*layers[:-1])
         self.last_block = layers[-1]
@@ -102,7 +177,7 @@ RESNET_DEPTHS = {"resnet8": [1, 1, 1], "resnet14": [2, 2, 2], "resnet20": [3, 3,
 def _resnet_builder(name):
     def build(options: ResNetOptions, *, num_classes, in_channels, image_size):
         blocks = options.blocks or RESNET_DEPTHS[name]
-        return CifarResNet(blocks, num_classes, in_channels, options.width)
+        return load_weights(CifarResNet(blocks, num_classes, in_channels, options.width, options.shortcut), options, name)
 
     return build
 
@@ -111,7 +186,7 @@ def _resnet_builder(name):
 
 
 @dataclass
-class ViTOptions:
+class ViTOptions(WeightsOptions):
     dim: int = field(default=64, metadata={"ge": 8, "help": "token width"})
     depth: int = field(default=4, metadata={"ge": 1, "help": "transformer blocks"})
     heads: int = field(default=4, metadata={"ge": 1, "help": "attention heads"})
@@ -141,10 +216,7 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def _drop(self, x):
-        if not self.training or self.drop_path == 0:
-            return x
-        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.drop_path
-        return x * keep / (1 - self.drop_path)
+        return drop_path(x, self.drop_path, self.training)
 
     def forward(self, x):
         h = self.norm1(x)
@@ -197,14 +269,18 @@ class SmallViT(Classifier):
 
 
 def _vit_builder(options: ViTOptions, *, num_classes, in_channels, image_size):
-    return SmallViT(options, num_classes, in_channels, image_size)
+    return load_weights(SmallViT(options, num_classes, in_channels, image_size), options, "vit")
+
+
+def _tiny_builder(options: TinyOptions, *, num_classes, in_channels, image_size):
+    return load_weights(TinyNet(options, num_classes, in_channels), options, "tiny")
 
 
 # ------------------------------------------------------------------------------ tiny
 
 
 @dataclass
-class TinyOptions:
+class TinyOptions(WeightsOptions):
     width: int = field(default=8, metadata={"ge": 1, "help": "channels of the single convolution"})
 
 
@@ -227,8 +303,11 @@ def register_models(register):
     for name in RESNET_DEPTHS:
         register(name, _resnet_builder(name), options=ResNetOptions)
     register("vit", _vit_builder, options=ViTOptions)
-    register("tiny", lambda o, *, num_classes, in_channels, image_size: TinyNet(o, num_classes, in_channels),
-             options=TinyOptions)
+    register("tiny", _tiny_builder, options=TinyOptions)
+    from .backbones import resnet, swin, vit  # they import this module's Classifier
+
+    for module in (resnet, vit, swin):
+        module.register(register)
 
 
 def count_parameters(model: nn.Module) -> int:

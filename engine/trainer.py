@@ -23,6 +23,7 @@ from .data import DeviceData, ShuffleSampler, make_splits
 from .errors import ConfigError, NonFiniteError, RunError
 from .hookspecs import hookimpl
 from .metrics import classification_metrics, confusion_counts, shot_groups
+from .models import check_protocol
 from .plugin import Plugins, RunHooks
 from .rundir import CHECKPOINT_FORMAT, RunDir, load_checkpoint
 from .schema import dump_toml, parse, to_dict
@@ -221,6 +222,7 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
         state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
+        check_protocol(state.model, cfg.model["name"])
         hooks.wrap_model(state=state)
     state.model.to(device)
     if cfg.train.compile:

@@ -275,9 +275,12 @@ class BilateralNet(Classifier):
         self.branch_dim, self.feature_dim, self.num_classes = int(d), 2 * int(d), int(k)
         self.classifier = nn.Linear(2 * int(d), int(k))
         self.fused = bool(fused)
-        skip = {"trunk", "last_block", "pool", "classifier"}
+        # the backbone's own modules (also under other names, e.g. torchvision's conv1 ... fc,
+        # of which trunk / last_block / pool / classifier are views) are not carried over
+        owned = {id(m) for part in (backbone.trunk, backbone.last_block, pool, old) if isinstance(part, nn.Module)
+                 for m in part.modules()}
         for name, child in backbone.named_children():  # e.g. heads other methods attached
-            if name not in skip and not hasattr(self, name):
+            if not any(id(m) in owned for m in child.modules()) and not hasattr(self, name):
                 self.add_module(name, child)
 
     def _branch(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:

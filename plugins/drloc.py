@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchkin.backbones.swin import PatchMerging as SwinPatchMerging
 from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
 from batchkin.kernels.drloc_pairs import drloc_first_layer, drloc_positions, drloc_targets
@@ -380,23 +381,16 @@ class HierViTOptions:
             raise ConfigError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
 
 
-class PatchMerging(nn.Module):
-    """Halve the grid (odd sizes padded at the bottom/right) and double the width: each 2x2
-    neighbourhood's four tokens are concatenated, normalised and projected (as Swin)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+class PatchMerging(SwinPatchMerging):
+    """Swin's patch merging (:class:`batchkin.backbones.swin.PatchMerging`: odd sizes padded
+    at the bottom/right, 2x2 neighbourhoods concatenated, normalised, projected to twice
+    the width) on a token sequence ``[B, h * w, C]``; returns ``(tokens, h', w')``."""
 
     def forward(self, t: torch.Tensor, h: int, w: int):
         b, _, c = t.shape
-        x = t.view(b, h, w, c)
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        x = super().forward(t.view(b, h, w, c))
         h2, w2 = x.shape[1], x.shape[2]
-        return self.reduction(self.norm(x.reshape(b, h2 * w2, 4 * c))), h2, w2
+        return x.reshape(b, h2 * w2, -1), h2, w2
 
 
 class HierViT(Classifier):

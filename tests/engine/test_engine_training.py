@@ -68,7 +68,8 @@ def test_run_folder_contents(shared, metrics_lines):
     assert result.state.steps_per_epoch == 3
     cfg = saved_config(run)
     assert cfg == resolved_config(result.state)  # config.toml is the resolved config, read back exactly
-    assert cfg["epochs"] == 4 and cfg["data"]["batch_size"] == 8 and cfg["model"] == {"name": "resnet8", "width": 4, "blocks": []}
+    assert cfg["epochs"] == 4 and cfg["data"]["batch_size"] == 8 and cfg["model"] == {
+        "name": "resnet8", "width": 4, "blocks": [], "shortcut": "projection", "weights": "", "weights_prefix": ""}
     assert "| 4 |" in (run / "report.md").read_text()
 
 
