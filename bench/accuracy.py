@@ -74,7 +74,7 @@ SUPERVISED = (("top1", "top-1"), ("balanced_acc", "balanced"), ("many_acc", "man
 SSL = (("knn_top1", "kNN top-1"), ("probe_top1", "linear probe top-1"))
 PROBE = {"epochs": 100, "lr": 0.1, "batch_size": 256, "seed": 0}
 QUICK_PROBE = {**PROBE, "epochs": 5}
-QUICK = ("train.eval_every=1",)
+QUICK = ("train.eval_every=1", "schedule.warmup_epochs=0")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,14 @@ def suites() -> dict[str, Suite]:
                        budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
                        quick=("data.train_size=1000",)),
         )),
+        Suite("drloc", "DRLoc: a plain vision transformer from scratch on small data", tuple(
+            Experiment(f"fm{n // 1000}k", f"Fashion-MNIST, {n:,} training images, ViT (4x4 linear patches, 4 blocks, width 64)",
+                       {"ce": Run("configs/vit_fashion_mnist.toml"),
+                        "drloc_l1": Run("configs/drloc_fashion_mnist.toml"),
+                        "drloc_ce": Run("configs/drloc_fashion_mnist.toml", ("drloc.head=ce",))},
+                       budgets=budgets, common=(f"data.train_size={n}", "train.eval_every=1000"), pilot_seeds=(100,),
+                       quick=("data.train_size=500",))
+            for n, budgets in ((1000, (50, 100, 200)), (5000, (10, 20, 40))))),
     )}
 
 
