@@ -85,6 +85,7 @@ class Run:
     overrides: tuple[str, ...] = ()
     train: bool = True  # False: measure the encoder at its seeded initialisation (SSL only)
     final: bool = True  # False: a recipe candidate, run in the pilot phase only
+    more_budgets: tuple = ()  # pilot budgets beyond the experiment's, for this label only (the trend)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ def suites() -> dict[str, Suite]:
     return {s.name: s for s in (
         Suite("bbn", "BBN against cross-entropy on long-tailed data", (
             Experiment("fmlt100", "Fashion-MNIST-LT (imbalance factor 100), ResNet-8 (width 16)",
-                       {"ce": Run(fm_lt), "bbn": Run("configs/bbn_fashion_mnist_lt.toml")},
+                       {"ce": Run(fm_lt, more_budgets=(80,)),
+                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml", more_budgets=(80,))},
                        budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
                        quick=("data.train_size=1000",)),
             Experiment("digitslt10", "digits-LT (imbalance factor 10), ResNet-8",
@@ -155,9 +157,9 @@ def suites() -> dict[str, Suite]:
         )),
         Suite("batchformer", "BatchFormer on long-tailed data", (
             Experiment("fmlt100", "Fashion-MNIST-LT (imbalance factor 100), ResNet-8 (width 16)",
-                       {"ce": Run(fm_lt),
+                       {"ce": Run(fm_lt, more_budgets=(80,)),
                         "ce+batchformer": Run("configs/batchformer_fashion_mnist_lt.toml"),
-                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml"),
+                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml", more_budgets=(80,)),
                         "bbn+batchformer": Run("configs/bbn_fashion_mnist_lt.toml", (WITH_BBN,))},
                        pairs=(("ce+batchformer", "ce"), ("bbn+batchformer", "bbn")),
                        budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
@@ -374,6 +376,9 @@ def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=None, budgets
         return None, "no finished pilot runs"
     best = max(means.values())
     chosen = min(b for b, m in means.items() if m >= best - CONVERGED)
+    if chosen == max(means) and len(means) > 1:
+        return chosen, (f"the largest common pilot {exp.budget_key}: the baseline `{base}` still gained there "
+                        f"(validation {metric} {fmt(means[chosen])} %), so it has not fully converged")
     return chosen, (f"smallest pilot {exp.budget_key} where the baseline `{base}`'s mean validation {metric} is "
                     f"within {100 * CONVERGED:.1f} points of its best ({fmt(best)} %)")
 
@@ -388,8 +393,12 @@ class Plan:
     final_seeds: tuple = FINAL_SEEDS
     quick: bool = False
 
-    def budgets(self, exp: Experiment) -> tuple:
-        return (exp.quick_budget(),) if self.quick else exp.budgets
+    def budgets(self, exp: Experiment, label: str | None = None) -> tuple:
+        """The pilot budgets of ``exp`` (of one label: the experiment's plus its ``more_budgets``)."""
+        if self.quick:
+            return (exp.quick_budget(),)
+        more = exp.runs[label].more_budgets if label else tuple(b for r in exp.runs.values() for b in r.more_budgets)
+        return tuple(sorted(set(exp.budgets) | set(more)))
 
     def pilot_seeds(self, exp: Experiment) -> tuple:
         return exp.pilot_seeds[:1] if self.quick else exp.pilot_seeds
@@ -479,6 +488,9 @@ def experiment_markdown(suite: Suite, exp: Experiment, plan: "Plan", pilot: dict
         for b in plan.budgets(exp):
             cells = []
             for label in exp.labels("pilot"):
+                if b not in plan.budgets(exp, label):
+                    cells.append("not piloted")
+                    continue
                 rs = [pilot.get((label, b, s)) for s in plan.pilot_seeds(exp)]
                 vals = [_score(r, "val", key) for r in rs]
                 shown = [("failed" if r and "error" in r else fmt(v) if r else "-") for r, v in zip(rs, vals)]
@@ -533,9 +545,10 @@ def plot_budget(suite: Suite, plan: "Plan", pilot: dict, final: dict, budgets: d
         top, bottom = axes[0][j], axes[1][j]
         bx = list(plan.budgets(exp))
         for i, label in enumerate(exp.labels("pilot")):
+            lx = list(plan.budgets(exp, label))
             means = [mean_std([_score(pilot[exp.key].get((label, b, s)), "val", key) for s in plan.pilot_seeds(exp)])[0]
-                     for b in bx]
-            top.plot(bx, [100 * m for m in means], "o-", color=f"C{i}", label=f"{label} (val)", ms=4)
+                     for b in lx]
+            top.plot(lx, [100 * m for m in means], "o-", color=f"C{i}", label=f"{label} (val)", ms=4)
             b = budgets.get(exp.key)
             fv = [_score(final[exp.key].get((label, b, s)), "test", key) for s in plan.final_seeds]
             m, s = mean_std(fv)
@@ -546,12 +559,12 @@ def plot_budget(suite: Suite, plan: "Plan", pilot: dict, final: dict, budgets: d
         top.set_ylim(0, 100)
         top.legend(fontsize=6)
         for i, (method, base) in enumerate(exp.pairings()):
-            d = []
-            for b in bx:
+            d, dx = [], [b for b in bx if b in plan.budgets(exp, method) and b in plan.budgets(exp, base)]
+            for b in dx:
                 a = [_score(pilot[exp.key].get((method, b, s)), "val", key) for s in plan.pilot_seeds(exp)]
                 c = [_score(pilot[exp.key].get((base, b, s)), "val", key) for s in plan.pilot_seeds(exp)]
                 d.append(paired(a, c)["mean"])
-            bottom.plot(bx, [100 * x for x in d], "o-", color=f"C{i}", label=f"{method} - {base} (val, pilots)", ms=4)
+            bottom.plot(dx, [100 * x for x in d], "o-", color=f"C{i}", label=f"{method} - {base} (val, pilots)", ms=4)
             b = budgets.get(exp.key)
             if b is not None:
                 pr = paired([_score(final[exp.key].get((method, b, s)), "test", key) for s in plan.final_seeds],
@@ -705,8 +718,8 @@ def main(argv=None) -> int:
     results: dict = {}
     # pilots: every phase needs them (the final budget is chosen from them)
     pilot_jobs = [job(s, e, "pilot", label, b, seed) for s in chosen for e in s.experiments
-                  for b in plan.budgets(e)
-                  for seed in plan.pilot_seeds(e) for label in e.labels("pilot") if wanted(e, label)]
+                  for b in plan.budgets(e) for seed in plan.pilot_seeds(e) for label in e.labels("pilot")
+                  if wanted(e, label) and b in plan.budgets(e, label)]
     # the final phase only reads the finished pilots (the final budget is chosen from them)
     execute(pilot_jobs, results, train=args.phase != "final" and not args.report_only)
     budgets = {}
@@ -716,7 +729,8 @@ def main(argv=None) -> int:
                 budgets[(s.name, e.key)] = (e.quick_budget(), "--quick: the smallest budget")
                 continue
             pilot = {(k[3], k[4], k[5]): r for k, r in results.items() if k[:3] == (s.name, e.key, "pilot")}
-            budgets[(s.name, e.key)] = choose_budget(e, pilot, s.metrics[0][0], plan.pilot_seeds(e), plan.budgets(e))
+            budgets[(s.name, e.key)] = choose_budget(e, pilot, s.metrics[0][0], plan.pilot_seeds(e),
+                                                     e.budgets if not args.quick else plan.budgets(e))
     if args.phase in ("final", "both"):
         final_jobs = [job(s, e, "final", label, budgets[(s.name, e.key)][0], seed) for s in chosen
                       for e in s.experiments if budgets[(s.name, e.key)][0] is not None
