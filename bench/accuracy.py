@@ -121,6 +121,7 @@ class Suite:
     title: str
     experiments: tuple[Experiment, ...]
     ssl: bool = False
+    extra: tuple[tuple[str, str], ...] = ()  # (key of the last epoch's method scalars, column name)
 
     @property
     def metrics(self):
@@ -140,6 +141,10 @@ class Suite:
 FM_LT = ("model.name=resnet8", "model.width=16", "schedule.name=cosine", "schedule.milestones=[]",
          "schedule.warmup_epochs=1", "train.eval_every=1000")
 WITH_BBN = 'methods=["bbn","batchformer"]'
+#: the plain ViT of configs/vit_fashion_mnist.toml as an SSL encoder, with AdamW (MoCo v3's ViT optimiser)
+VIT_SMALL = 'model={name="vit_s16", dim=64, depth=4, heads=4, mlp_ratio=2.0, patch=4, class_token=false, pool="mean"}'
+VIT_OPTIM = ('optim={name="adamw", lr=0.001, weight_decay=0.05}',)
+DINO_SDMP = 'methods=["dino","sdmp"]'
 
 
 def suites() -> dict[str, Suite]:
@@ -173,6 +178,32 @@ def suites() -> dict[str, Suite]:
                        budgets=budgets, common=(f"data.train_size={n}", "train.eval_every=1000"), pilot_seeds=(100,),
                        quick=("data.train_size=500",))
             for n, budgets in ((1000, (50, 100, 200)), (5000, (10, 20, 40))))),
+        Suite("sdmp", "SDMP on MoCo v3: kNN and linear-probe accuracy", tuple(
+            Experiment(key, title,
+                       {"random": Run("configs/moco_fashion_mnist.toml", model, train=False),
+                        "moco": Run("configs/moco_fashion_mnist.toml", model),
+                        "moco+sdmp": Run("configs/sdmp_fashion_mnist.toml", model)},
+                       pairs=(("moco+sdmp", "moco"), ("moco", "random")), budgets=(25, 50, 100),
+                       common=("train.eval_every=1000",), pilot_seeds=(100,), quick=("data.train_size=500",))
+            for key, title, model in (
+                ("fm_resnet", "Fashion-MNIST, 2,000-image subset, ResNet-8 (width 16)", ("model.width=16",)),
+                ("fm_vit", "Fashion-MNIST, 2,000-image subset, ViT (4x4 linear patches, 4 blocks, width 64)",
+                 (VIT_SMALL, *VIT_OPTIM)))), ssl=True),
+        Suite("dino", "DINO (and SDMP on DINO): does it learn, without collapse?", (
+            Experiment("dino_digits", "digits (1,293 training images, 8x8), ResNet-8 (width 16)",
+                       {"random": Run("configs/dino_digits.toml", train=False),
+                        "dino": Run("configs/dino_digits.toml"),
+                        "dino+sdmp": Run("configs/dino_digits.toml", (DINO_SDMP,))},
+                       pairs=(("dino", "random"), ("dino+sdmp", "dino")), budgets=(20, 40, 80),
+                       common=("train.eval_every=1000",)),
+            Experiment("dino_fm", "Fashion-MNIST, 2,000-image subset, ResNet-8 (width 16)",
+                       {"random": Run("configs/dino_fashion_mnist.toml", train=False),
+                        "dino": Run("configs/dino_fashion_mnist.toml"),
+                        "dino+sdmp": Run("configs/dino_fashion_mnist.toml", (DINO_SDMP,))},
+                       pairs=(("dino", "random"), ("dino+sdmp", "dino")), budgets=(10, 20, 40),
+                       common=("train.eval_every=1000",), quick=("data.train_size=500",)),
+        ), ssl=True, extra=(("dino/teacher_entropy", "teacher entropy (nats)"),
+                            ("dino/teacher_batch_entropy", "entropy of the batch mean"))),
     )}
 
 
@@ -243,15 +274,20 @@ def run_job(job: dict) -> dict:
         torch.set_num_threads(threads)
 
 
-def last_val(folder: Path) -> dict:
-    """The validation metrics of the last epoch that evaluated (``val/`` prefix removed)."""
-    val = {}
+def last_val(folder: Path) -> tuple[dict, dict]:
+    """The validation metrics of the last epoch that evaluated (``val/`` prefix removed), and
+    the methods' own scalars of the last epoch (keys such as ``dino/teacher_entropy``)."""
+    val, scalars = {}, {}
     path = folder / "metrics.jsonl"
     for line in path.read_text().splitlines() if path.is_file() else []:
         rec = json.loads(line)
-        if rec.get("kind") == "epoch" and any(k.startswith("val/") for k in rec):
+        if rec.get("kind") != "epoch":
+            continue
+        if any(k.startswith("val/") for k in rec):
             val = {k.removeprefix("val/"): v for k, v in rec.items() if k.startswith("val/")}
-    return val
+        scalars = {k: v for k, v in rec.items() if "/" in k and not k.startswith(("val/", "train/", "test/"))
+                   and isinstance(v, (int, float))}
+    return val, scalars
 
 
 def _scalars(d: dict) -> dict:
@@ -267,13 +303,15 @@ def _run_job(job: dict) -> dict:
         return {**done, "reused": True}
     t0 = time.perf_counter()
     try:
+        scalars = {}
         if not job["train"]:
             val, test = untrained(raw, p, job["probe"])
             folder.mkdir(parents=True, exist_ok=True)
         else:
+            _clear_failed(folder)
             result = fit(raw, folder, overwrite=True, progress=False, plugins=p)
             test = {k.removeprefix("test/"): v for k, v in result.final.items() if k.startswith("test/")}
-            val = last_val(folder)
+            val, scalars = last_val(folder)
             if job["ssl"]:
                 from batchkin.plugins.ssl import linear_probe
 
@@ -283,7 +321,7 @@ def _run_job(job: dict) -> dict:
                        **{k: v for k, v in val.items() if k not in ("top1", "balanced_acc")}}
                 test = {"knn_top1": test["top1"], "knn_balanced": test.get("balanced_acc"),
                         "probe_top1": probe["top1"], "probe_balanced": probe["balanced_acc"]}
-        stored = {"val": _scalars(val)}
+        stored = {"val": _scalars(val), "scalars": scalars}
         if job["phase"] != "pilot":  # a pilot never keeps a test score: nothing can be tuned on it
             stored["test"] = _scalars(test)
     except Exception as exc:  # every run is reported: a failure is recorded, not dropped
@@ -296,6 +334,16 @@ def _run_job(job: dict) -> dict:
     tmp.write_text(json.dumps(stored, indent=2) + "\n")
     os.replace(tmp, folder / "bench_result.json")
     return stored
+
+
+def _clear_failed(folder: Path) -> None:
+    """Before a run is made again: the record of a failed attempt goes, and a folder that
+    holds nothing else is removed (``fit`` replaces only empty folders or batchkin runs)."""
+    (folder / "bench_result.json").unlink(missing_ok=True)
+    if folder.is_dir() and not (folder / "run.json").is_file():
+        import shutil
+
+        shutil.rmtree(folder)
 
 
 def untrained(raw: dict, p, probe: dict) -> tuple[dict, dict]:
@@ -366,7 +414,7 @@ def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=None, budgets
     """
     if exp.budget is not None:
         return exp.budget, f"fixed at {exp.budget_key} = {exp.budget}"
-    base = next(iter(exp.runs))
+    base = next(label for label, run in exp.runs.items() if run.train)
     means = {}
     for b in exp.budgets if budgets is None else budgets:
         vals = [r["val"].get(metric) for s in (seeds or exp.pilot_seeds) if (r := pilot.get((base, b, s))) and "val" in r]
@@ -450,13 +498,16 @@ def experiment_markdown(suite: Suite, exp: Experiment, plan: "Plan", pilot: dict
         lines += ["(no final runs yet)", ""]
     else:
         cols = metrics if suite.ssl or exp.long_tailed else metrics[:2]
-        lines += ["| method | " + " | ".join(n for _, n in cols) + " | runs | wall s / run |",
-                  "|---|" + "---|" * (len(cols) + 2)]
+        lines += ["| method | " + " | ".join(n for _, n in cols) + "".join(f" | {n}" for _, n in suite.extra)
+                  + " | runs | wall s / run |", "|---|" + "---|" * (len(cols) + len(suite.extra) + 2)]
         for label in exp.labels("final"):
             rows = [final.get((label, budget, s)) for s in seeds]
             ok = [r for r in rows if r and "test" in r]
             failed = sum(1 for r in rows if r and "error" in r)
             cells = [fmt(*mean_std([_score(r, "test", k) for r in ok])) for k, _ in cols]
+            for k, _ in suite.extra:
+                m, sd = mean_std([r.get("scalars", {}).get(k) for r in ok])
+                cells.append("n/a" if m != m else f"{m:.2f} ± {sd:.2f}")
             walls = [r["wall_s"] for r in ok]
             runs = f"{len(ok)}/{len(seeds)}" + (f", {failed} failed" if failed else "")
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {runs} | "
