@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchkin.kernels import batch_attention as ba
+from batchkin.nn import BatchFormerLayer
 
 _NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_NO_CUDA)]
@@ -103,7 +104,7 @@ def test_bench_layer(benchmark, device, impl, B, C):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(C)
         torch_layer = nn.TransformerEncoderLayer(C, 4, C, 0.5)
-    ours = ba.BatchFormerLayer(C, 4, C, 0.5)
+    ours = BatchFormerLayer(C, 4, C, 0.5)
     ours.load_state_dict(torch_layer.state_dict())
     layer = (ours if impl == "batchkin" else torch_layer).to(device).train()
     x = torch.randn(B, C, generator=gen).to(device).requires_grad_()

@@ -18,10 +18,9 @@ the median. The smallest size runs quickly (``-m "not slow"`` leaves out 224x224
 ``test_bench_batch_mix_ssl_views`` times the SSL pipeline's own case: both uint8
 views ``[2, B, 3, H, W]`` mixed in one call.
 
-Every implementation returns a freshly allocated output, and at 224x224 that is
-~150 MB: with 4 KiB pages its first touch is ~37,000 page faults, which can cost
-more than the mixing itself. The C++ path asks for transparent huge pages for
-outputs of 32 MiB and more; the references use PyTorch's default allocation
+Every implementation returns a freshly allocated output (~150 MB at 224x224), whose
+first touch can cost more than the mixing (docs/kernels/batch_mix.md, "Large outputs"):
+the C++ path reuses huge-page blocks, the references use PyTorch's default allocation
 (``THP_MEM_ALLOC_ENABLE=1`` in the environment makes PyTorch itself request huge
 pages for every allocation of 2 MiB or more, the references' included).
 

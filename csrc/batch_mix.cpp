@@ -10,13 +10,14 @@
 // returns (mixed, same shape and dtype as x; lam_eff [V, B] float32).
 //
 // Arithmetic is done in float32 (values are upcast after loading and rounded
-// once when stored). uint8 results are rounded half up, floor(v + 0.5), which
-// is "half away from zero" for the non-negative values mixing produces, then
-// clamped to [0, 255]. The resizemix interpolation reproduces the source-index
-// computation of F.interpolate(mode="bilinear", align_corners=False):
+// once when stored), one rounding per operation (built with -ffp-contract=off: no
+// fused multiply-adds), exactly as the PyTorch reference computes, so the results are
+// bit-identical to it. uint8 results are rounded half up, floor(v + 0.5), then
+// clamped to [0, 255]. The resizemix interpolation is the formula of
+// F.interpolate(mode="bilinear", align_corners=False):
 //   scale = in / out (float), src = max(scale * (dst + 0.5) - 0.5, 0),
 //   lo = floor(src), hi = min(lo + 1, in - 1), weights (1 - (src - lo), src - lo),
-// rows weighted outermost as in ATen's CPU kernel.
+// each source row resized horizontally, then the two rows blended (ATen's order).
 //
 // The work is split with at::parallel_for over the V*B*C image planes; every
 // output element is written exactly once into one new, uninitialised tensor. On Linux

@@ -1,7 +1,7 @@
 // DRLoc pair sampling on the CPU: position draws, pair gathers and their backward.
 //
 // The semantics (and the Python reference these kernels are tested against) are in
-// batchkin/kernels/drloc_pairs.py. Summary:
+// batchkin/kernels/drloc_pairs/ (docs/kernels/drloc_pairs.md). Summary:
 //
 //   positions  pos[b, j, t] = min(floor(u(key, (b*m + j)*4 + t) * size_t), size_t - 1)
 //              t = 0..3 -> (r_a, c_a, r_b, c_b), size = (H, W, H, W); u from rng.h.

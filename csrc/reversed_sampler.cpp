@@ -1,4 +1,4 @@
-// Reversed class sampler, CPU path (see batchkin/kernels/reversed_sampler.py for the
+// Reversed class sampler, CPU path (see batchkin/kernels/reversed_sampler/ for the
 // definition). Draw i of an epoch uses the counter-based uniforms of rng.h at offsets
 // 2*i (class) and 2*i+1 (instance):
 //   class    c = min(#{j : cdf[j] <= u_class}, C - 1)         (float64 compare)

@@ -28,6 +28,7 @@ Decisions written down here:
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -35,13 +36,13 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
-from .schema import parse, suggest
+from .schema import check_depth, parse, shown, suggest
 
 
 @dataclass
 class DataConfig:
     name: str = field(default="digits", metadata={"help": "registered dataset name (`batchkin plugins` lists them)"})
-    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder)"})
+    root: str = field(default="", metadata={"help": "folder of a file-based dataset (idx, cifar10, cifar100, imagefolder, imagelist, inaturalist)"})
     val_fraction: float = field(
         default=0.1, metadata={"ge": 0.0, "lt": 1.0, "help": "fraction of the training split held out for evaluation during training (stratified)"}
     )
@@ -55,12 +56,31 @@ class DataConfig:
     few_shot: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images per class (0 = all)"})
     train_size: int = field(default=0, metadata={"ge": 0, "help": "keep this many training images, stratified (0 = all)"})
     batch_size: int = field(default=64, metadata={"ge": 1, "help": "training batch size (per process)"})
-    eval_batch_size: int = field(default=256, metadata={"ge": 1, "help": "evaluation batch size"})
+    eval_batch_size: int = field(default=256, metadata={"ge": 1, "resume": True, "help": "evaluation batch size"})
     drop_last: bool = field(default=True, metadata={"help": "drop the last incomplete training batch of an epoch"})
     augment: bool = field(default=True, metadata={"help": "random crop with padding (+ flip) during training"})
     crop_padding: int = field(default=2, metadata={"ge": 0, "help": "zero padding of the random crop, in pixels"})
     hflip: bool | None = field(default=None, metadata={"help": "random horizontal flip (default: the dataset's own choice)"})
-    image_size: list[int] = field(default_factory=list, metadata={"help": "[H, W] to resize image folders to (empty: keep)"})
+    image_size: list[int] = field(default_factory=list, metadata={
+        "help": "[H, W]: image folders in memory are resized to it, streamed images cropped to it (empty: the images' own size)"})
+    # streamed datasets (engine/stream.py): images stay on disk, DataLoader workers decode them
+    storage: Literal["auto", "memory", "stream"] = field(default="auto", metadata={
+        "help": "memory: decode the whole set onto the device; stream: decode batches from disk in worker processes; "
+                "auto: memory when the decoded set fits data.memory_budget_mb (list-file datasets always stream)"})
+    memory_budget_mb: int = field(default=2048, metadata={"ge": 0, "help": "storage = auto: the largest decoded set kept in memory, in MiB"})
+    num_workers: int = field(default=4, metadata={"ge": 0, "help": "streamed: DataLoader worker processes (0 = decode in the training process)"})
+    prefetch_factor: int = field(default=2, metadata={"ge": 1, "help": "streamed: batches each worker prepares ahead"})
+    persistent_workers: bool = field(default=True, metadata={"help": "streamed: keep the training workers alive between epochs"})
+    pin_memory: bool = field(default=True, metadata={"help": "streamed: page-locked batches for asynchronous copies (CUDA only)"})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "streamed: replace an unreadable image by the next readable one of its class and count it, instead of stopping"})
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={
+        "gt": 0.0, "le": 1.0, "help": "streamed training: random-resized crop area range"})
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata={
+        "gt": 0.0, "help": "streamed training: random-resized crop aspect-ratio range"})
+    resize_size: int = field(default=0, metadata={
+        "ge": 0, "help": "streamed evaluation: shorter side before the centre crop (0 = max(image_size) / crop_fraction)"})
+    crop_fraction: float = field(default=0.875, metadata={"gt": 0.0, "le": 1.0, "help": "streamed evaluation: centre-crop fraction"})
     synthetic_classes: int = field(default=4, metadata={"ge": 1, "help": "synthetic set: number of classes"})
     synthetic_per_class: int = field(default=48, metadata={"ge": 1, "help": "synthetic set: images per class"})
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8], metadata={"help": "synthetic set: [C, H, W]"})
@@ -74,6 +94,10 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be [H, W] with positive sizes; got {self.image_size}")
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"data.synthetic_shape must be [C, H, W] with positive sizes; got {self.synthetic_shape}")
+        for key in ("crop_scale", "crop_ratio"):
+            pair = getattr(self, key)
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ConfigError(f"data.{key} must be [low, high] with low <= high; got {pair}")
         if self.few_shot and self.imbalance_factor > 1:
             raise ConfigError("data.few_shot and data.imbalance_factor cannot both be set: choose one subset")
 
@@ -110,11 +134,11 @@ class TrainConfig:
         default="auto", metadata={"help": "mixed precision: auto = bf16 on GPUs that support it, else fp16 on CUDA, off on CPU"}
     )
     grad_clip: float = field(default=0.0, metadata={"ge": 0.0, "help": "clip the global gradient norm (0 = off)"})
-    eval_every: int = field(default=1, metadata={"ge": 1, "help": "evaluate on the validation split every N epochs"})
-    checkpoint_every: int = field(default=1, metadata={"ge": 1, "help": "write a checkpoint every N epochs (and at the end)"})
-    log_every: int = field(default=20, metadata={"ge": 1, "help": "steps between plain progress lines when not on a terminal"})
+    eval_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "evaluate on the validation split every N epochs"})
+    checkpoint_every: int = field(default=1, metadata={"ge": 1, "resume": True, "help": "write a checkpoint every N epochs (and at the end)"})
+    log_every: int = field(default=20, metadata={"ge": 1, "resume": True, "help": "steps between plain progress lines when not on a terminal"})
     on_nonfinite: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "a non-finite loss or gradient: stop the run, or skip the step"}
+        default="stop", metadata={"resume": True, "help": "a non-finite loss or gradient: stop the run, or skip the step"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     sync_bn: Literal["auto", "on", "off"] = field(
@@ -146,7 +170,7 @@ DATA_KEYS = tuple(f.name for f in fields(DataConfig) if f.init)
 @dataclass
 class Config:
     seed: int = field(default=0, metadata={"help": "seed of every random stream of the run"})
-    epochs: int = field(default=10, metadata={"ge": 1, "help": "number of training epochs"})
+    epochs: int = field(default=10, metadata={"ge": 1, "resume": True, "help": "number of training epochs"})
     methods: list[str] = field(default_factory=lambda: ["ce"], metadata={"help": "enabled methods, in hook-call order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     data: DataConfig = field(default_factory=DataConfig)
@@ -163,8 +187,8 @@ class Config:
             raise ConfigError("methods must name at least one method")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods lists a method twice: {self.methods}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {shown(self.device)}")
         for m in self.schedule.milestones:
             if m > self.epochs:
                 raise ConfigError(f"schedule.milestones has epoch {m} beyond epochs = {self.epochs}")
@@ -175,9 +199,17 @@ class Config:
 def parse_value(text: str):
     """A ``--set`` value: TOML syntax (numbers, booleans, lists, quoted strings), else a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except (RecursionError, ValueError) as exc:  # nesting deeper than the parser's stack, a 5000-digit int
+        raise ConfigError(f"--set value {shown(text)} cannot be read: {_toml_limit(exc)}") from None
+    check_depth(value, f"--set value {shown(text)}")
+    return value
+
+
+def _toml_limit(exc: Exception) -> str:
+    return "arrays or tables nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -187,7 +219,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {shown(item)}")
         parts = key.split(".")
         node = raw
         for i, part in enumerate(parts[:-1]):
@@ -204,15 +236,21 @@ def load_raw(path: str | Path | None) -> dict:
     if path is None:
         return {}
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the TOML file itself")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            raw = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {_toml_limit(exc)}") from None
+    check_depth(raw, f"config file {path}")
+    return raw
 
 
 def build_config(raw: dict, known_methods) -> Config:
@@ -284,3 +322,102 @@ def dataset_options(name: str, options, given: dict, registered: Mapping[str, ty
     if options is None:
         return None
     return parse(options, given, "data")
+
+
+# ------------------------------------------------------------------------------ what --resume may change
+
+
+def _same(a, b) -> bool:
+    """Equal config values: numbers by value (1 == 1.0), booleans and strings by type and value."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b or (a != a and b != b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+_UNSET = object()
+
+
+def _diff(old: dict, new: dict, prefix: str = ""):
+    """``(key, old, new)`` for every leaf that differs (``_UNSET`` where a side lacks it)."""
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _diff(a, b, f"{prefix}{key}.")
+        elif a is _UNSET or b is _UNSET or not _same(a, b):
+            yield f"{prefix}{key}", a, b
+
+
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig,
+             "metrics": MetricsConfig}
+
+
+def _init_fields(cls) -> dict:
+    return {f.name: f for f in fields(cls) if f.init} if cls is not None else {}
+
+
+def _field_metadata(key: str, option_schemas: Mapping[str, type | None]) -> Mapping | None:
+    """The schema metadata of a config key, or None when no schema knows the key."""
+    *tables, name = key.split(".")
+    if len(tables) > 1:
+        return None
+    if not tables:
+        cls = Config if name not in ENGINE_TABLES else None
+    else:
+        own = _init_fields(_SECTIONS.get(tables[0]))
+        if name in own:
+            return own[name].metadata
+        cls = option_schemas.get(tables[0])  # a model's, a dataset's or a method's options
+    f = _init_fields(cls).get(name)
+    return None if f is None else f.metadata
+
+
+def resume_keys(option_schemas: Mapping[str, type | None] = {}) -> list[str]:
+    """The keys ``--resume`` may change: fields whose metadata says ``"resume": True``, of
+    the engine's schema and of the options in ``option_schemas`` (table name -> dataclass:
+    the run's model, dataset and methods)."""
+    tables = [("", Config), *((f"{t}.", c) for t, c in _SECTIONS.items()),
+              *((f"{t}.", c) for t, c in option_schemas.items())]
+    return [f"{prefix}{name}" for prefix, cls in tables for name, f in _init_fields(cls).items()
+            if f.metadata.get("resume")]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One config value changed on ``--resume`` (``old``/``new`` are None where unset)."""
+
+    key: str
+    old: object
+    new: object
+
+
+def _show(value) -> str:
+    text = "unset" if value is _UNSET else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def resume_changes(saved: dict, given: dict, option_schemas: Mapping[str, type | None] = {}) -> list[Change]:
+    """The changes from a run's saved config (its config.toml) to the config of ``--resume``.
+
+    Only keys marked ``"resume": True`` in their schema may change: what a run does
+    next, not what it computed (``epochs``, evaluation, logging and checkpoint cadence,
+    ``train.on_nonfinite``, ``data.eval_batch_size``, and the options a plugin marks).
+    Any other change would make the continued run a different run than the one the
+    checkpoint belongs to and is refused with a line naming the key.
+    """
+    changes = []
+    for key, old, new in _diff(saved, given):
+        meta = _field_metadata(key, option_schemas)
+        if meta is None or not meta.get("resume"):
+            allowed = ", ".join(resume_keys(option_schemas))
+            raise ConfigError(
+                f"--resume cannot change {key} ({_show(old)} -> {_show(new)}): the checkpoint belongs to the run "
+                f"as configured; --resume may change only {allowed} (start a new run with another --out instead)"
+            )
+        changes.append(Change(key, None if old is _UNSET else old, None if new is _UNSET else new))
+    return changes

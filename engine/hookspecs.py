@@ -41,9 +41,12 @@ method in order; ``=`` marks a firstresult hook)::
             transform_batch(state)                # may change state.batch in place
             with autocast:
                 state.outputs = forward(state)    # =  (engine: features -> transform_features -> classifier)
+                    transform_views(state, views) # = SSL bases: extra (mixed) views of their views
                     transform_features(state)     #    may change state.outputs["streams"]
                 state.loss_terms = merge(loss_terms(state))   # named terms, summed
-            backward; unscale; clip; (non-finite check); optimizer step; schedule step
+            backward; unscale
+            before_optimizer_step(state)          # may change or drop gradients
+            clip; (non-finite check); optimizer step; schedule step
             after_step(state)                     # EMA updates, momentum encoders
         on_epoch_end(state)                       # may add entries to state.epoch_metrics
         every eval_every epochs:
@@ -55,7 +58,10 @@ method in order; ``=`` marks a firstresult hook)::
     final evaluation on the test split (never used to select a checkpoint)
 
 Methods also carry two plain methods used by checkpoints: ``state_dict()`` and
-``load_state_dict(d)`` (see :class:`batchkin.plugin.Method`).
+``load_state_dict(d)`` (see :class:`batchkin.plugin.Method`). A method class with
+``raw_batch = True`` (the SSL bases, which build their own views) gets the raw
+training batch: ``state.batch["x"]`` holds the uint8 images as stored, without the
+engine's crop, flip and normalisation (``data.augment`` is then not used).
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ def register_datasets(register):
     ``options`` the loader is called as ``loader(data_config)`` and ``[data]`` may
     hold no keys but the engine's. Either way it returns a
     :class:`batchkin.data.ImageDataset` (uint8 images, int64 labels, an optional
-    official test split).
+    official test split; images that stay on disk come from
+    :func:`batchkin.stream.file_dataset`).
     """
 
 
@@ -144,7 +151,10 @@ def build_sampler(state):
     ``{stream: LongTensor of dataset indices}`` (stream ``""`` fills ``batch["x"]``
     and ``batch["y"]``; stream ``"rev"`` fills ``batch["x_rev"]``/``batch["y_rev"]``),
     and ``state_dict()``/``load_state_dict()``. The engine's default is a seeded
-    uniform shuffle, sharded across processes.
+    uniform shuffle, sharded across processes. Its iteration must depend only on
+    its state (as an exact resume needs): a streamed dataset iterates a deep copy of
+    it ahead of training to load the batches, and refuses a copy that draws other
+    indices.
     """
 
 
@@ -191,10 +201,14 @@ def on_epoch_end(state):
 def transform_batch(state):
     """Change the training batch in place before the forward pass.
 
-    Fires every training step. ``state.batch`` is a dict of on-device tensors
-    (``x`` float images already augmented and normalised, ``y`` labels, plus any
-    other streams, and ``idx``: the dataset indices, so ``state.train_data.x[idx]`` gives
-    the raw uint8 images for a method with its own view pipeline). SDMP's mixing lives here.
+    Fires every training step. ``state.batch`` is a dict of on-device tensors:
+    ``x`` the images, ``y`` the labels, ``idx`` the dataset indices, plus the same
+    for any other sampler stream (``x_rev``, ...). ``x`` is float, already augmented
+    (``data.augment``) and normalised, unless an enabled method asks for the raw
+    batch (``raw_batch = True``, as the SSL bases do: they build their views from
+    it): then ``x`` holds the uint8 images as stored. Per-sample changes of the
+    input belong here (e.g. noise); mixing that the SSL bases' views should see
+    belongs to :func:`transform_views`.
     """
 
 
@@ -208,7 +222,26 @@ def forward(state):
     ``outputs["streams"] = [features]``, fires ``transform_features`` and applies
     the classifier to every stream: ``outputs["logits"]`` is the streams' logits
     stacked. A method that owns the forward pass (BBN, MoCo) returns its own dict
-    and should fire ``state.hooks.transform_features`` itself where it applies.
+    and should fire ``state.hooks.transform_features`` itself where it applies (the
+    SSL bases also fire ``transform_views`` on their views).
+    """
+
+
+@hookspec(firstresult=True)
+def transform_views(state, views):
+    """Derive extra views from an SSL base's clean views (firstresult): in-batch mixing.
+
+    Fires every training step inside the forward of an SSL base (``moco``,
+    ``dino``), after it has drawn its two augmented global views and before they
+    are normalised. ``views`` is uint8 ``[V, B, C, H, W]`` (``V = 2``; DINO's local
+    crops are not passed): read it, do not change it. Return a
+    :class:`batchkin.plugins.ssl.MixBatch` (the mixed uint8 views, each sample's
+    ``lam``, its partner's row and the ``lam`` of every row), or ``None`` to add
+    nothing. The base normalises the mixed views, runs them through its online
+    and momentum branches next to the clean ones and stores the record in
+    ``outputs["ssl"]`` (an :class:`batchkin.plugins.ssl.SSLStep`:
+    ``q_mix``, ``keys_mix``, ``mix``), where the method's ``loss_terms`` reads it.
+    SDMP implements it; one mixing method per run (firstresult).
     """
 
 
@@ -231,6 +264,19 @@ def loss_terms(state, outputs):
     Fires every training step after the forward pass. The engine sums every term
     of every method (names must be unique across methods) and logs each one.
     Weighting is the method's business (return the weighted term).
+    """
+
+
+@hookspec
+def before_optimizer_step(state):
+    """Change or drop gradients before the optimizer step.
+
+    Fires every training step whose loss terms are finite, after the backward pass
+    and after mixed precision's loss scale has been taken out of the gradients
+    (they hold their true values), before the engine's ``train.grad_clip``, the
+    non-finite gradient check and the optimizer step. Scale a parameter's
+    ``.grad`` in place, or set it to ``None`` to leave the parameter out of this
+    step (DINO's per-parameter clip and its frozen last layer).
     """
 
 

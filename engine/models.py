@@ -88,6 +88,40 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= p
     return x * keep / (1 - p)
 
+PROTOCOL = ("forward_features", "classifier", "feature_dim")
+
+
+def check_classifier_protocol(model, who: str, model_name: str) -> None:
+    """Refuse, naming the model and the method that needs it, a model that lacks part of the
+    classifier protocol (``feature_dim`` must be a positive integer)."""
+    missing = [a for a in PROTOCOL if not hasattr(model, a)]
+    dim = getattr(model, "feature_dim", None)
+    if not missing and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        missing = [f"an integer feature_dim (it has {dim!r})"]
+    if missing:
+        raise ConfigError(f"{who} needs a model following the classifier protocol of batchkin.models; "
+                          f"model.name = {model_name!r} lacks {', '.join(missing)}")
+
+
+def state_dict_mismatch(module: nn.Module, state_dict, limit: int = 4) -> str:
+    """Where ``state_dict`` does not fit ``module``, in one line: missing and unexpected keys
+    and shape differences (the first ``limit`` of each, with their count); empty if it fits."""
+    if not isinstance(state_dict, dict):
+        return f"the checkpoint holds {type(state_dict).__name__} instead of a state dict"
+    own = module.state_dict()
+
+    def some(items: list[str]) -> str:
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} is {list(v.shape)} in the checkpoint but {list(own[k].shape)} in the model"
+              for k, v in state_dict.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    parts = [f"{what} {some(items)}" for what, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ:", shapes)) if items]
+    return "; ".join(parts)
+
 
 # ------------------------------------------------------------------------------ ResNet
 

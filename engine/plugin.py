@@ -16,7 +16,17 @@ For a run, the enabled methods are instantiated from their config tables and
 registered into a fresh manager in reverse order, so that pluggy (which calls
 the most recently registered implementation first) calls them in the config's
 order; the engine's defaults are registered first with ``trylast``. Methods may
-not use ``tryfirst``/``trylast``: the order is the config's.
+not use ``tryfirst``/``trylast``: the order is the config's. Every run hook is
+called through pluggy's own hook caller (``RunHooks.pm.hook``), so pluggy's
+tracing (``pm.trace`` with ``pm.enable_tracing()``) sees every call.
+
+Errors are reported as one line naming where they came from: a plugin file that
+fails to import (or calls ``sys.exit``), a registration hook that raises, a
+dataset loader that raises (:class:`~batchkin.errors.DataError` naming the
+dataset), and a method's run hook that raises or returns a bad loss term
+(:class:`~batchkin.errors.PluginError` naming the method, its origin and the
+hook). A plugin's own :class:`~batchkin.errors.BatchkinError` passes unchanged;
+an allocation failure is left to the trainer's out-of-memory report.
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ import pluggy
 
 from . import hookspecs
 from .config import DATA_KEYS, DataConfig, dataset_options
-from .errors import ConfigError, PluginError
-from .schema import parse, to_dict
+from .errors import BatchkinError, ConfigError, DataError, PluginError, describe_exception, is_out_of_memory
+from .schema import parse, shown, to_dict
 
 ENTRY_POINT_GROUP = "batchkin"
 ENV_NO_AUTOLOAD = "BATCHKIN_DISABLE_PLUGIN_AUTOLOAD"
@@ -72,6 +82,10 @@ class Method:
       methods sharing a role are refused, naming both.
     * ``requires`` — names of methods of which at least one must be enabled too
       (e.g. SDMP needs ``moco`` or ``dino``).
+    * ``raw_batch`` — ``True`` when the method builds its own inputs from the raw
+      images (the SSL bases' view pipeline): while it is enabled the engine skips
+      its crop, flip and normalisation and ``state.batch["x"]`` holds the uint8
+      images as stored.
     """
 
     @dataclass
@@ -80,6 +94,7 @@ class Method:
 
     roles: frozenset[str] = frozenset()
     requires: tuple[str, ...] = ()
+    raw_batch: bool = False
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -117,19 +132,37 @@ class DatasetLoader:
       beyond the engine's.
     """
 
-    def __init__(self, name: str, loader: Callable, options: type | None, registered: dict[str, Entry]):
-        self.name, self.loader, self.options = name, loader, options
+    def __init__(self, name: str, loader: Callable, options: type | None, registered: dict[str, Entry],
+                 origin: str = "builtin"):
+        self.name, self.loader, self.options, self.origin = name, loader, options, origin
         self._registered = registered  # the datasets registry, to name the owner of a stray key
 
     def __call__(self, data_config):
         given = getattr(data_config, "options", None) or {}
         others = {n: e.options for n, e in self._registered.items()}
         options = dataset_options(self.name, self.options, given, others)
-        if options is None:
-            return self.loader(data_config)
-        if isinstance(data_config, DataConfig):
+        if options is not None and isinstance(data_config, DataConfig):
             data_config.options = to_dict(options)
-        return self.loader(options, data=data_config)
+        try:
+            dataset = self.loader(data_config) if options is None else self.loader(options, data=data_config)
+        except BatchkinError:
+            raise
+        except (Exception, SystemExit) as exc:  # the one place a loader's unexpected error becomes a DataError
+            raise DataError(self._failure(exc)) from exc
+        from .data import ImageDataset
+
+        if not isinstance(dataset, ImageDataset):
+            raise DataError(f"dataset {self.name!r} ({self.origin}) returned {type(dataset).__name__}, "
+                            f"not a batchkin.data.ImageDataset")
+        return dataset
+
+    def _failure(self, exc: BaseException) -> str:
+        where = f"dataset {self.name!r} ({self.origin})"
+        if is_out_of_memory(exc):
+            return f"{where} does not fit in the memory available ({describe_exception(exc)})"
+        if isinstance(exc, OSError) and exc.filename is not None:
+            return f"{where}: cannot read {exc.filename}: {exc.strerror or exc}"
+        return f"{where} failed to load: {describe_exception(exc)}"
 
     def __repr__(self):
         return f"DatasetLoader({self.name!r}, {self.loader!r}, options={self.options!r})"
@@ -188,15 +221,15 @@ class Plugins:
                     continue  # already loaded as a built-in
                 try:
                     module = ep.load()
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {ep.name!r} from {origin} failed to import: {type(exc).__name__}: {exc}"
-                    ) from None
+                except (Exception, SystemExit) as exc:
+                    raise PluginError(f"plugin {ep.name!r} from {origin} failed to import: {describe_exception(exc)}") from None
                 self._register_module(ep.name, module, origin)
 
     def load_file(self, path: str | os.PathLike) -> None:
         """Load a plugin module from a local ``.py`` file."""
         path = Path(path)
+        if path.is_dir():
+            raise PluginError(f"plugin file {path} is a folder; give the plugin's .py file")
         if not path.is_file():
             raise PluginError(f"plugin file not found: {path}")
         modname = f"batchkin_local_plugin_{path.stem}"
@@ -207,9 +240,9 @@ class Plugins:
         sys.modules[modname] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin file must not end the run silently
             del sys.modules[modname]
-            raise PluginError(f"plugin file {path} failed to import: {type(exc).__name__}: {exc}") from None
+            raise PluginError(f"plugin file {path} failed to import: {describe_exception(exc)}") from None
         self._register_module(path.stem, module, f"file {path}")
 
     def _register_module(self, name: str, module, origin: str) -> None:
@@ -248,10 +281,8 @@ class Plugins:
                     impl.function(register)
                 except PluginError:
                     raise
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {type(exc).__name__}: {exc}"
-                    ) from None
+                except (Exception, SystemExit) as exc:
+                    raise PluginError(f"plugin {impl.plugin_name!r} ({origin}) failed in {hook}: {describe_exception(exc)}") from None
 
     # -- queries ------------------------------------------------------------------------
 
@@ -319,7 +350,7 @@ def _make_register(hook: str, table: dict, origin: str, plugin: str) -> Callable
                     f"dataset {name!r} ({origin}): option {', '.join(map(repr, clash))} reuses the name of the "
                     f"engine's data.{clash[0]}; a dataset's options sit next to the engine's keys in [data]"
                 )
-            obj = DatasetLoader(name, obj, options, table)
+            obj = DatasetLoader(name, obj, options, table, origin)
         table[name] = Entry(name, obj, origin, options)
 
     return register
@@ -351,8 +382,8 @@ def _validate_method_class(name: str, cls, origin: str) -> None:
 def _import(module: str, origin: str):
     try:
         return importlib.import_module(module)
-    except Exception as exc:
-        raise PluginError(f"plugin module {module} ({origin}) failed to import: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise PluginError(f"plugin module {module} ({origin}) failed to import: {describe_exception(exc)}") from None
 
 
 # ------------------------------------------------------------------------------ run hooks
@@ -378,14 +409,47 @@ class RunHooks:
             options = parse(entry.options, method_options.get(name, {}), name) if entry.options else None
             try:
                 self.methods[name] = entry.obj(options) if options is not None else entry.obj()
-            except Exception as exc:
-                raise PluginError(f"method {name!r} ({entry.origin}) failed to start: {type(exc).__name__}: {exc}") from None
+            except BatchkinError:
+                raise
+            except (Exception, SystemExit) as exc:
+                raise PluginError(f"method {name!r} ({entry.origin}) failed to start: {describe_exception(exc)}") from None
         self._check_conflicts(plugins)
+        self._sinks: dict[str, list] = {}  # hook name -> (method, result) pairs of the call in progress
         self.pm = _new_manager()
         self.pm.register(defaults, name="engine")
         for name in reversed(self.names):  # pluggy calls the last registered first
             self.pm.register(self.methods[name], name=name)
+            self._guard(name)
         self.hook = self.pm.hook
+
+    def _guard(self, name: str) -> None:
+        """Wrap each of method ``name``'s hook implementations, as pluggy holds them, so that
+        an unexpected exception becomes a PluginError naming the method and the hook, and
+        so that :meth:`call_each` learns which method returned what. Pluggy still makes
+        every call (its tracing sees it); ``argnames`` stay the original function's."""
+        method, origin = self.methods[name], self.origins[name]
+        for caller in self.pm.get_hookcallers(method) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is method and not (impl.hookwrapper or impl.wrapper):
+                    impl.function = self._guarded(name, origin, caller.name, impl.function)
+
+    def _guarded(self, name: str, origin: str, hook: str, function: Callable) -> Callable:
+        def call(*args):
+            try:
+                result = function(*args)
+            except BatchkinError:
+                raise
+            except (Exception, SystemExit) as exc:
+                if is_out_of_memory(exc):
+                    raise
+                raise PluginError(f"method {name!r} ({origin}) failed in {hook}: {describe_exception(exc)}") from exc
+            sink = self._sinks.get(hook)
+            if sink is not None:
+                sink.append((name, result))
+            return result
+
+        call.__wrapped__ = function
+        return call
 
     def _check_conflicts(self, plugins: Plugins) -> None:
         owners: dict[str, str] = {}
@@ -414,12 +478,52 @@ class RunHooks:
         return getattr(self.hook, hook)
 
     def call_each(self, hook: str, **kwargs) -> list[tuple[str, object]]:
-        """Call ``hook`` on each enabled method in order, returning ``(method name, result)`` pairs."""
-        out = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
-            if impl.plugin_name in self.methods:
-                out.append((impl.plugin_name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
-        return out
+        """Call ``hook`` through pluggy (one call, the methods in the config's order) and return
+        each enabled method's ``(name, result)``, ``None`` results included."""
+        outer = self._sinks.get(hook)
+        self._sinks[hook] = sink = []
+        try:
+            getattr(self.pm.hook, hook)(**kwargs)
+        finally:
+            if outer is None:
+                del self._sinks[hook]
+            else:
+                self._sinks[hook] = outer
+        return sink
+
+    def collect_loss_terms(self, state, outputs) -> tuple[dict, dict[str, str]]:
+        """Fire ``loss_terms`` and merge the results: ``(terms, owner)``, ``owner[term]`` the
+        method that returned it. Every term must be a one-element floating tensor and every
+        name unique across methods; anything else is refused naming the method and the hook."""
+        import torch
+
+        terms: dict = {}
+        owner: dict[str, str] = {}
+        for name, result in self.call_each("loss_terms", state=state, outputs=outputs):
+            if result is None:
+                continue
+            where = f"method {name!r} ({self.origins[name]}): loss_terms"
+            if not isinstance(result, dict):
+                raise PluginError(f"{where} must return a dict of named loss terms or None; "
+                                  f"got {type(result).__name__} {shown(result)}")
+            for key, value in result.items():
+                if not isinstance(key, str):
+                    raise PluginError(f"{where} named a loss term {shown(key)}; names must be strings")
+                if not isinstance(value, torch.Tensor):
+                    raise PluginError(f"{where} returned {key!r} as {type(value).__name__} {shown(value)}; a loss "
+                                      f"term must be a scalar tensor computed from the model's outputs")
+                if value.numel() != 1 or not value.is_floating_point():
+                    raise PluginError(f"{where} returned {key!r} as a {value.dtype} tensor of shape "
+                                      f"{list(value.shape)}; a loss term must be one floating-point value (reduce it, "
+                                      f"e.g. with .mean())")
+                if key in terms:
+                    raise ConfigError(f"loss term {key!r} is produced by both {owner[key]!r} and {name!r}")
+                terms[key], owner[key] = value, name
+        if terms and torch.is_grad_enabled() and not any(t.requires_grad for t in terms.values()):
+            methods = ", ".join(sorted(set(owner.values())))
+            raise PluginError(f"no loss term depends on the model's parameters (loss_terms of {methods}: "
+                              f"{', '.join(terms)}); nothing could be trained")
+        return terms, owner
 
     def state_dicts(self) -> dict:
         return {name: m.state_dict() for name, m in self.methods.items() if hasattr(m, "state_dict")}

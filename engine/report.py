@@ -1,11 +1,17 @@
-"""The run report: a Markdown table and PNG plots (curves, per-class accuracy)."""
+"""The run report: a Markdown table and PNG plots (curves, per-class accuracy).
+
+Every file is written like a checkpoint (:func:`batchkin.rundir.atomic_write_bytes`):
+rendered in memory, written to a temporary file, fsynced and renamed, so a full disk
+leaves the previous version (or nothing), never a truncated or empty PNG.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from .rundir import RunDir, atomic_write_text
+from .rundir import RunDir, atomic_write_bytes, atomic_write_text
 
 
 def _pct(v) -> str:
@@ -63,16 +69,24 @@ def _plots(folder: Path, epochs: list, final: dict | None) -> list[Path]:
             ax[1].legend()
         ax[1].set(xlabel="epoch", ylabel="validation accuracy (%)")
         fig.tight_layout()
-        out.append(folder / "curves.png")
-        fig.savefig(out[-1], dpi=90)
-        plt.close(fig)
+        out.append(_save_png(fig, folder / "curves.png"))
     if final and final.get("test/per_class"):
         per = [100 * (v or 0) for v in final["test/per_class"]]
         fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(per)), 3))
         ax.bar(range(len(per)), per)
         ax.set(xlabel="class", ylabel="test accuracy (%)", ylim=(0, 100))
         fig.tight_layout()
-        out.append(folder / "per_class.png")
-        fig.savefig(out[-1], dpi=90)
-        plt.close(fig)
+        out.append(_save_png(fig, folder / "per_class.png"))
     return out
+
+
+def _save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=90)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

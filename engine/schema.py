@@ -25,6 +25,15 @@ from typing import Any, Literal, get_args, get_origin
 
 from .errors import ConfigError
 
+#: TOML integers are 64-bit signed (the spec refuses any other); so are batchkin's.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+#: The deepest nesting of tables and arrays a config may have (batchkin's own is 3).
+MAX_DEPTH = 32
+
+#: The longest ``repr`` of a value echoed in a message (a longer one is cut, with its length).
+SHOWN_CHARS = 80
+
 _NUMERIC_BOUNDS = {
     "ge": (lambda v, b: v >= b, ">="),
     "gt": (lambda v, b: v > b, ">"),
@@ -55,10 +64,39 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, at most about ``limit`` characters: a config value can be
+    megabytes, and echoing it whole would bury the message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 4 * limit:
+        return f"<an integer of {value.bit_length()} bits>"
+    if isinstance(value, (str, bytes, list, tuple)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes" if isinstance(value, bytes) else "items"
+        return f"{repr(value[:limit])[:limit]}... ({len(value)} {unit})"  # never the repr of all of it
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_depth(value, where: str = "config", limit: int = MAX_DEPTH) -> None:
+    """Refuse tables and arrays nested deeper than ``limit`` (they would exhaust the recursion of
+    every function that walks a config); iterative, so it works on any depth."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            raise ConfigError(f"{where} nests tables or arrays more than {limit} levels deep")
+        stack.extend((child, depth + 1) for child in children)
+
+
 def _describe(value) -> str:
     if isinstance(value, dict):
         return "a table"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def _coerce(value, tp, key: str):
@@ -80,7 +118,7 @@ def _coerce(value, tp, key: str):
         allowed = get_args(tp)
         if value not in allowed or type(value) is not type(allowed[0]):
             hint = suggest(str(value), [str(a) for a in allowed]) if isinstance(value, str) else ""
-            raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}{hint}")
+            raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)}; got {shown(value)}{hint}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -100,12 +138,14 @@ def _coerce(value, tp, key: str):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+        if not INT_MIN <= value <= INT_MAX:
+            raise ConfigError(f"{key} must fit in a 64-bit signed integer (TOML's integers); got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {_describe(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{key} must be finite, got {value!r}")
+            raise ConfigError(f"{key} must be finite, got {shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -125,7 +165,7 @@ def _check_bounds(value, meta, key: str) -> None:
             continue
         for name, (ok, symbol) in _NUMERIC_BOUNDS.items():
             if name in meta and not ok(item, meta[name]):
-                raise ConfigError(f"{key} must be {symbol} {meta[name]}; got {item!r}")
+                raise ConfigError(f"{key} must be {symbol} {meta[name]}; got {shown(item)}")
 
 
 def field_help(cls) -> dict[str, str]:

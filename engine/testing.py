@@ -87,7 +87,7 @@ def run_plugin(
         state.model.train()
         done = 0
         while done < steps:
-            for indices in state.sampler:
+            for indices in state.train_data.steps(state):
                 loss = train_step(state, indices)
                 if not torch.isfinite(torch.tensor(loss)):
                     raise AssertionError(f"step {done + 1}: non-finite loss {loss}")

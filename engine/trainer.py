@@ -7,6 +7,7 @@ The hooks fired here are specified, with the loop as pseudo-code, in
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import platform
@@ -18,15 +19,15 @@ import torch
 import torch.nn.functional as F  # noqa: F401  (used by plugins importing from here)
 
 from . import __version__
-from .config import Config, build_config
-from .data import DeviceData, ShuffleSampler, make_splits
-from .errors import ConfigError, NonFiniteError, RunError
+from .config import Config, build_config, load_raw, resume_changes
+from .data import DeviceData, ShuffleSampler, check_crop_padding, make_splits
+from .errors import BatchkinError, ConfigError, NonFiniteError, PluginError, RunError, describe_exception, is_out_of_memory
 from .hookspecs import hookimpl
 from .metrics import classification_metrics, confusion_counts, shot_groups
-from .models import check_protocol
+from .models import check_protocol, state_dict_mismatch
 from .plugin import Plugins, RunHooks
-from .rundir import CHECKPOINT_FORMAT, RunDir, load_checkpoint
-from .schema import dump_toml, parse, to_dict
+from .rundir import CHECKPOINT_FORMAT, MARKER, RunDir, load_checkpoint, plugin_file_records
+from .schema import dump_toml, parse, shown, to_dict
 from .state import State
 from batchkin.kernels.rng import derive_key
 
@@ -83,6 +84,9 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device = {name!r} but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -214,17 +218,26 @@ def prepare(raw: dict, plugins: Plugins | None = None, *, rank: int = 0, world_s
 
     dataset = plugins.dataset(cfg.data.name).obj(cfg.data)
     state.splits = splits = make_splits(dataset, cfg.data)
+    check_crop_padding(cfg.data, splits.image_shape[1:])
     state.num_classes = splits.num_classes
     state.train_data = DeviceData(splits.train, splits, device)
     c, h, w = splits.image_shape
     state.model_options = model_options
     # parameters are initialised from the run's seed without touching the caller's RNG
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
-        state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
-        check_protocol(state.model, cfg.model["name"])
-        hooks.wrap_model(state=state)
-    state.model.to(device)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_key(cfg.seed, 0x696E6974))
+            state.model = model_entry.obj(model_options, num_classes=splits.num_classes, in_channels=c, image_size=(h, w))
+            check_protocol(state.model, cfg.model["name"])
+            hooks.wrap_model(state=state)
+        state.model.to(device)
+    except BatchkinError:
+        raise
+    except Exception as exc:  # the builder is a plugin's code; the options may ask for any size
+        what = f"model {cfg.model['name']!r} ({model_entry.origin}) with options {shown(cfg.model, 200)}"
+        if is_out_of_memory(exc):
+            raise ConfigError(f"{what} does not fit in the memory of {device}: {describe_exception(exc)}") from None
+        raise PluginError(f"{what} failed to build: {describe_exception(exc)}") from exc
     if cfg.train.compile:
         m = state.unwrapped_model
         m.forward_features = torch.compile(m.forward_features)
@@ -276,22 +289,38 @@ def checkpoint_dict(state: State, best: dict) -> dict:
 def restore(state: State, ckpt: dict) -> dict:
     if ckpt["method_order"] != state.hooks.names:
         raise RunError(f"the checkpoint was trained with methods {ckpt['method_order']}, the config lists {state.hooks.names}")
-    try:
-        state.unwrapped_model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise RunError(f"the checkpoint does not fit the model: {str(exc).splitlines()[0]}") from None
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.scheduler.load_state_dict(ckpt["scheduler"])
-    state.scaler.load_state_dict(ckpt["scaler"])
-    state.sampler.load_state_dict(ckpt["sampler"])
+    mismatch = state_dict_mismatch(state.unwrapped_model, ckpt["model"])
+    if mismatch:
+        raise RunError(f"the checkpoint does not fit the model: {mismatch}")
+    saved = ckpt["optimizer"].get("param_groups", []) if isinstance(ckpt["optimizer"], dict) else []
+    groups = state.optimizer.param_groups
+    if [g.get("name") for g in saved] != [g.get("name") for g in groups] or \
+            any(("betas" in a) != ("betas" in b) for a, b in zip(saved, groups)):
+        o = state.config.optim
+        raise RunError(f"the checkpoint's optimizer is not the config's (optim.name = {o.name!r}, optim.no_decay_norm_bias = "
+                       f"{o.no_decay_norm_bias}, {len(groups)} parameter groups): the optimizer cannot change on resume")
+
+    def rng():
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if ckpt["rng"]["cuda"] and state.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        for key, gstate in ckpt["generators"].items():
+            name, _, dev = key.rpartition("@")
+            state.generator(name, dev).set_state(gstate)
+
+    parts = (("model", lambda: state.unwrapped_model.load_state_dict(ckpt["model"])),
+             ("optimizer", lambda: state.optimizer.load_state_dict(ckpt["optimizer"])),
+             ("scheduler", lambda: state.scheduler.load_state_dict(ckpt["scheduler"])),
+             ("scaler", lambda: state.scaler.load_state_dict(ckpt["scaler"])),
+             ("sampler", lambda: state.sampler.load_state_dict(ckpt["sampler"])),
+             ("RNG", rng),
+             ("methods'", lambda: state.hooks.load_state_dicts(ckpt["methods"])))
+    for part, load in parts:
+        try:
+            load()
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise RunError(f"the checkpoint's {part} state does not fit this run: {describe_exception(exc)}") from None
     state.epoch, state.step = ckpt["epoch"], ckpt["step"]
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if ckpt["rng"]["cuda"] and state.device.type == "cuda":
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    for key, gstate in ckpt["generators"].items():
-        name, _, dev = key.rpartition("@")
-        state.generator(name, dev).set_state(gstate)
-    state.hooks.load_state_dicts(ckpt["methods"])
     return ckpt.get("best", {})
 
 
@@ -317,13 +346,18 @@ def _read_loss(loss: torch.Tensor, terms: dict) -> tuple[float | None, list[bool
 def train_step(state: State, indices: dict) -> float:
     cfg = state.config
     state.training = True
-    aug = state.generator("augment")
+    raw = any(getattr(m, "raw_batch", False) for m in state.hooks.methods.values())
     batch = {}
     with state.phase("data"):
         for stream, idx in indices.items():
             suffix = f"_{stream}" if stream else ""
-            x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
-                                          hflip=state.splits.hflip, gen=aug, shard=(state.rank, state.world_size))
+            if raw:  # a method builds its own views: the uint8 images as stored
+                dev_idx = idx.to(state.device, non_blocking=True)
+                x, y = state.train_data.x[dev_idx], state.train_data.y[dev_idx]
+            else:
+                x, y = state.train_data.batch(idx, augment=cfg.data.augment, padding=cfg.data.crop_padding,
+                                              hflip=state.splits.hflip, gen=state.generator("augment"),
+                                              shard=(state.rank, state.world_size))
             batch["x" + suffix], batch["y" + suffix] = x, y
             batch["idx" + suffix] = idx  # dataset indices: state.train_data.x[idx] are the raw uint8 images
     state.batch = batch
@@ -332,14 +366,8 @@ def train_step(state: State, indices: dict) -> float:
     with _autocast(state):
         with state.phase("forward"):
             state.outputs = state.hooks.forward(state=state)
-        terms: dict[str, torch.Tensor] = {}
-        owner: dict[str, str] = {}
         with state.phase("loss"):
-            for name, result in state.hooks.call_each("loss_terms", state=state, outputs=state.outputs):
-                for key, value in (result or {}).items():
-                    if key in terms:
-                        raise ConfigError(f"loss term {key!r} is produced by both {owner[key]!r} and {name!r}")
-                    terms[key], owner[key] = value, name
+            terms, owner = state.hooks.collect_loss_terms(state=state, outputs=state.outputs)
     if not terms:
         raise ConfigError(f"no enabled method produced a loss term (methods: {', '.join(state.hooks.names)}); add 'ce'")
     state.loss_terms = terms
@@ -352,6 +380,7 @@ def train_step(state: State, indices: dict) -> float:
         if not bad:
             state.scaler.scale(loss).backward()
             state.scaler.unscale_(state.optimizer)
+            state.hooks.before_optimizer_step(state=state)
             params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
             if cfg.train.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
@@ -370,11 +399,11 @@ def train_step(state: State, indices: dict) -> float:
             detail = ", ".join(
                 f"{k}={float(t.detach().float().mean()):.4g} (from {owner[k]})" for k, t in terms.items()
             )
-            what = f"non-finite loss term(s) {', '.join(repr(b) + ' from ' + repr(owner[b]) for b in bad)}" if bad \
-                else "non-finite gradients"
+            what = f"non-finite loss term(s) {', '.join(f'{b!r} from method {owner[b]!r} (loss_terms)' for b in bad)}" \
+                if bad else "non-finite gradients"
             msg = f"epoch {state.epoch} step {state.step + 1}: {what}; loss terms: {detail}"
             if cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(msg + " (train.on_nonfinite = 'stop'; the last checkpoint is intact)")
+                raise NonFiniteError(msg + " (train.on_nonfinite = 'stop')")
             print(f"batchkin: skipping {msg}", file=sys.stderr, flush=True)
             state.step_skipped = True
     else:
@@ -435,42 +464,151 @@ def fit(
     """Train a run described by the raw config dict into the folder ``out``.
 
     ``resume=True`` continues the run in ``out`` from its last checkpoint (``raw`` is
-    then the folder's saved config, possibly with overrides). ``until`` stops after
-    that epoch while the schedule still spans ``epochs``.
+    then the folder's saved config, in which only the keys that may change on resume
+    may differ: :func:`batchkin.config.resume_changes`). ``until`` stops after that
+    epoch while the schedule still spans ``epochs``.
     The caller's global RNG state is restored when the run ends.
+
+    A command that fails leaves the folder as it was, and a killed one leaves a run in it:
+
+    * a new run is written straight into an absent or empty folder;
+    * a run that replaces a batchkin run (``overwrite``, or a folder whose run never
+      wrote ``checkpoints/last.pt``; with ``resume`` such a run starts again from its
+      saved config) is built in a hidden sibling folder and swapped in when it writes
+      its first ``last.pt`` (:class:`batchkin.rundir.RunDir`);
+    * a resumed run changes nothing until its first new epoch, or its final test line,
+      is committed: then its config changes are recorded (run.json's ``overrides``,
+      then config.toml) and metrics.jsonl is cut back to the checkpoint's epoch.
     """
     from .distributed import DistContext
 
     dist_ctx = DistContext.from_env()
-    run = RunDir(out)
-    rank0 = dist_ctx.rank == 0
+    folder = _Folder(RunDir(out), writer=dist_ctx.rank == 0)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         with torch.random.fork_rng(devices=devices):
-            return _fit(raw, run, resume, overwrite, until, plugins, progress and rank0, stream, dist_ctx)
+            return _fit(raw, folder, resume, overwrite, until, plugins or Plugins(), progress and folder.writer,
+                        stream, dist_ctx)
+    except BatchkinError as exc:
+        if folder.started and folder.writer:
+            exc.args = (f"{exc}; {folder.what_is_left()}",)
+        raise
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
-        if rank0:
-            run.unlock()
+        if folder.writer:
+            folder.run.discard_replacement()
+            folder.run.unlock()
 
 
-def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist_ctx) -> RunResult:
-    rank0 = dist_ctx.rank == 0
-    out = Progress(show, 20, stream)
-    if rank0 and resume:
-        if not run.checkpoint_path().is_file():
-            raise RunError(f"nothing to resume in {run.path}: no checkpoints/last.pt")
-        run.lock()
+class _Folder:
+    """The run folder as one ``fit`` changes it (rank 0 alone writes)."""
+
+    def __init__(self, run: RunDir, writer: bool):
+        self.run, self.writer = run, writer
+        self.mode = ""  # "fresh", "replace" or "resume"
+        self.started = False  # the run is under way: an error says what the folder still holds
+        self.pending = False  # a resume that has not committed anything yet
+        self.done = 0  # epochs of the checkpoint resumed from
+        self.changes: list = []  # config changes of the resume
+        self.plugin_files: list[dict] = []  # run.json's plugin_files of this command
+
+    def what_is_left(self) -> str:
+        run = self.run
+        if run.staging is not None:
+            return f"{run.final} is unchanged (the new run was discarded)"
+        if self.pending:
+            return f"{run.final} is unchanged"
+        if run.last_epoch:
+            return f"checkpoints/last.pt of epoch {run.last_epoch} is intact; --resume {run.final} continues from it"
+        return "checkpoints/last.pt was not written yet; the same command starts the run again"
+
+    def history(self, before: list | None, epoch: int, plugin_files_before=None) -> list:
+        """run.json's ``overrides``: ``before`` and this command's changes (time, epoch, key, old, new)."""
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        entries = [{"time": now, "epoch": epoch, "key": c.key, "old": c.old, "new": c.new} for c in self.changes]
+        if plugin_files_before is not None and plugin_files_before != self.plugin_files:
+            entries.append({"time": now, "epoch": epoch, "key": "plugin_files", "old": plugin_files_before,
+                            "new": self.plugin_files})
+        return list(before or []) + entries
+
+    def commit_resume(self, state: State) -> None:
+        """Before the resumed run's first record: record its changes, then cut metrics.jsonl back."""
+        if not (self.writer and self.pending):
+            return
+        run = self.run
+        info = run.read_json(MARKER)
+        before = info.get("plugin_files") or []
+        if self.changes or before != self.plugin_files:
+            info["overrides"] = self.history(info.get("overrides"), self.done, before)
+            info["plugin_files"] = self.plugin_files
+            run.write_json(MARKER, info)
+        if self.changes:
+            run.write_text("config.toml", dump_toml(resolved_config(state)))
         run.remove_stale_temp_files()
-    if rank0 and not resume and not overwrite:
-        run.check_new()  # refuse an existing folder before any work
-    # config, data and model are checked before the folder is created or cleared
+        run.truncate_metrics(self.done)
+        self.pending = False
+
+
+def resume_config(path: str | os.PathLike) -> dict:
+    """The saved config.toml of the run folder ``path``, for ``--resume``: continued from its
+    checkpoints/last.pt, or started again when a batchkin run has none yet."""
+    run = RunDir(path)
+    config = run.final / "config.toml"
+    if config.is_file() and (run.checkpoint_path().is_file() or run.is_run()):
+        return load_raw(config)
+    if run.checkpoint_path().is_file():
+        raise RunError(f"{run.final} has checkpoints/last.pt but no config.toml to resume it with")
+    if run.is_run():
+        raise RunError(f"nothing to resume in {run.final}: its run stopped before it wrote config.toml; "
+                       "the command that started it starts it again")
+    if not config.is_file():
+        raise RunError(f"nothing to resume in {run.final}: it is not a batchkin run folder (no config.toml)")
+    raise RunError(f"nothing to resume in {run.final}: no checkpoints/last.pt")
+
+
+def _option_schemas(plugins: Plugins, cfg: Config) -> dict:
+    """The options dataclasses of the run's methods, model and dataset (table name -> dataclass)."""
+    reg = plugins.registry
+    schemas = {name: reg.methods[name].options for name in cfg.methods if name in reg.methods}
+    for table, entry in (("model", reg.models.get(cfg.model["name"])), ("data", reg.datasets.get(cfg.data.name))):
+        schemas[table] = entry.options if entry is not None else None
+    return schemas
+
+
+def _check_epochs(cfg: Config, until: int | None, done: int, run: RunDir) -> None:
+    if cfg.epochs < done:
+        raise ConfigError(f"epochs = {cfg.epochs} is below the {done} epochs {run.final} has trained; "
+                          "--resume can keep or extend epochs, not undo trained ones")
+    if until is not None and until <= done:
+        raise ConfigError(f"--until {until}: {run.final} has already trained {done} epochs; "
+                          f"give a later epoch, up to epochs = {cfg.epochs}")
+
+
+def _fit(raw, folder: _Folder, resume, overwrite, until, plugins, show, stream, dist_ctx) -> RunResult:
+    run, rank0 = folder.run, folder.writer
+    out = Progress(show, 20, stream)
+    if until is not None and until < 1:
+        raise ConfigError(f"--until must be an epoch >= 1; got {until}")
+    if rank0:
+        for note in run.recover():
+            out.line(f"batchkin: note: {note}")
+    saved = resume_config(run.final) if resume else None
+    if resume:
+        folder.mode = "resume" if run.checkpoint_path().is_file() else "replace"
+    else:
+        folder.mode = run.check_new(overwrite) if rank0 else "fresh"
+    if rank0 and folder.mode != "fresh":
+        run.lock()  # refuse a folder another live run is using, before any work
+    if resume:
+        folder.changes = resume_changes(saved, raw, _option_schemas(plugins, build_config(raw, plugins.registry.methods)))
+    folder.plugin_files = plugin_file_records(plugins.origins.values())
+    # config, data and model are checked before the folder is created or anything in it changes
     state = prepare(raw, plugins, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
-    if rank0 and not resume:
-        run.create(overwrite=overwrite)
-    dist_ctx.barrier()
     cfg = state.config
+    if until is not None and until > cfg.epochs:
+        raise ConfigError(f"--until {until} is beyond epochs = {cfg.epochs} (the schedule spans epochs; "
+                          "set epochs to train longer)")
     out.log_every = cfg.train.log_every
     # dropout and other ops without a generator argument draw from the global RNG: it is
     # forked for the run (fit() restores the caller's state), seeded, and saved in checkpoints
@@ -478,28 +616,32 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     best = {"epoch": 0, "top1": -1.0}
-    if resume:
+    if folder.mode == "resume":
         ckpt = load_checkpoint(run.checkpoint_path(), map_location=state.device)
+        _check_epochs(cfg, until, ckpt["epoch"], run)
         best = restore(state, ckpt)
-        if rank0:
-            run.truncate_metrics(state.epoch)
+        folder.done = run.last_epoch = state.epoch
+        folder.pending = folder.started = True
     elif rank0:
+        history = None
+        if folder.mode == "fresh":
+            run.create()
+        else:
+            if resume:  # a run without last.pt started again: keep its history of changes
+                history = folder.history(run.read_json(MARKER).get("overrides"), 0)
+            run.begin_replacement()
+            out.line(f"batchkin: note: {_replacing(run, resume, overwrite)}; it stays until the new run writes "
+                     "its first checkpoints/last.pt")
+        folder.started = True
+        run.write_json(MARKER, run_info(state, folder.plugin_files, history))
         run.write_text("config.toml", dump_toml(resolved_config(state)))
-        registry = state.hooks.registry
-        run.write_json("run.json", {
-            "methods": state.hooks.names, "seed": cfg.seed, "device": str(state.device),
-            "world_size": state.world_size, "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
-            # where the dataset and the model came from, written as the methods' origins are
-            "dataset": {"name": cfg.data.name, "origin": registry.datasets[cfg.data.name].origin},
-            "model": {"name": cfg.model["name"], "origin": registry.models[cfg.model["name"]].origin},
-            **system_info(),
-        })
+    dist_ctx.barrier()
     dist_ctx.wrap(state)
     state.hooks.on_fit_start(state=state)
     out.line(f"batchkin: methods in order: {' -> '.join(state.hooks.names)}; device {state.device}; "
              f"{len(state.train_data)} training images, {state.steps_per_epoch} steps per epoch")
     val_data = DeviceData(state.splits.val, state.splits, state.device) if len(state.splits.val) else None
-    last_epoch = cfg.epochs if until is None else min(until, cfg.epochs)
+    last_epoch = cfg.epochs if until is None else until
     while state.epoch < last_epoch:
         state.epoch += 1
         state.epoch_metrics = {}
@@ -508,7 +650,7 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
         state.model.train()
         out.start_epoch(state.epoch, cfg.epochs, state.steps_per_epoch)
         t0, losses, n_img = time.perf_counter(), [], 0
-        for i, indices in enumerate(state.sampler, 1):
+        for i, indices in enumerate(state.train_data.steps(state), 1):  # the sampler's steps (streamed: loaded ahead)
             try:
                 loss = train_step(state, indices)
             except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -530,18 +672,24 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
             **{f"train/{k}": float(v.detach().float()) for k, v in state.loss_terms.items()},
             **state.epoch_metrics,
         }
+        improved = False
         if val_data is not None and (state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.epochs):
             val = evaluate(state, "val", val_data)
             record.update({f"val/{k}": v for k, v in val.items()})
             if val["top1"] > best["top1"]:
-                best = {"epoch": state.epoch, "top1": val["top1"]}
-                if rank0:
-                    run.save_checkpoint(checkpoint_dict(state, best), "best.pt")
+                best, improved = {"epoch": state.epoch, "top1": val["top1"]}, True
         if rank0:
+            folder.commit_resume(state)
+            if improved:
+                run.save_checkpoint(checkpoint_dict(state, best), "best.pt")
             run.append_metrics(record)
             if state.epoch % cfg.train.checkpoint_every == 0 or state.epoch == last_epoch:
                 run.save_checkpoint(checkpoint_dict(state, best))
+                if run.staging is not None:
+                    run.commit_replacement()
+                run.last_epoch = state.epoch
             out.line(_epoch_line(record))
+    state.train_data.close()
     final = {}
     if state.epoch >= cfg.epochs:
         state.hooks.on_fit_end(state=state)
@@ -550,6 +698,7 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
         final = {"kind": "final", "epoch": state.epoch, "best_val_epoch": best["epoch"],
                  **{f"test/{k}": v for k, v in test.items()}}
         if rank0:
+            folder.commit_resume(state)
             run.append_metrics(final)
             out.line(_final_line(final))
             from .report import write_report
@@ -559,14 +708,37 @@ def _fit(raw, run: RunDir, resume, overwrite, until, plugins, show, stream, dist
     return RunResult(str(run.path), final, state)
 
 
+def _replacing(run: RunDir, resume: bool, overwrite: bool) -> str:
+    if resume:
+        return f"{run.final} has no checkpoints/last.pt: its run starts again from epoch 1 with its saved config"
+    if overwrite:
+        return f"replacing the run in {run.final}"
+    return f"{run.final} holds a run that never wrote checkpoints/last.pt: replacing it"
+
+
+def run_info(state: State, plugin_files: list[dict], overrides: list | None = None) -> dict:
+    """run.json of a new run: methods, seed, device, where every piece came from, versions."""
+    cfg, registry = state.config, state.hooks.registry
+    info = {
+        "methods": state.hooks.names, "seed": cfg.seed, "device": str(state.device),
+        "world_size": state.world_size, "plugins": {n: plugins_origin(state, n) for n in state.hooks.names},
+        # where the dataset and the model came from, written as the methods' origins are
+        "dataset": {"name": cfg.data.name, "origin": registry.datasets[cfg.data.name].origin},
+        "model": {"name": cfg.model["name"], "origin": registry.models[cfg.model["name"]].origin},
+        "plugin_files": plugin_files,  # eval and --resume load these again (checked by sha256)
+        **system_info(),
+    }
+    if overrides:
+        info["overrides"] = overrides
+    return info
+
+
 def _oom_message(state: State, step: int, exc: BaseException) -> str:
     bs = state.config.data.batch_size
-    last = (state.epoch - 1) // state.config.train.checkpoint_every * state.config.train.checkpoint_every
     return (
         f"out of memory at epoch {state.epoch} step {step} with data.batch_size = {bs} on {state.device} "
-        f"({type(exc).__name__}); lower the batch size (e.g. --set data.batch_size={max(bs // 2, 1)})"
+        f"({type(exc).__name__}); lower the batch size (e.g. --set data.batch_size={max(bs // 2, 1)} in a new run)"
         + (" or enable mixed precision (train.amp)" if state.amp_dtype is None and state.device.type == "cuda" else "")
-        + (f"; the checkpoint of epoch {last} is intact, continue with --resume" if last else "")
     )
 
 

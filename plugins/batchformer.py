@@ -3,7 +3,7 @@
 METHODS.md section 2 is the specification. The ``B`` samples of a mini-batch form one
 sequence of ``B`` tokens, so each sample's feature attends to the others.
 
-* **Module.** :class:`batchkin.kernels.batch_attention.BatchFormer` (``[batchformer]
+* **Module.** :class:`batchkin.nn.BatchFormer` (``[batchformer]
   layers`` post-norm encoder layers over the batch, built on the batch-attention op),
   equivalent to ``nn.TransformerEncoderLayer(d_model=C, nhead=heads,
   dim_feedforward=ffn_dim, dropout=dropout)`` fed ``f.unsqueeze(1)``: no positional
@@ -71,7 +71,7 @@ from torch import nn
 
 from batchkin.errors import ConfigError, RunError
 from batchkin.hookspecs import hookimpl
-from batchkin.kernels.batch_attention import BatchFormer, draw_seed
+from batchkin.nn import BatchFormer, draw_seed
 from batchkin.kernels.rng import derive_key
 from batchkin.plugin import Method
 

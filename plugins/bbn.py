@@ -12,13 +12,17 @@ training focus from the conventional to the re-balancing branch:
 * evaluation: both blocks on the same image, ``classifier(cat(f_c, f_r))``, which is
   exactly the training combiner at ``alpha = 0.5``.
 
-Schedules (``[bbn] alpha_schedule``; epochs ``e`` count from 1, ``E`` = ``epochs``):
-``parabolic_decay`` ``1 - ((e - 1) / E) ** 2`` (the default), ``linear_decay``
-``1 - (e - 1) / E``, ``cosine_decay`` ``cos((e - 1) / E * pi / 2)``,
-``parabolic_increment`` ``((e - 1) / E) ** 2``, ``fixed`` ``0.5``, and ``beta``: a new
-``alpha ~ Beta(b, b)`` (``b`` = ``[bbn] beta``, 0.2) for every training batch, drawn
-from the run's ``"bbn"`` generator. ``alpha`` is logged as ``bbn/alpha`` every epoch
-(for ``beta``, the mean of the epoch's draws) and saved in checkpoints.
+Schedules (``[bbn] alpha_schedule``; epochs ``e`` count from 1, ``t = min((e - 1) / D, 1)``
+with ``D`` = ``[bbn] alpha_epochs``, by default the run's ``epochs`` E):
+``parabolic_decay`` ``1 - t ** 2`` (the default), ``linear_decay`` ``1 - t``,
+``cosine_decay`` ``cos(t * pi / 2)``, ``parabolic_increment`` ``t ** 2``, ``fixed``
+``0.5``, and ``beta``: a new ``alpha ~ Beta(b, b)`` (``b`` = ``[bbn] beta``, 0.2) for
+every training batch, drawn from the run's ``"bbn"`` generator. ``alpha_epochs`` other
+than E reproduces upstream's iNaturalist recipes, which divide by 100 (200) in 90-epoch
+(180-epoch) runs (``alpha_epochs = 100``: the last epoch's alpha is 0.2079, not 0.0221);
+a ``D`` below E holds ``t`` at 1 from epoch ``D + 1`` on. ``alpha`` is logged as
+``bbn/alpha`` every epoch (for ``beta``, the mean of the epoch's draws) and saved in
+checkpoints.
 
 The reversed stream (``[bbn] sampler``): ``reversed`` (``P_c`` proportional to
 ``n_max / n_c``), ``balanced`` (``1 / C``) or ``instance`` (``n_c / N``); a class is
@@ -92,22 +96,26 @@ def sample_beta(a: float, b: float, generator: torch.Generator | None = None, n:
 
 
 def bbn_alpha(epoch: int, epochs: int, schedule: str = "parabolic_decay", *,
-              generator: torch.Generator | None = None, beta: float = 0.2) -> float:
+              generator: torch.Generator | None = None, beta: float = 0.2, alpha_epochs: int | None = None) -> float:
     """The cumulative-learning weight ``alpha`` of epoch ``epoch`` (counted from 1) of ``epochs``.
 
-    ``parabolic_decay`` ``1 - ((e-1)/E)**2``, ``linear_decay`` ``1 - (e-1)/E``,
-    ``cosine_decay`` ``cos((e-1)/E * pi/2)``, ``parabolic_increment`` ``((e-1)/E)**2``,
-    ``fixed`` ``0.5``; ``beta`` returns one draw of ``Beta(beta, beta)`` from
-    ``generator`` (a per-batch value; ``epoch`` is then only checked).
+    With ``t = min((e-1)/D, 1)`` and ``D = alpha_epochs`` (default ``epochs``):
+    ``parabolic_decay`` ``1 - t**2``, ``linear_decay`` ``1 - t``, ``cosine_decay``
+    ``cos(t * pi/2)``, ``parabolic_increment`` ``t**2``, ``fixed`` ``0.5``; ``beta``
+    returns one draw of ``Beta(beta, beta)`` from ``generator`` (a per-batch value;
+    ``epoch`` is then only checked).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
-    for name, v in (("epoch", epoch), ("epochs", epochs)):
+    period = epochs if alpha_epochs is None else alpha_epochs
+    for name, v in (("epoch", epoch), ("epochs", epochs), ("alpha_epochs", period)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if epochs < 1 or not 1 <= epoch <= epochs:
         raise ValueError(f"epoch must lie in 1..epochs (epochs >= 1); got epoch={epoch}, epochs={epochs}")
-    t = (epoch - 1) / epochs
+    if period < 1:
+        raise ValueError(f"alpha_epochs must be >= 1; got {period}")
+    t = min((epoch - 1) / period, 1.0)
     if schedule == "parabolic_decay":
         return 1.0 - t * t
     if schedule == "linear_decay":
@@ -216,6 +224,10 @@ class BBNSampler:
                             epoch=self.epoch, mode=self.mode, start=start, stop=stop)
 
     def __iter__(self):
+        """One epoch of steps, from the saved position (a resumed sampler continues mid-epoch).
+        Iterating a finished epoch again yields it again, as ``DistributedSampler`` does."""
+        if self.position >= len(self):
+            self.uniform.load_state_dict({"epoch": self.epoch, "position": 0})
         for item in self.uniform:
             step = self.uniform.position - 1  # ShuffleSampler advances its position before yielding
             yield {"": item[""], "rev": self.reversed_indices(step)}
@@ -328,6 +340,11 @@ class BBN(Method):
         alpha_schedule: Literal[
             "parabolic_decay", "linear_decay", "cosine_decay", "parabolic_increment", "fixed", "beta"
         ] = field(default="parabolic_decay", metadata={"help": "cumulative-learning schedule of alpha (epochs from 1)"})
+        alpha_epochs: int = field(
+            default=0,
+            metadata={"ge": 0, "help": "the schedule's period D, t = min((e - 1) / D, 1) (0 = the run's epochs; "
+                                       "upstream's 90/180-epoch iNaturalist recipes use 100/200)"},
+        )
         beta: float = field(
             default=0.2, metadata={"gt": 0.0, "help": "alpha_schedule = 'beta': alpha ~ Beta(beta, beta) per batch"}
         )
@@ -372,7 +389,8 @@ class BBN(Method):
     def on_epoch_start(self, state):
         self.alpha_sum, self.alpha_count = 0.0, 0
         if self.options.alpha_schedule != "beta":
-            self.alpha = bbn_alpha(state.epoch, state.epochs, self.options.alpha_schedule)
+            self.alpha = bbn_alpha(state.epoch, state.epochs, self.options.alpha_schedule,
+                                   alpha_epochs=self.options.alpha_epochs or None)
             state.epoch_metrics["bbn/alpha"] = self.alpha
 
     @hookimpl

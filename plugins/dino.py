@@ -2,8 +2,9 @@
 
 METHODS.md section 4 ("DINO form") gives the defaults used here.
 
-* Views from the on-device pipeline of :mod:`batchkin.plugins.ssl`: two global views per
-  image (:func:`~batchkin.plugins.ssl.make_views`, ``[dino.views]``) and, with
+* Views from the on-device pipeline of :mod:`batchkin.plugins.ssl` (built from the raw
+  uint8 batch): two global views per image (:func:`~batchkin.plugins.ssl.make_views`,
+  ``[dino.views]``) and, with
   ``[dino] n_local_crops > 0``, DINO's multi-crop local views
   (:func:`~batchkin.plugins.ssl.make_local_views`, drawn after the global views from the
   same run generator ``"dino_views"``, so the global views do not depend on them).
@@ -29,9 +30,27 @@ METHODS.md section 4 ("DINO form") gives the defaults used here.
   loss reads only this rank's rows), except with SDMP's ``flip = "global"``, whose
   partners live on other ranks. The center is a buffer of the model (``dino_center``), so
   it is checkpointed.
-* Evaluation: kNN class scores as ``logits`` (as ``moco``); linear probe with
-  :func:`batchkin.plugins.ssl.linear_probe`.
-* With ``sdmp``: the SDMP DINO form (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); only
+* Evaluation: kNN class scores as ``logits`` (as ``moco``) and the linear probe
+  (:func:`batchkin.probe.linear_probe`, ``batchkin probe``) read the teacher's encoder, as
+  DINO does (``[dino] eval_encoder = "student"`` reads the student's).
+* Optimiser details of DINO, in ``before_optimizer_step``: the head's last layer gets no
+  update during the first ``freeze_last_layer`` epochs (1; its gradient is dropped, so
+  the optimizer keeps no state for it and applies no weight decay), and each
+  parameter's gradient is clipped to norm ``clip_grad`` (3; :func:`clip_gradients_`).
+  DINO's other two: ``optim.no_decay_norm_bias = true`` (no weight decay on biases and
+  norms) and ``schedule.warmup_start = 0`` (the warm-up starts at lr 0).
+* Small encoders: DINO's head init (``head_init = "trunc_normal"``, std 0.02) is sized
+  for ViT-S features; over a small encoder's pooled features the bottleneck has norm
+  ~0.02 and every run collapses to uniform outputs. ``head_init = "fan_in"`` (He init)
+  and ``head_bn = true`` (BatchNorm after each hidden layer: DINO's
+  ``use_bn_in_head``) are the scale-aware options; configs/dino_digits.toml is a
+  measured small-scale recipe.
+* Collapse is logged every epoch: ``dino/teacher_entropy`` (the mean entropy of the
+  teacher's distributions, ``log out_dim`` when they are uniform) and
+  ``dino/teacher_batch_entropy`` (the entropy of their mean, near 0 when every image
+  gets the same prototype) (:func:`teacher_entropy`).
+* With ``sdmp`` (through the ``transform_views`` hook): the SDMP DINO form
+  (:func:`batchkin.plugins.sdmp.sdmp_dino_loss`); only
   the two global views are mixed, the teacher also sees the mixed global views and the
   same center is used for them; local crops add only to DINO's own loss.
 
@@ -51,12 +70,14 @@ The model must encode the smaller local crops: the globally pooled models (``res
 which is reported as a ConfigError when the model is built.
 
 Functional twins: :func:`teacher_temperature`, :func:`teacher_probs`, :func:`dino_loss`,
-:func:`update_center`, :func:`local_crop_size`.
+:func:`update_center`, :func:`teacher_entropy`, :func:`clip_gradients_`,
+:func:`local_crop_size`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +160,37 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     return center
 
 
+def teacher_entropy(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collapse diagnostics of the teacher's distributions ``probs`` ``[..., K]`` (every row of
+    every view): ``(mean_i H(P_i), H(mean_i P_i))`` in nats, float32, no gradient.
+
+    Both are ``log K`` when every output is uniform (DINO's uniform collapse), the first
+    near 0 and the second near 0 when every image gets the same one-hot output (the
+    dominant-dimension collapse); a teacher that learns has a low per-sample entropy
+    and a high entropy of the mean (its prototypes are used evenly)."""
+    with torch.no_grad(), fp32(probs.device.type):
+        rows = probs.detach().float().reshape(-1, probs.shape[-1])
+
+        def entropy(p):
+            return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+        return entropy(rows).mean(), entropy(rows.mean(0))
+
+
+@torch.no_grad()
+def clip_gradients_(params, max_norm: float) -> list[torch.Tensor]:
+    """DINO's ``clip_gradients``: in place, scale each parameter's gradient by
+    ``min(1, max_norm / (||grad|| + 1e-6))`` (each parameter clipped to its own norm,
+    not the global norm of ``torch.nn.utils.clip_grad_norm_``). Parameters without a
+    gradient are skipped. Returns the gradients' norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return []
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    return list(norms)
+
+
 # ------------------------------------------------------------------------------ the method
 
 
@@ -191,6 +243,17 @@ class DINO(SSLBase):
         local_crop_scale: list[float] = field(
             default_factory=lambda: [0.05, 0.4],
             metadata={"gt": 0.0, "le": 1.0, "help": "local crops: range of the crop's area fraction"})
+        head_init: Literal["trunc_normal", "fan_in"] = field(
+            default="trunc_normal",
+            metadata={"help": "head MLP init: DINO's N(0, 0.02^2), or fan_in (He) for a bottleneck of norm O(1) on small encoders"})
+        head_bn: bool = field(
+            default=False, metadata={"help": "BatchNorm after every hidden layer of the head (DINO's use_bn_in_head)"})
+        freeze_last_layer: int = field(
+            default=1, metadata={"ge": 0, "help": "epochs during which the head's last layer is not updated (DINO: 1)"})
+        clip_grad: float = field(
+            default=3.0, metadata={"ge": 0.0, "help": "clip each parameter's gradient norm to this value (DINO: 3; 0 = off)"})
+        eval_encoder: Literal["teacher", "student"] = field(
+            default="teacher", metadata={"help": "the encoder kNN evaluation and the linear probe read (DINO: teacher)"})
 
         def validate(self):
             if len(self.local_crop_scale) != 2 or self.local_crop_scale[0] > self.local_crop_scale[1]:
@@ -203,13 +266,16 @@ class DINO(SSLBase):
         super().__init__(options)
         self.temp = self.options.warmup_teacher_temp
         self.local: LocalCrops | None = None
+        self.entropy = torch.zeros(3)
 
     def build_model(self, state, encoder):
         o = self.options
         if o.n_local_crops > 0:
             self.local = self.local_crops(state, encoder)
-        head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer)
+        head = DINOHead(encoder.feature_dim, o.out_dim, o.hidden_dim, o.bottleneck_dim, o.head_layers, o.norm_last_layer,
+                        init=o.head_init, use_bn=o.head_bn)
         net = SSLNet(encoder, head)
+        net.eval_momentum = o.eval_encoder == "teacher"
         net.register_buffer("dino_center", torch.zeros(1, o.out_dim))
         return net
 
@@ -235,6 +301,15 @@ class DINO(SSLBase):
         o = self.options
         self.temp = teacher_temperature(state.epoch, state.epochs, o.warmup_teacher_temp, o.teacher_temp, o.warmup_fraction)
         state.epoch_metrics["dino/teacher_temp"] = self.temp
+        self.entropy = torch.zeros(3)  # sums over the epoch's steps: H(P_i) mean, H(mean P), steps
+
+    @hookimpl
+    def on_epoch_end(self, state):
+        super().on_epoch_end(state)
+        total = self.entropy.tolist()
+        if total[2]:
+            state.epoch_metrics["dino/teacher_entropy"] = total[0] / total[2]
+            state.epoch_metrics["dino/teacher_batch_entropy"] = total[1] / total[2]
 
     def train_forward(self, state):
         center = state.unwrapped_model.dino_center.clone()
@@ -246,9 +321,26 @@ class DINO(SSLBase):
     def loss_terms(self, state, outputs):
         step = outputs["ssl"]
         p = teacher_probs(local_keys(step), step.center, step.teacher_temp)
+        per_sample, of_mean = teacher_entropy(p)
+        one = torch.ones((), device=p.device)
+        self.entropy = self.entropy.to(p.device) + torch.stack([per_sample, of_mean, one])
         n = len(step.q[0])
         loss = sum(dino_loss([q[s] for q in step.q], list(p), step.temperature) for s in range(n)) / n
         return {"dino": loss}
+
+    @hookimpl
+    def before_optimizer_step(self, state):
+        """DINO's optimiser details: no update of the head's last layer during the first
+        ``freeze_last_layer`` epochs (its gradients are dropped, so the optimizer skips it:
+        no momentum, no weight decay), then each parameter's gradient clipped to norm
+        ``clip_grad``."""
+        o = self.options
+        if state.epoch <= o.freeze_last_layer:
+            head = state.unwrapped_model.head
+            head.last_v.grad = None
+            head.last_g.grad = None
+        if o.clip_grad > 0:
+            clip_gradients_([p for g in state.optimizer.param_groups for p in g["params"]], o.clip_grad)
 
     @hookimpl
     def after_step(self, state):

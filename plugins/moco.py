@@ -4,8 +4,9 @@ METHODS.md section 4 ("Base method: MoCo v3") is the specification.
 
 * Two views per image from the on-device pipeline of :mod:`batchkin.plugins.ssl`
   (random resized crop, flip, colour jitter and grayscale on colour data, blur,
-  solarize; BYOL's asymmetric pair), built from the raw uint8 images of
-  ``state.batch["idx"]``. Labels are never read in training.
+  solarize; BYOL's asymmetric pair), built from the raw uint8 batch (the bases set
+  ``raw_batch``: the engine does not augment or normalise it). Labels are never read in
+  training.
 * The registered model is the online encoder; ``wrap_model`` wraps it in
   :class:`~batchkin.plugins.ssl.SSLNet` with a projector (``[moco] proj_layers``-layer MLP
   with BN, last BN without affine), a 2-layer predictor and the momentum encoder +
@@ -25,9 +26,10 @@ METHODS.md section 4 ("Base method: MoCo v3") is the specification.
 * Evaluation: the forward returns kNN class scores as ``logits`` (k = 20, weights
   ``exp(sim / 0.07)``, cosine similarity to the training split's features), so the
   engine's val/test ``top1`` of a MoCo run is kNN accuracy. The linear probe is
-  :func:`batchkin.plugins.ssl.linear_probe` (``batchkin probe RUN_DIR``).
-* With ``sdmp`` enabled, the forward mixes the views through SDMP and stores the
-  mixed branch's outputs for SDMP's loss terms (contract in :mod:`batchkin.plugins.ssl`).
+  :func:`batchkin.probe.linear_probe` (``batchkin probe RUN_DIR``).
+* With a mixing method enabled (``sdmp``), the forward fires ``transform_views`` on the
+  uint8 views, runs the mixed views it returns through both branches and stores their
+  outputs for the mixing method's loss terms (:mod:`batchkin.plugins.ssl.base`).
 
 Functional twins: :func:`moco_infonce`, :func:`moco_loss`; and from
 :mod:`batchkin.plugins.ssl`: :func:`~batchkin.plugins.ssl.cosine_momentum`,

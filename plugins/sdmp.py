@@ -27,7 +27,8 @@ partner ``i'``, every term times ``2T``, summed over the two directions like MoC
 
 Each ``-log`` of a mixture is ``logsumexp_j(l_ij) - logsumexp(log w_a + l_ia, log w_b +
 l_ib)`` in float32 (:func:`mixture_nll`): no softmax-then-log underflow under fp16.
-``lam`` is the query view's ``lam_eff``, ``lam_i'`` the key view's ``lam_eff`` of the partner.
+``lam`` is the query view's ``lam_eff`` per sample; the losses take the key view's
+``lam_eff`` per sample (per row of the keys) and read ``lam_i'`` at the partner's row.
 
 **Losses, DINO form** (:func:`sdmp_dino_loss`, our design, METHODS.md): the student sees
 the mixed view a; its target is a mixture of the teacher's (centred, sharpened)
@@ -38,15 +39,19 @@ multi-crop (``[dino] n_local_crops > 0``) SDMP mixes only the two global views: 
 crops are never mixed and take part only in DINO's own loss, so the SDMP terms are the
 same pairs of global views with or without local crops.
 
-**The contract with the base** (see :mod:`batchkin.plugins.ssl`): the base's training
-forward calls :meth:`SDMP.mix_views` on its uint8 views and stores an ``SSLStep`` with
-the mixed branch in ``outputs["ssl"]``; :meth:`SDMP.loss_terms` reads only that.
-BatchFormer composes: every feature stream of the mixed views gets its own queries,
-and the SDMP terms are averaged over the streams.
+**The contract with the base** (the ``transform_views`` hook, see
+:mod:`batchkin.hookspecs` and :mod:`batchkin.plugins.ssl.base`): the base's training
+forward fires ``transform_views`` on its uint8 global views; SDMP answers with a
+:class:`~batchkin.plugins.ssl.MixBatch` (mixed views, ``lam_eff`` per sample and per
+row of the global batch, partners), the base runs the mixed views through both branches
+and stores an ``SSLStep`` with the mixed branch in ``outputs["ssl"]``;
+:meth:`SDMP.loss_terms` reads only that, through the functional twins. BatchFormer
+composes: every feature stream of the mixed views gets its own queries, and the SDMP
+terms are averaged over the streams.
 
-Functional twins: :func:`sdmp_mix`, :func:`mixture_nll`, :func:`sdmp_ms_loss`,
-:func:`sdmp_mm_weights`, :func:`sdmp_mm_loss`, :func:`sdmp_moco_loss`,
-:func:`sdmp_dino_loss`.
+Functional twins: :func:`sdmp_mix`, :func:`sdmp_lam_eff`, :func:`mixture_nll`,
+:func:`sdmp_ms_loss`, :func:`sdmp_mm_weights`, :func:`sdmp_mm_loss`,
+:func:`sdmp_moco_terms`, :func:`sdmp_moco_loss`, :func:`sdmp_dino_loss`.
 """
 
 from __future__ import annotations
@@ -59,8 +64,10 @@ import torch.nn.functional as F
 
 from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
-from batchkin.kernels.batch_mix import OPERATORS, MixParams, batch_mix, sample_mix_params
+from batchkin.kernels.batch_mix import MIXUP, OPERATORS, MixParams, batch_mix, sample_mix_params
 from batchkin.plugin import Method
+from batchkin.plugins.dino import teacher_probs
+from batchkin.plugins.moco import moco_loss
 from batchkin.plugins.ssl import MixBatch, fp32, gather_rows
 
 ALL_OPS = ("mixup", "cutmix", "resizemix")
@@ -88,6 +95,17 @@ def sdmp_mix(views: torch.Tensor, generator: torch.Generator, *, ops=ALL_OPS, pa
         params = sample_mix_params(B, H, W, generator=generator, ops=tuple(ops), num_views=V, device=views.device)
     mixed, lam_eff = batch_mix(xv, *params.to(views.device))
     return (mixed if views.dim() == 5 else mixed[0]), lam_eff, params
+
+
+def sdmp_lam_eff(params: MixParams, H: int, W: int) -> torch.Tensor:
+    """``lam_eff`` ``[V, B]`` of mixing parameters without mixing anything: ``lam`` for mixup,
+    ``(H W - h w) / (H W)`` of each integer box otherwise (float64, rounded once to
+    float32): what :func:`~batchkin.kernels.batch_mix.batch_mix` returns for them. SDMP
+    draws the parameters of the global batch on every rank, so each rank knows every
+    row's ``lam_eff`` without a collective."""
+    area = (params.boxes[..., 2] * params.boxes[..., 3]).to(torch.float64)
+    from_box = ((H * W - area) / (H * W)).to(torch.float32)
+    return torch.where(params.op.view(1, -1) == MIXUP, params.lam.to(torch.float32).view(1, -1), from_box)
 
 
 # ------------------------------------------------------------------------------ losses
@@ -120,6 +138,25 @@ def _rows(q, labels, partner):
     return labels, partner
 
 
+def _partner_lam(lam: torch.Tensor, lam_keys: torch.Tensor | None, n_keys: int, partner: torch.Tensor,
+                 who: str) -> torch.Tensor:
+    """``lam_keys[partner]``: the key view's ``lam_eff`` of each query's partner, after checking
+    that ``lam`` has one value per query and ``lam_keys`` one per key row."""
+    B = partner.shape[0]
+    if lam.dim() != 1 or lam.shape[0] != B:
+        raise ValueError(f"{who}: lam must hold one lam_eff per query, shape ({B},); got {tuple(lam.shape)}")
+    if lam_keys is None:
+        if n_keys != B:
+            raise ValueError(f"{who}: with {n_keys} key rows for {B} queries, pass lam_keys (the key view's "
+                             f"lam_eff of every key row, shape ({n_keys},))")
+        lam_keys = lam
+    if lam_keys.dim() != 1 or lam_keys.shape[0] != n_keys:
+        raise ValueError(f"{who}: lam_keys must hold the key view's lam_eff of every key row, shape ({n_keys},) "
+                         f"(per sample, not permuted: the partner's value is read at its row); got "
+                         f"{tuple(lam_keys.shape)}")
+    return lam_keys[partner]
+
+
 def sdmp_ms_loss(q_mix: torch.Tensor, keys: torch.Tensor, lam: torch.Tensor, temperature: float, *,
                  labels: torch.Tensor | None = None, partner: torch.Tensor | None = None) -> torch.Tensor:
     """Source-mix loss ``2T mean_i -log(lam_i p_i(i) + (1 - lam_i) p_i(i'))`` of mixed queries
@@ -134,22 +171,46 @@ def sdmp_ms_loss(q_mix: torch.Tensor, keys: torch.Tensor, lam: torch.Tensor, tem
 def sdmp_mm_weights(lam: torch.Tensor, lam_partner: torch.Tensor):
     """``(c, 1/(1+c), c/(1+c))`` with ``c = min(lam, 1 - lam') + min(1 - lam, lam')``: the
     overlap of sample i's mixture with its partner's mixture (``lam = 0.7, lam' = 0.4`` gives
-    ``c = 0.9``, weights ``0.526, 0.474``)."""
+    ``c = 0.9``, weights ``0.526, 0.474``). ``lam_partner`` is the partner's value itself."""
     lam, lam_partner = lam.double(), lam_partner.double()
     c = torch.minimum(lam, 1 - lam_partner) + torch.minimum(1 - lam, lam_partner)
     return c, 1 / (1 + c), c / (1 + c)
 
 
-def sdmp_mm_loss(q_mix: torch.Tensor, keys_mix: torch.Tensor, lam: torch.Tensor, lam_partner: torch.Tensor,
-                 temperature: float, *, labels: torch.Tensor | None = None,
+def sdmp_mm_loss(q_mix: torch.Tensor, keys_mix: torch.Tensor, lam: torch.Tensor, temperature: float, *,
+                 lam_keys: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                  partner: torch.Tensor | None = None) -> torch.Tensor:
     """Mix-mix loss ``2T mean_i -log(p_i(i)/(1+c_i) + c_i p_i(i')/(1+c_i))`` of mixed queries
-    against mixed keys (``lam``: the queries' ``lam_eff``; ``lam_partner``: the key view's
-    ``lam_eff`` of each partner)."""
+    against mixed keys, ``c_i`` from :func:`sdmp_mm_weights` of ``lam_i`` and ``lam_i'``.
+
+    ``lam`` ``[B]``: each query's ``lam_eff`` (its own sample, the query view).
+    ``lam_keys`` ``[N]``: the key view's ``lam_eff`` of every row of ``keys_mix``, per
+    sample and in row order; ``lam_i' = lam_keys[partner_i]`` is read here. Default:
+    ``lam`` (one process, N = B: SDMP uses the same ``lam`` for both views)."""
     labels, partner = _rows(q_mix, labels, partner)
-    _, w_self, w_partner = sdmp_mm_weights(lam, lam_partner)
+    lam_p = _partner_lam(lam, lam_keys, keys_mix.shape[0], partner, "sdmp_mm_loss")
+    _, w_self, w_partner = sdmp_mm_weights(lam, lam_p)
     nll = mixture_nll(_logits(q_mix, keys_mix, temperature), labels, partner, w_self, w_partner)
     return nll.mean() * (2 * temperature)
+
+
+def sdmp_moco_terms(q_mix, keys: torch.Tensor, keys_mix: torch.Tensor, lam: torch.Tensor, temperature: float, *,
+                    lam_keys: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                    partner: torch.Tensor | None = None) -> dict:
+    """SDMP's two MoCo terms, each summed over the two directions (queries of view a, keys
+    of view b != a, as MoCo v3): ``{"ms": L_ms, "mm": L_mm}``.
+
+    ``q_mix``: online outputs of the mixed views (``[2, B, d]`` or a pair of ``[B, d]``);
+    ``keys`` / ``keys_mix`` ``[2, N, d]``: momentum outputs of the clean / mixed views
+    (no gradient flows into them); ``lam`` ``[2, B]``; ``lam_keys`` ``[2, N]`` (default
+    ``lam``); ``labels`` / ``partner``: key rows of each query's own sample and partner."""
+    lam_keys = lam if lam_keys is None else lam_keys
+    ms = mm = 0
+    for a, b in ((0, 1), (1, 0)):
+        ms = ms + sdmp_ms_loss(q_mix[a], keys[b].detach(), lam[a], temperature, labels=labels, partner=partner)
+        mm = mm + sdmp_mm_loss(q_mix[a], keys_mix[b].detach(), lam[a], temperature, lam_keys=lam_keys[b],
+                               labels=labels, partner=partner)
+    return {"ms": ms, "mm": mm}
 
 
 def sdmp_moco_loss(q: torch.Tensor, k: torch.Tensor, q_mix: torch.Tensor, k_mix: torch.Tensor, lam: torch.Tensor,
@@ -157,17 +218,10 @@ def sdmp_moco_loss(q: torch.Tensor, k: torch.Tensor, q_mix: torch.Tensor, k_mix:
     """SDMP's MoCo loss on one process: ``q``, ``k``, ``q_mix``, ``k_mix`` ``[2, B, d]`` (online
     and momentum outputs of the clean and mixed views), ``lam`` ``[2, B]`` (``lam_eff`` per
     view). Returns ``{"src", "ms", "mm", "loss"}`` with ``loss = src + 0.5 ms + 0.5 mm``;
-    each term sums the two directions (queries of view a, keys of view b != a)."""
-    from batchkin.plugins.moco import moco_loss
-
-    B = q.shape[1]
-    flip = torch.arange(B - 1, -1, -1, device=q.device)
+    each term sums the two directions (:func:`sdmp_moco_terms`)."""
     src = moco_loss(q[0], q[1], k[0], k[1], temperature)
-    ms = mm = 0
-    for a, b in ((0, 1), (1, 0)):
-        ms = ms + sdmp_ms_loss(q_mix[a], k[b].detach(), lam[a], temperature)
-        mm = mm + sdmp_mm_loss(q_mix[a], k_mix[b].detach(), lam[a], lam[b][flip], temperature)
-    return {"src": src, "ms": ms, "mm": mm, "loss": src + weights[0] * ms + weights[1] * mm}
+    terms = sdmp_moco_terms(q_mix, k, k_mix, lam, temperature)
+    return {"src": src, **terms, "loss": src + weights[0] * terms["ms"] + weights[1] * terms["mm"]}
 
 
 def soft_cross_entropy(student: torch.Tensor, target: torch.Tensor, student_temp: float) -> torch.Tensor:
@@ -176,26 +230,27 @@ def soft_cross_entropy(student: torch.Tensor, target: torch.Tensor, student_temp
         return -(target.float() * F.log_softmax(student.float() / student_temp, dim=1)).sum(1).mean()
 
 
-def sdmp_dino_loss(student_mix: torch.Tensor, teacher_probs: torch.Tensor, teacher_probs_mix: torch.Tensor,
-                   lam: torch.Tensor, student_temp: float = 0.1, *, labels: torch.Tensor | None = None,
-                   partner: torch.Tensor | None = None, lam_partner: torch.Tensor | None = None) -> dict:
-    """SDMP's DINO form. ``student_mix`` ``[2, B, K]``: student outputs of the mixed views;
-    ``teacher_probs`` / ``teacher_probs_mix`` ``[2, N, K]``: the teacher's centred and
-    sharpened distributions of the clean / mixed views (N rows: gathered over ranks when the
-    flip is global, this rank's B rows when it is local);
-    ``lam`` ``[2, B]``. Source-mix target ``lam P(b, i) + (1 - lam) P(b, i')``; mix-mix
-    target ``P_mix(b, i)/(1+c) + c P_mix(b, i')/(1+c)``; averaged over the directions a != b.
-    Returns ``{"ms", "mm"}``."""
+def sdmp_dino_loss(student_mix, teacher_probs: torch.Tensor, teacher_probs_mix: torch.Tensor,
+                   lam: torch.Tensor, student_temp: float = 0.1, *, lam_keys: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None, partner: torch.Tensor | None = None) -> dict:
+    """SDMP's DINO form. ``student_mix`` ``[2, B, K]`` (or a pair of ``[B, K]``): student
+    outputs of the mixed views; ``teacher_probs`` / ``teacher_probs_mix`` ``[2, N, K]``: the
+    teacher's centred and sharpened distributions of the clean / mixed views (N rows:
+    gathered over ranks when the pairs cross ranks, this rank's B rows otherwise);
+    ``lam`` ``[2, B]``; ``lam_keys`` ``[2, N]``: ``lam_eff`` of every teacher row per view
+    (default ``lam``, N = B). Source-mix target ``lam P(b, i) + (1 - lam) P(b, i')``;
+    mix-mix target ``P_mix(b, i)/(1+c) + c P_mix(b, i')/(1+c)`` with ``c`` from ``lam_i``
+    and ``lam_keys[b][i']``; averaged over the directions a != b. Returns ``{"ms", "mm"}``."""
     labels, partner = _rows(student_mix[0], labels, partner)
-    if lam_partner is None:
-        lam_partner = lam[:, partner]
+    lam_keys = lam if lam_keys is None else lam_keys
     ms = mm = 0
     for a, b in ((0, 1), (1, 0)):
         la = lam[a].float().view(-1, 1)
         p = teacher_probs[b].float()
         target = la * p[labels] + (1 - la) * p[partner]
         ms = ms + soft_cross_entropy(student_mix[a], target, student_temp)
-        _, w_self, w_partner = sdmp_mm_weights(lam[a], lam_partner[b])
+        lam_p = _partner_lam(lam[a], lam_keys[b], p.shape[0], partner, "sdmp_dino_loss")
+        _, w_self, w_partner = sdmp_mm_weights(lam[a], lam_p)
         pm = teacher_probs_mix[b].float()
         target = w_self.float().view(-1, 1) * pm[labels] + w_partner.float().view(-1, 1) * pm[partner]
         mm = mm + soft_cross_entropy(student_mix[a], target, student_temp)
@@ -237,30 +292,33 @@ class SDMP(Method):
         if not any(m in state.config.methods for m in self.requires):
             raise ConfigError("sdmp needs an SSL base: add 'moco' or 'dino' to methods")
 
-    def mix_views(self, state, views: torch.Tensor) -> MixBatch:
-        """Mix the base's uint8 global views ``[V, B, C, H, W]`` (the contract in
-        :mod:`batchkin.plugins.ssl`; DINO's local crops are not passed here)."""
+    @hookimpl
+    def transform_views(self, state, views: torch.Tensor) -> MixBatch:
+        """Mix the base's uint8 global views ``[V, B, C, H, W]`` (DINO's local crops are not
+        passed here): the parameters are drawn for the global batch from the run's CPU
+        generator ``"sdmp"``; each rank mixes its own rows (``flip = "local"``) or the
+        gathered global batch, keeping its slice (``"global"``)."""
         V, B, C, H, W = views.shape
         rank, world = state.rank, state.world_size
         gen = state.generator("sdmp", "cpu")
         params = sample_mix_params(B * world, H, W, generator=gen, ops=tuple(self.options.ops), num_views=V)
         ar = torch.arange(B, device=views.device)
-        if self.options.flip == "global" and world > 1:
+        mine = slice(rank * B, (rank + 1) * B)
+        global_pairs = self.options.flip == "global"
+        if global_pairs and world > 1:
             everything = gather_rows(views, world, dim=1)
-            mixed, lam_all, _ = sdmp_mix(everything, gen, params=params)
-            mine = slice(rank * B, (rank + 1) * B)
-            mixed, lam = mixed[:, mine].contiguous(), lam_all[:, mine]
+            mixed, lam_keys, _ = sdmp_mix(everything, gen, params=params)
+            mixed, lam = mixed[:, mine].contiguous(), lam_keys[:, mine]
             partner = world * B - 1 - (rank * B + ar)
-            lam_partner = lam_all[:, partner]
         else:
             mixed, lam, _ = sdmp_mix(views, gen, params=slice_params(params, rank * B, (rank + 1) * B))
+            lam_keys = sdmp_lam_eff(params, H, W).to(views.device)  # every rank's rows: the draws are global
             partner = rank * B + (B - 1 - ar)
-            lam_partner = lam[:, B - 1 - ar]
         op = int(params.op[0])
         self.lam_sum += float(lam.double().mean())
         self.count += 1
         self.op_counts[op] += 1
-        return MixBatch(mixed=mixed, lam=lam, partner=partner, lam_partner=lam_partner, op=op)
+        return MixBatch(mixed=mixed, lam=lam, partner=partner, lam_keys=lam_keys, op=op, global_pairs=global_pairs)
 
     @hookimpl
     def loss_terms(self, state, outputs):
@@ -268,26 +326,19 @@ class SDMP(Method):
         if step is None or step.mix is None:
             return None
         mix = step.mix
-        n = len(step.q_mix[0])
-        ms = mm = 0
-        if step.kind == "moco":
-            T = step.temperature
-            for s in range(n):
-                for a, b in ((0, 1), (1, 0)):
-                    q = step.q_mix[a][s]
-                    ms = ms + sdmp_ms_loss(q, step.keys[b], mix.lam[a], T, labels=step.labels, partner=mix.partner)
-                    mm = mm + sdmp_mm_loss(q, step.keys_mix[b], mix.lam[a], mix.lam_partner[b], T,
-                                           labels=step.labels, partner=mix.partner)
-        else:
-            from batchkin.plugins.dino import teacher_probs
-
+        rows = {"lam_keys": mix.lam_keys, "labels": step.labels, "partner": mix.partner}
+        if step.kind == "dino":
             p = teacher_probs(step.keys, step.center, step.teacher_temp)
             pm = teacher_probs(step.keys_mix, step.center, step.teacher_temp)
-            for s in range(n):
-                student = torch.stack([step.q_mix[0][s], step.q_mix[1][s]])
-                terms = sdmp_dino_loss(student, p, pm, mix.lam, step.temperature, labels=step.labels,
-                                       partner=mix.partner, lam_partner=mix.lam_partner)
-                ms, mm = ms + terms["ms"], mm + terms["mm"]
+        n = len(step.q_mix[0])
+        ms = mm = 0
+        for s in range(n):
+            student = (step.q_mix[0][s], step.q_mix[1][s])
+            if step.kind == "moco":
+                terms = sdmp_moco_terms(student, step.keys, step.keys_mix, mix.lam, step.temperature, **rows)
+            else:
+                terms = sdmp_dino_loss(student, p, pm, mix.lam, step.temperature, **rows)
+            ms, mm = ms + terms["ms"], mm + terms["mm"]
         o = self.options
         return {"sdmp_ms": o.weight_ms * ms / n, "sdmp_mm": o.weight_mm * mm / n}
 

@@ -64,7 +64,8 @@ class Record(Method):
 
     @dataclass
     class Options:
-        dir: str = field(default="", metadata={"help": "folder of the records"})
+        # where records go, not what the run computes: --resume may point it elsewhere
+        dir: str = field(default="", metadata={"resume": True, "help": "folder of the records"})
 
     def __init__(self, options=None):
         super().__init__(options)

@@ -20,15 +20,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every engine test runs with one intra-op thread (the root conftest's fixture)."""
 
 
 TINY = {

@@ -446,6 +446,7 @@ def test_weights_errors_through_the_cli_leave_the_run_folder_alone(tmp_path, cap
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text("epochs = 3\n")
+    (run / "run.json").write_text('{"batchkin": "0.1.0"}\n')  # a batchkin run: --overwrite may replace it
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     sd = random_state(torchvision_resnet_layout("basic", [1, 1, 1, 1], width=4, num_classes=3))
     rc = main(["train", "--quiet", "--overwrite", "--out", str(run), "--set", "device=cpu",

@@ -222,7 +222,7 @@ def _fake_run(folder: Path) -> dict[str, bytes]:
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "config.toml").write_text("epochs = 3\n")
     (folder / "metrics.jsonl").write_text('{"kind": "epoch", "epoch": 1}\n')
-    (folder / "run.json").write_text("{}\n")
+    (folder / "run.json").write_text('{"batchkin": "0.1.0"}\n')
     (folder / "checkpoints" / "last.pt").write_bytes(b"\x00weights\x01" * 50)
     (folder / "checkpoints" / "best.pt").write_bytes(b"\x00best\x01" * 50)
     return snapshot(folder)

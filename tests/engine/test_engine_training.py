@@ -304,7 +304,7 @@ def test_non_finite_loss_stops_the_run(nan_setup, tmp_path):
     with pytest.raises(NonFiniteError) as info:
         fit(raw, run, plugins=Plugins(extra_files=[path]), progress=False)
     message = str(info.value)
-    assert message.startswith("epoch 2 step 4: non-finite loss term(s) 'bad' from 'nan_from'")
+    assert message.startswith("epoch 2 step 4: non-finite loss term(s) 'bad' from method 'nan_from' (loss_terms)")
     assert "train.on_nonfinite = 'stop'" in message
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1 and last["step"] == 3
@@ -371,6 +371,59 @@ def test_non_finite_gradients_of_finite_terms(plugin_file, capfd, mode):
     assert "epoch 1 step 1: non-finite gradients; loss terms: ce=" in message
     assert "root=0 (from nan_grad)" in message
     assert_same_tensors({n: p.detach() for n, p in state.model.named_parameters()}, before)
+
+
+FREEZE_PLUGIN = """
+    import torch
+
+    from batchkin.hookspecs import hookimpl
+    from batchkin.plugin import Method
+
+
+    class FreezeClassifier(Method):
+        calls = 0
+
+        @hookimpl
+        def before_optimizer_step(self, state):
+            classifier = state.unwrapped_model.classifier
+            assert classifier.weight.grad is not None  # after the backward pass
+            self.seen = {n: p.grad.detach().clone() for n, p in state.unwrapped_model.named_parameters()
+                         if p.grad is not None}
+            classifier.weight.grad = None  # left out of this step
+            type(self).calls += 1
+
+
+    @hookimpl
+    def register_methods(register):
+        register("freeze_classifier", FreezeClassifier)
+"""
+
+
+def test_before_optimizer_step_sees_the_gradients_and_may_drop_them(plugin_file):
+    """The hook fires once per step after backward and before the engine's clip and the
+    optimizer: a dropped gradient leaves its parameter untouched (no decay, no momentum),
+    and train.grad_clip then clips what is left."""
+    from batchkin.testing import tiny_config
+    from batchkin.trainer import train_step
+
+    plugins = Plugins(extra_files=[plugin_file("freeze_classifier", FREEZE_PLUGIN)])
+    raw = tiny_config(["ce", "freeze_classifier"], train={"grad_clip": 1e-3}, optim={"weight_decay": 0.1})
+    state = prepare(raw, plugins)
+    state.epoch = 1
+    state.sampler.set_epoch(1)
+    net = state.unwrapped_model
+    method = state.hooks.methods["freeze_classifier"]
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for i, indices in enumerate(list(state.sampler)[:2], 1):
+        train_step(state, indices)
+        assert type(method).calls == i
+    assert torch.equal(net.classifier.weight, before["classifier.weight"])
+    assert net.classifier.weight not in state.optimizer.state
+    assert not torch.equal(net.classifier.bias, before["classifier.bias"])
+    # the gradients the hook saw are the unclipped ones; the engine clipped the rest afterwards
+    seen = torch.linalg.vector_norm(torch.stack([g.norm() for n, g in method.seen.items() if n != "classifier.weight"]))
+    left = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]))
+    assert float(seen) > 1e-2 and float(left) <= 1e-3 * (1 + 1e-4)
 
 
 # ------------------------------------------------------------------------------ device synchronisation

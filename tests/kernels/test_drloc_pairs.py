@@ -11,32 +11,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import DEVICES, FLOAT_DTYPES, TOL, aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import dispatch, rng
 from batchkin.kernels import drloc_pairs as dp
+from batchkin.kernels.drloc_pairs import api
 
 PATHS = ("ref", "cpp", "triton")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = FLOAT_DTYPES
 GRIDS = ((7, 7), (14, 14), (8, 16), (1, 5), (3, 1))
-# extra CUDA cases run where a GPU exists; nothing here is skipped on a CPU-only machine
-DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
-
-
-def _path_param(path):
-    return pytest.param(path, marks=pytest.mark.triton) if path == "triton" else path
-
-
-ALL_PATHS = [_path_param(p) for p in PATHS]
-FAST_PATHS = [_path_param(p) for p in ("cpp", "triton")]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+ALL_PATHS = path_params(*PATHS)
+FAST_PATHS = path_params("cpp", "triton")
 
 
 def _tol(dtype) -> float:
-    return 1e-5 if dtype == torch.float32 else 1e-2
+    return TOL[dtype]["rtol"]
 
 
 def _assert_close(actual, expected, dtype, *, scale_tol: float | None = None):
@@ -48,7 +38,7 @@ def _assert_close(actual, expected, dtype, *, scale_tol: float | None = None):
 
 def _make_grid(B, C, H, W, dtype=torch.float32, layout="tokens", *, seed=0, device="cpu"):
     """A [B, C, H, W] grid laid out as ViT tokens (a permuted view), NCHW, or strided."""
-    g = _gen(seed)
+    g = gen(seed)
     if layout == "tokens":
         base = torch.randn(B, H * W, C, generator=g).to(device=device, dtype=dtype)
         return base.transpose(1, 2).unflatten(2, (H, W))
@@ -135,11 +125,11 @@ def test_positions_device_and_determinism(device):
 
 
 def test_positions_from_generator():
-    a = dp.drloc_positions(3, 9, 7, 5, _gen(5))
-    b = dp.drloc_positions(3, 9, 7, 5, _gen(5))
+    a = dp.drloc_positions(3, 9, 7, 5, gen(5))
+    b = dp.drloc_positions(3, 9, 7, 5, gen(5))
     assert torch.equal(a, b)
-    g = _gen(5)
-    key = int(torch.randint(0, 2**32, (1,), generator=_gen(5), dtype=torch.int64))
+    g = gen(5)
+    key = int(torch.randint(0, 2**32, (1,), generator=gen(5), dtype=torch.int64))
     assert torch.equal(dp.drloc_positions(3, 9, 7, 5, g), dp.drloc_positions(3, 9, 7, 5, key))
     # the generator advanced: the next call draws different positions
     assert not torch.equal(dp.drloc_positions(3, 9, 7, 5, g), a)
@@ -173,7 +163,7 @@ def test_positions_uniform_chi_square(H, W, seed):
 def test_chi_square_detects_a_biased_draw():
     # the same statistic rejects columns drawn from the row range (a square-grid assumption)
     H, W = 8, 16
-    biased = torch.randint(H, (64, 512, 2), generator=_gen(0))
+    biased = torch.randint(H, (64, 512, 2), generator=gen(0))
     assert _chi2_p(biased, W) < 1e-12
     ok = dp.drloc_positions(64, 512, H, W, 5)[..., 1::2]
     assert _chi2_p(ok, W) > 1e-4
@@ -272,7 +262,7 @@ def test_gather_parity(path, dtype, H, W):
         assert got.dtype == dtype and torch.equal(got, want)  # gathers are copies: bit-exact
     assert torch.equal(dp.drloc_gather_cat_impl(grid, pos, path), dp.drloc_gather_cat_impl(grid, pos, "ref"))
     table = _make_grid(B, 2 * C, H, W, dtype, seed=2)
-    for bias in (None, torch.randn(C, generator=_gen(3)).to(dtype)):
+    for bias in (None, torch.randn(C, generator=gen(3)).to(dtype)):
         got = dp.drloc_gather_sum_impl(table, pos, C, bias, path)
         want = dp.drloc_gather_sum_impl(table, pos, C, bias, "ref")
         assert got.shape == (B, m, C) and got.dtype == dtype
@@ -341,7 +331,7 @@ def _grid_leaf(B, C, H, W, dtype, layout, seed):
 
 
 def _upstream_grads(B, m, C, dtype, seed):
-    g = _gen(seed)
+    g = gen(seed)
     return torch.randn(B, m, C, generator=g).to(dtype), torch.randn(B, m, C, generator=g).to(dtype)
 
 
@@ -413,7 +403,7 @@ def test_grad_layout_follows_the_grid(force_path, path):
 def test_scatter_parity(path, dtype, channels_last):
     B, m, n, H, W = 3, 40, 5, 4, 3
     pos = dp.drloc_positions(B, m, H, W, 8)
-    g = torch.randn(B, m, 2 * n + 3, generator=_gen(8)).to(dtype)
+    g = torch.randn(B, m, 2 * n + 3, generator=gen(8)).to(dtype)
     ga, gb = g[..., :n], g[..., n + 1 : 2 * n + 1]  # strided views, as the backward passes them
     for channels, off_b in ((n, 0), (2 * n, n), (2 * n + 1, n + 1)):
         want = dp.drloc_scatter_impl(ga, gb, pos, channels, H, W, off_b, channels_last, "ref")
@@ -428,7 +418,7 @@ def test_scatter_parity(path, dtype, channels_last):
 
 def _first_layer_case(B, C, H, W, m, hidden, dtype, layout, seed):
     leaf, grid = _grid_leaf(B, C, H, W, dtype, layout, seed)
-    g = _gen(seed + 1)
+    g = gen(seed + 1)
     weight = (torch.randn(hidden, 2 * C, generator=g) / (2 * C) ** 0.5).to(dtype).requires_grad_(True)
     bias = torch.randn(hidden, generator=g).to(dtype).requires_grad_(True)
     pos = dp.drloc_positions(B, m, H, W, rng.derive_key(seed, m))
@@ -463,8 +453,8 @@ def test_first_layer_without_bias_and_auto_choice(monkeypatch, strategy):
     B, C, H, W, hidden = 2, 5, 3, 4, 7
     calls = {"project": [], "unique": []}
     real_sum, real_unique = dp.drloc_gather_sum_op, dp.drloc_first_layer_unique_op
-    monkeypatch.setattr(dp, "drloc_gather_sum_op", lambda *a: calls["project"].append(1) or real_sum(*a))
-    monkeypatch.setattr(dp, "drloc_first_layer_unique_op", lambda *a: calls["unique"].append(1) or real_unique(*a))
+    monkeypatch.setattr(api, "drloc_gather_sum_op", lambda *a: calls["project"].append(1) or real_sum(*a))
+    monkeypatch.setattr(api, "drloc_first_layer_unique_op", lambda *a: calls["unique"].append(1) or real_unique(*a))
     for m in (1, H * W - 1, H * W, H * W + 5, 200):
         for v in calls.values():
             v.clear()
@@ -542,7 +532,7 @@ def test_unique_cpp_matches_its_reference(dtype):
             _assert_close(a, b, dtype)
     # untouched tokens get an exact zero gradient, no bias gives no bias gradient
     pos = torch.zeros(B, m, 4, dtype=torch.int64)  # every pair is (0, 0) - (0, 0)
-    grid = torch.randn(B, C, H, W, generator=_gen(1)).to(dtype)
+    grid = torch.randn(B, C, H, W, generator=gen(1)).to(dtype)
     g = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, False, False, "cpp")
     assert torch.count_nonzero(g[0][:, :, 1:]) == 0 and torch.count_nonzero(g[0][:, :, 0, 1:]) == 0
     assert torch.count_nonzero(g[2]) == 0
@@ -550,13 +540,11 @@ def test_unique_cpp_matches_its_reference(dtype):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unique_cpp_over_several_chunks_and_thread_counts(dtype, threads):
+def test_unique_cpp_over_several_chunks_and_thread_counts(dtype, threads, torch_threads):
     """Enough images for several chunks of consecutive images (about 2,048 distinct rows each),
     split over 1-3 threads: the same values as the reference, and repeatable."""
     B, C, H, W, m, hidden = 70, 5, 7, 7, 64, 6  # ~71 distinct rows per image: 3 chunks
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for channels_last, layout in ((True, "tokens"), (False, "contiguous")):
             _, grid, weight, bias, pos, grad_out = _first_layer_case(B, C, H, W, m, hidden, dtype, layout, seed=7)
             grid, weight, bias = grid.detach(), weight.detach(), bias.detach()
@@ -568,8 +556,6 @@ def test_unique_cpp_over_several_chunks_and_thread_counts(dtype, threads):
                 _assert_close(a, b, dtype)
             again = dp.drloc_first_layer_unique_backward_impl(grad_out, grid, pos, weight, True, channels_last, "cpp")
             assert all(torch.equal(a, b) for a, b in zip(got_b, again))
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the block cache is Linux only")
@@ -603,7 +589,7 @@ def test_unique_is_refused_off_the_host(force_path):
 def test_expected_distinct_matches_simulation(m, n):
     want = dp.expected_distinct(m, n)
     assert want == pytest.approx(n * (1 - (1 - 1 / n) ** m), rel=1e-12)
-    draws = torch.randint(n, (4000, m), generator=_gen(m * n))
+    draws = torch.randint(n, (4000, m), generator=gen(m * n))
     distinct = torch.tensor([float(len(set(row.tolist()))) for row in draws])
     # the sample mean of 4000 images is within 5 standard errors of the expectation
     assert abs(float(distinct.mean()) - want) <= 5 * float(distinct.std()) / 4000**0.5 + 1e-9
@@ -654,7 +640,7 @@ def test_auto_picks_the_cheapest_by_the_model(device_type):
 def test_auto_never_runs_unique_on_the_triton_path(force_path, monkeypatch):
     calls = []
     real = dp.drloc_first_layer_unique_op
-    monkeypatch.setattr(dp, "drloc_first_layer_unique_op", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(api, "drloc_first_layer_unique_op", lambda *a: calls.append(1) or real(*a))
     B, C, H, W, m, hidden = 2, 192, 7, 7, 64, 512
     _, grid, weight, bias, pos, _ = _first_layer_case(B, C, H, W, m, hidden, torch.float32, "tokens", 2)
     assert dp.choose_first_layer_strategy(B, C, hidden, m, H * W) == "unique"
@@ -683,7 +669,7 @@ def test_opcheck(layout):
     grid = _make_grid(B, C, H, W, layout=layout, seed=9).requires_grad_(True)
     table = _make_grid(B, 2 * C, H, W, layout=layout, seed=10).requires_grad_(True)
     pos = dp.drloc_positions(B, m, H, W, 3)
-    g = torch.randn(B, m, 2 * C, generator=_gen(11))
+    g = torch.randn(B, m, 2 * C, generator=gen(11))
     ops = torch.ops.batchkin
     cases = [
         (ops.drloc_gather.default, (grid, pos)),
@@ -696,9 +682,9 @@ def test_opcheck(layout):
         (ops.drloc_scatter.default, (g[..., :C], g[..., C:], pos, C, H, W, 0, layout == "tokens")),
         (ops.drloc_positions.default, (B, m, H, W, 77, torch.device("cpu"))),
     ]
-    weight = torch.randn(5, 2 * C, generator=_gen(12), requires_grad=True)
-    bias = torch.randn(5, generator=_gen(13), requires_grad=True)
-    grad = torch.randn(B, m, 5, generator=_gen(14))
+    weight = torch.randn(5, 2 * C, generator=gen(12), requires_grad=True)
+    bias = torch.randn(5, generator=gen(13), requires_grad=True)
+    grad = torch.randn(B, m, 5, generator=gen(14))
     cases += [
         (ops.drloc_first_layer_unique.default, (grid, pos, weight, bias)),
         (ops.drloc_first_layer_unique.default, (grid, pos, weight, None)),
@@ -721,7 +707,7 @@ def test_torch_compile_fullgraph():
         pred = F.relu(hidden_a + hidden_b) @ w2
         return F.l1_loss(pred, targets)
 
-    g = _gen(12)
+    g = gen(12)
     tokens = torch.randn(B, H * W, C, generator=g, requires_grad=True)
     weight = torch.randn(hidden, 2 * C, generator=g, requires_grad=True)
     bias = torch.randn(hidden, generator=g, requires_grad=True)
@@ -825,57 +811,29 @@ def test_forced_path_reports_unavailable(force_path):
 
 
 _AOT_SCRIPT = r"""
-import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from batchkin.kernels import drloc_pairs as dp
-
-target = GPUTarget("cuda", 90, 32)
-i32, i64 = "i32", "i64"
-
-def build(fn, sig, consts):
-    sig = dict(sig, **{name: "constexpr" for name in consts})
-    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=target).asm["ptx"]
+import batchkin.kernels.drloc_pairs.triton as dpk
 
 sig = {"pos_ptr": "*i64", "total": i64, "H": i32, "W": i32, "key": i64}
-ptx = build(dp._drloc_positions_kernel, sig, {"BLOCK": 1024})
+ptx = build(dpk._drloc_positions_kernel, sig, {"BLOCK": 1024})
 assert "fma" not in ptx  # u * size stays one rounded multiplication, as in torch and C++
 for dt in ("fp32", "bf16"):
     g = {"grid_ptr": "*" + dt, "s_b": i32, "s_c": i32, "s_h": i32, "s_w": i32}
     for sum_, bias in ((False, False), (True, False), (True, True)):
-        build(dp._drloc_gather_kernel, dict(g, pos_ptr="*i64", ea_ptr="*" + dt, eb_ptr="*" + dt, bias_ptr="*" + dt,
+        build(dpk._drloc_gather_kernel, dict(g, pos_ptr="*i64", ea_ptr="*" + dt, eb_ptr="*" + dt, bias_ptr="*" + dt,
               N=i32, m=i32, NCH=i32, OFF_B=i32, H=i32, W=i32, O_STRIDE=i32),
               {"SUM": sum_, "HAS_BIAS": bias, "BLOCK_P": 16, "BLOCK_C": 256})
-    ptx = build(dp._drloc_pairs_kernel, dict(g, ea_ptr="*" + dt, eb_ptr="*" + dt, tgt_ptr="*fp32", pos_ptr="*i64",
+    ptx = build(dpk._drloc_pairs_kernel, dict(g, ea_ptr="*" + dt, eb_ptr="*" + dt, tgt_ptr="*fp32", pos_ptr="*i64",
           N=i32, m=i32, C=i32, H=i32, W=i32, Hf="fp32", Wf="fp32", denom_h="fp32", denom_w="fp32", key=i64),
           {"SIGNED": True, "NORMALIZE": True, "BLOCK_P": 16, "BLOCK_C": 256})
     assert "div.rn.f32" in ptx and "div.full" not in ptx  # correctly rounded normalisation
-    build(dp._drloc_scatter_kernel, {"acc_ptr": "*fp32", "ga_ptr": "*" + dt, "gb_ptr": "*" + dt, "pos_ptr": "*i64",
+    build(dpk._drloc_scatter_kernel, {"acc_ptr": "*fp32", "ga_ptr": "*" + dt, "gb_ptr": "*" + dt, "pos_ptr": "*i64",
           **{k: i32 for k in ("m", "NCH", "OFF_B", "W", "o_b", "o_p", "o_c", "a_sb", "a_sm", "a_sc", "b_sb",
                               "b_sm", "b_sc")}}, {"BLOCK_C": 256})
 print("compiled")
 """
 
 
-def _nvidia_backend_present() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.triton
-@pytest.mark.skipif(not _nvidia_backend_present(), reason="triton's NVIDIA backend (ptxas) is not installed")
+@aot
 def test_triton_kernels_compile_for_cuda():
     """The kernels compile to sm_90 code ahead of time (no GPU needed, interpreter off)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "compiled" in run.stdout
+    compile_for_cuda(_AOT_SCRIPT)

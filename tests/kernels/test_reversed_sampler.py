@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from _util import DEVICES, aot, compile_for_cuda, gen, path_params
 from scipy import stats
 
 from batchkin.kernels import dispatch, rng
@@ -16,20 +17,12 @@ PATHS = ("ref", "cpp", "triton")
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # CIFAR-10-LT, imbalance 100
 
 
-def _path_param(path):
-    return pytest.param(path, marks=pytest.mark.triton) if path == "triton" else path
-
-
-ALL_PATHS = [_path_param(p) for p in PATHS]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+ALL_PATHS = path_params(*PATHS)
 
 
 def _random_table(num_classes: int, max_count: int, seed: int):
     """A shuffled labelled dataset: (labels, sorted_indices, counts), every class non-empty."""
-    g = _gen(seed)
+    g = gen(seed)
     counts = torch.randint(1, max_count + 1, (num_classes,), generator=g)
     labels = torch.repeat_interleave(torch.arange(num_classes), counts)
     labels = labels[torch.randperm(labels.numel(), generator=g)]
@@ -120,7 +113,7 @@ def test_class_sorted_table_hand_worked():
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
 def test_class_sorted_table_random(dtype):
-    g = _gen(3)
+    g = gen(3)
     labels = torch.randint(0, 37, (1001,), generator=g).to(dtype)
     sorted_indices, counts = rs.class_sorted_table(labels, 40)
     expected = [i for c in range(40) for i in range(1001) if int(labels[i]) == c]
@@ -175,7 +168,7 @@ def test_zero_probability_classes_never_drawn(path):
 def test_from_uniforms_parity(path, dtype):
     labels, sorted_indices, counts = _random_table(13, 30, seed=11)
     tables = rs.prepare_tables(sorted_indices, counts, "reversed")
-    g = _gen(12)
+    g = gen(12)
     m = 1500
     u_class = torch.rand(m, generator=g, dtype=torch.float64)
     u_inst = torch.rand(m, generator=g, dtype=torch.float64)
@@ -221,7 +214,7 @@ def test_public_from_uniforms_matches_sample_epoch():
     [(1, 5, 777), (2, 3, 1025), (7, 50, 3001), (1000, 20, 2049)],
 )
 @pytest.mark.parametrize("mode", rs.MODES)
-@pytest.mark.parametrize("path", [_path_param("cpp"), _path_param("triton")])
+@pytest.mark.parametrize("path", path_params("cpp", "triton"))
 def test_epoch_parity(path, mode, num_classes, max_count, num_draws):
     labels, sorted_indices, counts = _random_table(num_classes, max_count, seed=num_classes + 17)
     expected = _run("ref", sorted_indices, counts, num_draws, seed=123, epoch=4, mode=mode)
@@ -238,24 +231,20 @@ def test_epoch_parity(path, mode, num_classes, max_count, num_draws):
 )
 def test_epoch_parity_full_size_cpp(num_classes, n_max, imbalance, num_draws):
     counts = _long_tail(num_classes, n_max, imbalance)
-    sorted_indices = torch.randperm(int(counts.sum()), generator=_gen(num_classes))
+    sorted_indices = torch.randperm(int(counts.sum()), generator=gen(num_classes))
     expected = _run("ref", sorted_indices, counts, num_draws, seed=2024, epoch=1)
     assert torch.equal(_run("cpp", sorted_indices, counts, num_draws, seed=2024, epoch=1), expected)
     # and through the public op (auto dispatch: the C++ path on CPU)
     assert torch.equal(rs.sample_epoch(sorted_indices, counts, num_draws, seed=2024, epoch=1), expected)
 
 
-def test_cpp_independent_of_thread_count():
+def test_cpp_independent_of_thread_count(torch_threads):
     counts = _long_tail(500, 200, 50)
-    sorted_indices = torch.randperm(int(counts.sum()), generator=_gen(0))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    sorted_indices = torch.randperm(int(counts.sum()), generator=gen(0))
+    with torch_threads(1):
         one = _run("cpp", sorted_indices, counts, 200_001, seed=9, epoch=9)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = _run("cpp", sorted_indices, counts, 200_001, seed=9, epoch=9)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(one, two)
 
 
@@ -299,7 +288,7 @@ def test_counter_edge_near_max_draws(path):
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_epochs_and_seeds_differ_and_repeat(path):
     counts = _long_tail(20, 40, 4)  # 40 .. 10 samples per class
-    sorted_indices = torch.randperm(int(counts.sum()), generator=_gen(51))
+    sorted_indices = torch.randperm(int(counts.sum()), generator=gen(51))
     for mode in rs.MODES:
         a = _run(path, sorted_indices, counts, 2000, seed=1, epoch=0, mode=mode)
         assert torch.equal(a, _run(path, sorted_indices, counts, 2000, seed=1, epoch=0, mode=mode))
@@ -348,7 +337,7 @@ def _class_chisquare(labels, out, probs):
 def test_class_frequencies_chisquare(path, mode):
     counts = torch.tensor([60, 31, 17, 9, 5, 3, 2])
     labels = torch.repeat_interleave(torch.arange(7), counts)
-    labels = labels[torch.randperm(labels.numel(), generator=_gen(81))]
+    labels = labels[torch.randperm(labels.numel(), generator=gen(81))]
     sorted_indices, _ = rs.class_sorted_table(labels, 7)
     seed = 1000 + 10 * rs.MODES.index(mode) + PATHS.index(path)
     out = _run(path, sorted_indices, counts, 20_000, seed=seed, epoch=3, mode=mode)
@@ -361,7 +350,7 @@ def test_class_frequencies_chisquare(path, mode):
 def test_class_frequencies_chisquare_1000_classes(path, mode):
     counts = _long_tail(1000, 500, 100)
     labels = torch.repeat_interleave(torch.arange(1000), counts)
-    labels = labels[torch.randperm(labels.numel(), generator=_gen(82))]
+    labels = labels[torch.randperm(labels.numel(), generator=gen(82))]
     sorted_indices, _ = rs.class_sorted_table(labels, 1000)
     seed = 2100 + 10 * rs.MODES.index(mode) + PATHS.index(path)
     out = _run(path, sorted_indices, counts, 1_000_000, seed=seed, epoch=0, mode=mode)
@@ -387,7 +376,7 @@ def test_chisquare_detects_the_wrong_distribution():
 def test_instances_uniform_within_class(path):
     counts = torch.tensor([400, 53, 3, 80])
     labels = torch.repeat_interleave(torch.arange(4), counts)
-    labels = labels[torch.randperm(labels.numel(), generator=_gen(91))]
+    labels = labels[torch.randperm(labels.numel(), generator=gen(91))]
     sorted_indices, _ = rs.class_sorted_table(labels, 4)
     out = _run(path, sorted_indices, counts, 20_000, seed=300 + PATHS.index(path), epoch=1, mode="balanced")
     for cls in (1, 2):  # an odd count and a tiny one
@@ -501,7 +490,7 @@ def test_bad_scalars(kwargs, exc, match):
 def test_bad_from_uniforms():
     si, counts = _table()
     cdf = rs.class_cdf([1.0, 2.0, 3.0])
-    u = torch.rand(5, generator=_gen(0))
+    u = torch.rand(5, generator=gen(0))
     with pytest.raises(ValueError, match="cdf must end at exactly 1.0"):
         rs.sample_from_uniforms(si, counts, cdf * 0.5, u, u)
     with pytest.raises(ValueError, match="cdf must be non-decreasing"):
@@ -593,22 +582,49 @@ def test_not_differentiable():
     assert torch.equal(out, torch.ops.batchkin.reversed_sampler(sorted_indices, *tables, key, start, stop))
 
 
+def test_one_public_name_each():
+    """The op's Python handle is ``reversed_sampler_op``; the package's old handle names
+    still resolve to the ops, with a DeprecationWarning."""
+    sorted_indices, tables, key, start, stop = _op_args()
+    out = rs.reversed_sampler_op(sorted_indices, *tables, key, start, stop)
+    assert torch.equal(out, torch.ops.batchkin.reversed_sampler(sorted_indices, *tables, key, start, stop))
+    with pytest.warns(DeprecationWarning, match="reversed_sampler_op"):
+        assert rs.reversed_sampler is rs.reversed_sampler_op
+    with pytest.warns(DeprecationWarning, match="reversed_sampler_from_uniforms_op"):
+        assert rs.reversed_sampler_from_uniforms is rs.reversed_sampler_from_uniforms_op
+    with pytest.raises(AttributeError):
+        rs.no_such_name
+
+
 # --------------------------------------------------------------------------- #
 # Full size on every device present (CPU: the C++ op; CUDA, when present: the Triton op)
 # --------------------------------------------------------------------------- #
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_classes,n_max,imbalance", [(1000, 1000, 100), (8142, 1000, 500)])
 @pytest.mark.parametrize("mode", rs.MODES)
 def test_device_full_size_equals_reference(device, num_classes, n_max, imbalance, mode):
     counts = _long_tail(num_classes, n_max, imbalance)
-    sorted_indices = torch.randperm(int(counts.sum()), generator=_gen(num_classes))
+    sorted_indices = torch.randperm(int(counts.sum()), generator=gen(num_classes))
     expected = _run("ref", sorted_indices, counts, 1_000_003, seed=6, epoch=5, mode=mode)
     si = sorted_indices.to(device)
     out = rs.sample_epoch(si, counts.to(device), 1_000_003, seed=6, epoch=5, mode=mode)
     assert out.device == si.device and torch.equal(out.cpu(), expected)
     part = rs.sample_epoch(si, counts, 1_000_003, seed=6, epoch=5, mode=mode, start=999, stop=500_001)
     assert torch.equal(part.cpu(), expected[999:500_001])
+
+
+_AOT_SCRIPT = r"""
+import batchkin.kernels.reversed_sampler.triton as rsk
+
+tables = {"out_ptr": "*i64", "idx_ptr": "*i64", "off_ptr": "*i64", "cnt_ptr": "*i64", "cdf_ptr": "*fp64",
+          "C": i32, "n_iter": i32, "key": "u32", "start": i64, "n": i32}
+build(rsk._sampler_kernel, dict(tables, uc_ptr="*i64", ui_ptr="*i64"), {"BLOCK": 1024, "FROM_UNIFORMS": False})
+build(rsk._sampler_kernel, dict(tables, uc_ptr="*fp64", ui_ptr="*fp64"), {"BLOCK": 1024, "FROM_UNIFORMS": True})
+print("compiled")
+"""
+
+
+@aot
+def test_triton_kernel_compiles_for_cuda():
+    compile_for_cuda(_AOT_SCRIPT)

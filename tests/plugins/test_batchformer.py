@@ -20,7 +20,7 @@ from torch import nn
 import batchkin.plugins.batchformer as bf
 from batchkin.errors import ConfigError
 from batchkin.hookspecs import hookimpl
-from batchkin.kernels.batch_attention import BatchFormer, draw_seed
+from batchkin.nn import BatchFormer, draw_seed
 from batchkin.kernels.rng import derive_key
 from batchkin.plugin import Plugins
 from batchkin.rundir import load_checkpoint
@@ -30,12 +30,7 @@ from batchkin.trainer import evaluate, fit, prepare
 import batchkin.plugins.bbn as bbn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def plugins(*extra) -> Plugins:
@@ -590,7 +585,7 @@ def test_a_later_wrapper_that_drops_the_module_is_refused():
 
 _DIST_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    from batchkin.kernels.batch_attention import BatchFormer
+    from batchkin.nn import BatchFormer
     from batchkin.plugins.batchformer import all_gather_with_grad, batchformer_features
 
     dist.init_process_group("gloo")

@@ -28,12 +28,7 @@ from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import evaluate, fit, prepare, restore, train_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def plugins(*extra) -> Plugins:
@@ -93,6 +88,35 @@ def test_alpha_bad_arguments():
         bbn.bbn_alpha(1, 10, "parabolic")
     with pytest.raises(TypeError, match="epoch must be an int"):
         bbn.bbn_alpha(1.0, 10)
+
+
+def test_alpha_epochs_reproduce_upstreams_90_epoch_recipe():
+    """Upstream's iNaturalist recipe divides by 100 in a 90-epoch run: alpha = 1 - ((e-1)/100)**2."""
+    got = [bbn.bbn_alpha(e, 90, alpha_epochs=100) for e in (1, 11, 51, 90)]
+    assert got == pytest.approx([1.0, 0.99, 0.75, 0.2079], abs=1e-12)
+    assert bbn.bbn_alpha(90, 90) == pytest.approx(1 - (89 / 90) ** 2) == pytest.approx(0.0221, abs=5e-5)
+    assert bbn.bbn_alpha(90, 90, "linear_decay", alpha_epochs=100) == pytest.approx(0.11)
+    assert bbn.bbn_alpha(180, 180, "parabolic_increment", alpha_epochs=200) == pytest.approx(0.895**2)
+    assert bbn.bbn_alpha(6, 10, alpha_epochs=10) == bbn.bbn_alpha(6, 10)  # D = E is the default
+    # a period shorter than the run holds t at 1 from epoch D + 1 on: alpha stays in [0, 1]
+    assert [bbn.bbn_alpha(e, 6, "linear_decay", alpha_epochs=4) for e in range(1, 7)] == [1, 0.75, 0.5, 0.25, 0, 0]
+    assert bbn.bbn_alpha(6, 6, "parabolic_increment", alpha_epochs=2) == 1.0
+    with pytest.raises(ValueError, match="alpha_epochs must be >= 1; got 0"):
+        bbn.bbn_alpha(1, 10, alpha_epochs=0)
+    with pytest.raises(TypeError, match="alpha_epochs must be an int"):
+        bbn.bbn_alpha(1, 10, alpha_epochs=100.0)
+
+
+def test_alpha_epochs_option_sets_the_epochs_alpha():
+    with torch.random.fork_rng():
+        state = prepare(lt_config(epochs=3, bbn={"alpha_epochs": 4, "alpha_schedule": "linear_decay"}), plugins())
+    alphas = []
+    for epoch in (1, 2, 3):
+        state.epoch = epoch
+        state.epoch_metrics = {}
+        state.hooks.on_epoch_start(state=state)
+        alphas.append(state.epoch_metrics["bbn/alpha"])
+    assert alphas == [1.0, 0.75, 0.5]
 
 
 def test_beta_schedule_draws_beta_02_from_the_generator():
@@ -228,6 +252,26 @@ def test_sampler_reversed_stream_is_the_functional_twin():
     si, counts = class_sorted_table(LABELS, 5)
     assert torch.equal(expected[10:30], sample_epoch(si, counts, 64, seed=derive_key(3, bbn.REVERSED_STREAM),
                                                      epoch=2, mode="balanced", start=10, stop=30))
+
+
+def test_sampler_iterated_twice_yields_the_same_epoch_again():
+    """As DistributedSampler: a finished epoch iterated again (no set_epoch) is the same epoch,
+    not an empty one; a resumed sampler still starts where it stopped."""
+    s = bbn.BBNSampler(LABELS, 5, 8, seed=4)
+    s.set_epoch(3)
+    first, second = list(s), list(s)
+    assert len(first) == len(s) == 9 and len(second) == 9
+    for a, b in zip(first, second):
+        assert torch.equal(a[""], b[""]) and torch.equal(a["rev"], b["rev"])
+    assert s.state_dict() == {"epoch": 3, "position": 9}
+    resumed = bbn.BBNSampler(LABELS, 5, 8, seed=4)
+    resumed.load_state_dict({"epoch": 3, "position": 4})
+    rest = list(resumed)
+    assert len(rest) == 5 and all(torch.equal(a["rev"], b["rev"]) for a, b in zip(first[4:], rest))
+    again = list(resumed)  # after the resumed epoch's end: the whole epoch
+    assert len(again) == 9 and all(torch.equal(a[""], b[""]) for a, b in zip(first, again))
+    s.set_epoch(4)
+    assert not torch.equal(next(iter(s))[""], first[0][""])
 
 
 def _rank_streams(world, batch, drop_last, epoch, seed=5, stop_after=None, resume_from=None):
@@ -624,6 +668,7 @@ def test_bbn_with_ce_is_refused():
     ({"sampler": "reverse"},
      r"bbn\.sampler must be one of 'reversed', 'balanced', 'instance'; got 'reverse' \(did you mean 'reversed'\?\)"),
     ({"beta": 0.0}, r"bbn\.beta must be > 0.0; got 0.0"),
+    ({"alpha_epochs": -1}, r"bbn\.alpha_epochs must be >= 0; got -1"),
     ({"beta": "x"}, r"bbn\.beta must be a number"),
     ({"fused": "yes"}, r"bbn\.fused must be true or false"),
     ({"fusd": True}, r"unknown config key bbn\.fusd \(did you mean 'fused'\?\)"),

@@ -15,8 +15,17 @@ import torch.nn.functional as F
 from batchkin.errors import ConfigError
 from batchkin.plugin import Plugins
 from batchkin.plugins import dino, moco, sdmp
-from batchkin.plugins.dino import dino_loss, local_crop_size, teacher_probs, teacher_temperature, update_center
+from batchkin.plugins.dino import (
+    clip_gradients_,
+    dino_loss,
+    local_crop_size,
+    teacher_entropy,
+    teacher_probs,
+    teacher_temperature,
+    update_center,
+)
 from batchkin.plugins.ssl import (
+    DINOHead,
     LocalCrops,
     ViewOptions,
     cosine_momentum,
@@ -403,20 +412,36 @@ def test_a_model_that_cannot_take_local_crops_is_refused_clearly():
     prepare(raw, Plugins(extra_modules=MODULES))
 
 
+def _shipped(name):
+    return tomllib.loads((Path(__file__).resolve().parents[2] / "configs" / name).read_text())
+
+
 def test_dino_digits_config_trains_a_step():
-    raw = tomllib.loads((Path(__file__).resolve().parents[2] / "configs" / "dino_digits.toml").read_text())
+    raw = _shipped("dino_digits.toml")
     raw["device"] = "cpu"
-    assert raw["methods"] == ["dino"] and raw["dino"]["n_local_crops"] > 0
+    assert raw["methods"] == ["dino"]
     state = run_plugin(raw["methods"], steps=1, config=raw, plugin_modules=MODULES)
-    n, size = raw["dino"]["n_local_crops"], raw["dino"]["local_crop_size"]
+    net, o = state.unwrapped_model, state.hooks.methods["dino"].options
+    assert o.head_bn and o.head_init == "fan_in" and net.eval_momentum  # the small-scale recipe, teacher evaluated
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.head.mlp)
     step = state.outputs["ssl"]
-    assert len(step.q) == 2 + n and step.keys.shape[0] == 2
-    assert state.hooks.methods["dino"].local == LocalCrops(n=n, size=(size, size), scale=(0.05, 0.4))
+    assert len(step.q) == 2 + o.n_local_crops and step.keys.shape[0] == 2
+    assert math.isfinite(float(state.loss_terms["dino"].detach()))
+
+
+def test_dino_fashion_mnist_config_trains_a_step():
+    raw = _shipped("dino_fashion_mnist.toml")
+    assert raw["methods"] == ["dino"] and raw["data"]["name"] == "fashion_mnist"
+    raw["device"] = "cpu"
+    raw["data"]["train_size"] = 256  # the same recipe on a smaller subset: one step
+    state = run_plugin(raw["methods"], steps=1, config=raw, plugin_modules=MODULES)
+    assert state.batch["x"].shape[1:] == (1, 28, 28) and state.hooks.methods["dino"].options.head_bn
     assert math.isfinite(float(state.loss_terms["dino"].detach()))
 
 
 def test_gradient_reaches_the_student_and_never_the_teacher():
-    state = run_plugin(["dino"], steps=1, config=dino_config(epochs=2), plugin_modules=MODULES)
+    raw = dino_config(epochs=2, dino={"freeze_last_layer": 0})
+    state = run_plugin(["dino"], steps=1, config=raw, plugin_modules=MODULES)
     net = state.unwrapped_model
     train_step(state, next(iter(state.sampler)))
     step = state.outputs["ssl"]
@@ -476,3 +501,180 @@ def test_run_uses_each_epochs_teacher_temperature():
         seen.append(state.outputs["ssl"].teacher_temp)
         assert plugin.temp == seen[-1]
     assert seen == pytest.approx([0.04, 0.055, 0.07, 0.07, 0.07])
+
+
+# ------------------------------------------------------------------------------ DINO's optimiser details and small-scale options
+
+
+def test_clip_gradients_clips_each_parameter_to_its_own_norm():
+    a = torch.zeros(2, requires_grad=True)
+    b = torch.zeros(3, requires_grad=True)
+    c = torch.zeros(1, requires_grad=True)  # no gradient: skipped
+    a.grad = torch.tensor([3.0, 4.0])  # norm 5 > 3: scaled by 3 / (5 + 1e-6)
+    b.grad = torch.tensor([1.0, 0.0, 0.0])  # norm 1 <= 3: unchanged
+    norms = clip_gradients_([a, b, c], 3.0)
+    assert [float(n) for n in norms] == pytest.approx([5.0, 1.0])
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0]) * (3.0 / (5.0 + 1e-6)))
+    assert torch.equal(b.grad, torch.tensor([1.0, 0.0, 0.0])) and c.grad is None
+    # not the global norm: clip_grad_norm_ would scale both by 3 / sqrt(26)
+    assert float(b.grad.norm()) == 1.0
+    assert clip_gradients_([c], 3.0) == []
+
+
+def test_teacher_entropy_hand_examples():
+    K = 4
+    uniform = torch.full((2, 3, K), 1 / K)
+    h, hm = teacher_entropy(uniform)
+    assert float(h) == pytest.approx(math.log(K)) and float(hm) == pytest.approx(math.log(K))
+    same = torch.zeros(5, K)
+    same[:, 2] = 1  # every image the same one-hot output: the dominant-dimension collapse
+    assert [float(v) for v in teacher_entropy(same)] == pytest.approx([0.0, 0.0], abs=1e-6)
+    spread = torch.eye(K)  # confident and every prototype used once: the healthy case
+    h, hm = teacher_entropy(spread)
+    assert float(h) == pytest.approx(0.0, abs=1e-6) and float(hm) == pytest.approx(math.log(K))
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.25, 0.75]])
+    h, hm = teacher_entropy(p)
+    h1 = math.log(2)
+    h2 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    mean = [0.25, 0.25, 0.125, 0.375]
+    assert float(h) == pytest.approx((h1 + h2) / 2) and float(hm) == pytest.approx(-sum(q * math.log(q) for q in mean))
+
+
+def test_fit_logs_the_teacher_entropy_of_every_epoch(tmp_path):
+    fit(dino_config(epochs=2), tmp_path / "run", plugins=Plugins(extra_modules=MODULES), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in lines[:2]:
+        assert 0.0 <= r["dino/teacher_entropy"] <= math.log(32) + 1e-5
+        assert r["dino/teacher_entropy"] <= r["dino/teacher_batch_entropy"] + 1e-5  # entropy is concave
+        assert r["dino/teacher_batch_entropy"] <= math.log(32) + 1e-5
+
+
+def test_teacher_entropy_is_the_mean_over_the_epochs_steps():
+    state = run_plugin(["dino"], steps=2, config=dino_config(epochs=2), plugin_modules=MODULES)
+    plugin = state.hooks.methods["dino"]
+    plugin.on_epoch_start(state)  # a fresh epoch: two steps by hand
+    seen = []
+    for indices in list(state.sampler)[:2]:
+        train_step(state, indices)
+        step = state.outputs["ssl"]
+        seen.append(teacher_entropy(teacher_probs(step.keys, step.center, step.teacher_temp)))
+    plugin.on_epoch_end(state)
+    m = state.epoch_metrics
+    assert m["dino/teacher_entropy"] == pytest.approx(float(seen[0][0] + seen[1][0]) / 2, rel=1e-6)
+    assert m["dino/teacher_batch_entropy"] == pytest.approx(float(seen[0][1] + seen[1][1]) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("freeze", [0, 1])
+def test_freeze_last_layer_drops_its_gradient_in_the_first_epochs(freeze):
+    raw = dino_config(epochs=3, dino={"freeze_last_layer": freeze, "clip_grad": 0.0}, optim={"name": "adamw"})
+    state = run_plugin(["dino"], steps=1, config=raw, plugin_modules=MODULES)  # one step of epoch 1
+    head = state.unwrapped_model.head
+    # frozen, the optimizer never saw a gradient for it (AdamW keeps no moments, applies no decay)
+    assert (head.last_v in state.optimizer.state) == (not freeze)
+    assert head.mlp[0].weight in state.optimizer.state
+    for epoch in (1, 2):
+        state.epoch = epoch
+        before, mlp_before = head.last_v.detach().clone(), head.mlp[0].weight.detach().clone()
+        train_step(state, next(iter(state.sampler)))
+        frozen = epoch <= freeze
+        assert torch.equal(head.last_v, before) == frozen, epoch
+        assert (head.last_v.grad is None) == frozen, epoch
+        assert not torch.equal(head.mlp[0].weight, mlp_before)  # the rest of the student trains
+
+
+def test_clip_grad_bounds_every_parameters_gradient_in_a_step():
+    norms = {}
+    for clip in (0.0, 1e-3):
+        raw = dino_config(epochs=2, dino={"clip_grad": clip, "freeze_last_layer": 0})
+        state = run_plugin(["dino"], steps=1, config=raw, plugin_modules=MODULES)
+        params = [p for g in state.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms[clip] = torch.stack([p.grad.norm() for p in params])
+    assert float(norms[1e-3].max()) <= 1e-3 * (1 + 1e-5)
+    assert float(norms[0.0].max()) > 1e-2  # unclipped, the same step's gradients are far larger
+    # the direction of each gradient is kept: a clipped gradient is the unclipped one rescaled
+    ratio = norms[1e-3] / norms[0.0]
+    expected = torch.clamp(1e-3 / (norms[0.0] + 1e-6), max=1.0)
+    torch.testing.assert_close(ratio, expected, rtol=1e-3, atol=0)
+
+
+def test_head_init_fan_in_keeps_the_bottleneck_in_proportion_to_the_features():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)  # features of norm ~8
+    norms = {}
+    for init in ("trunc_normal", "fan_in"):
+        torch.manual_seed(0)
+        head = DINOHead(64, 32, hidden_dim=256, bottleneck_dim=64, init=init)
+        with torch.no_grad():
+            norms[init] = float(head.mlp(x).norm(dim=1).mean())
+        if init == "fan_in":
+            w1, w3 = head.mlp[0].weight.detach(), head.mlp[4].weight.detach()
+            assert float(w1.std()) == pytest.approx(math.sqrt(2 / 64), rel=0.05)  # He, before a GELU
+            assert float(w3.std()) == pytest.approx(math.sqrt(1 / 256), rel=0.05)  # the bottleneck layer
+        assert all(not m.bias.detach().any() for m in head.mlp if isinstance(m, torch.nn.Linear))
+    feature_norm = float(x.norm(dim=1).mean())
+    assert norms["trunc_normal"] < 0.01 * feature_norm  # DINO's init on a small encoder: ~0.02 scale
+    assert 0.25 * feature_norm < norms["fan_in"] < 4 * feature_norm
+    with pytest.raises(ValueError, match="init must be one of"):
+        DINOHead(4, 4, init="xavier")
+
+
+def test_head_bn_puts_a_batchnorm_after_every_hidden_layer_teacher_included():
+    head = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=6, num_layers=3, use_bn=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    assert [type(m).__name__ for m in DINOHead(8, 16, num_layers=2).mlp] == ["Linear", "GELU", "Linear"]
+    state = run_plugin(["dino"], steps=1, config=dino_config(dino={"head_bn": True}), plugin_modules=MODULES)
+    net = state.unwrapped_model
+    teacher_bn = [m for m in net.momentum["head"].mlp if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(teacher_bn) == 2 and all(int(m.num_batches_tracked) == 2 for m in teacher_bn)  # two global views
+    target, online = net.momentum_pairs()
+    assert len(target) == len(online)
+    assert math.isfinite(float(state.loss_terms["dino"].detach()))
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_knn_and_probe_read_the_chosen_encoder(which):
+    from batchkin.data import DeviceData
+    from batchkin.probe import encode
+    from batchkin.trainer import evaluate
+
+    raw = dino_config(epochs=2, dino={"eval_encoder": which})
+    state = run_plugin(["dino"], steps=2, config=raw, plugin_modules=MODULES)
+    net = state.unwrapped_model
+    chosen = net.momentum["encoder"] if which == "teacher" else net.encoder
+    other = net.encoder if which == "teacher" else net.momentum["encoder"]
+    net.eval()
+    data = state.train_data
+    with torch.no_grad():
+        x = data.normalize(data.x[:16])
+        expect, unwanted = chosen.forward_features(x)["features"], other.forward_features(x)["features"]
+        assert not torch.allclose(expect, unwanted)  # two steps: the teacher lags the student
+        torch.testing.assert_close(encode(net, data, 16)[:16], expect)  # the probe's features
+    net.train()
+    evaluate(state, "val", DeviceData(state.splits.val, state.splits, state.device))
+    bank = state.hooks.methods["dino"].knn.bank
+    torch.testing.assert_close(bank[:16], F.normalize(expect, dim=1), rtol=1e-5, atol=1e-6)
+
+
+def test_dino_can_leave_norms_and_biases_undecayed_and_warm_up_from_zero():
+    from batchkin.trainer import lr_factor
+
+    raw = dino_config(epochs=2, dino={"head_bn": True}, optim={"no_decay_norm_bias": True, "weight_decay": 0.04},
+                      schedule={"warmup_epochs": 1, "warmup_start": 0.0})
+    state = prepare(raw, Plugins(extra_modules=MODULES))
+    net = state.unwrapped_model
+    groups = {g["name"]: g for g in state.optimizer.param_groups}
+    names = {id(p): n for n, p in net.named_parameters()}
+    undecayed = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decayed = {names[id(p)] for p in groups["default"]["params"]}
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["default"]["weight_decay"] == 0.04
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert undecayed | decayed == trainable and not undecayed & decayed
+    assert undecayed == {n for n in trainable if net.get_parameter(n).dim() <= 1}
+    assert {"head.mlp.0.bias", "head.mlp.1.weight", "head.mlp.1.bias"} <= undecayed  # a bias, the head's BN
+    assert {"head.mlp.0.weight", "head.last_v"} <= decayed
+    assert not any(n.startswith("momentum.") for n in trainable)  # the teacher is not optimised
+    # DINO's warm-up starts at lr 0 and rises linearly over the first epoch
+    factor, spe = lr_factor(state.config, state.steps_per_epoch), state.steps_per_epoch
+    assert state.optimizer.param_groups[0]["lr"] == 0.0
+    assert [factor(s) for s in range(spe + 1)] == pytest.approx([s / spe for s in range(spe + 1)])

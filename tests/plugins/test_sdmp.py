@@ -23,6 +23,7 @@ from batchkin.plugins.sdmp import (
     SDMP,
     mixture_nll,
     sdmp_dino_loss,
+    sdmp_lam_eff,
     sdmp_mix,
     sdmp_mm_loss,
     sdmp_mm_weights,
@@ -124,7 +125,7 @@ def test_mixup_partner_is_the_flipped_batch_and_the_middle_sample_pairs_with_its
 def test_plugin_mixing_goes_through_the_op_with_the_run_generator():
     state = fake_state()
     views = random_views(B=6)
-    batch = sdmp_method().mix_views(state, views)
+    batch = sdmp_method().transform_views(state, views)
     params = sample_mix_params(6, 8, 8, generator=fake_state().generator("sdmp", "cpu"), num_views=2)
     ref, lam_ref = batch_mix_reference(views, *params)
     assert torch.equal(batch.mixed, ref) and torch.equal(batch.lam, lam_ref)
@@ -140,7 +141,7 @@ def test_lambda_distribution_same_for_both_views_and_operator_per_batch():
     lams, ops = [], []
     views = random_views(B=16, C=1)
     for _ in range(200):
-        b = method.mix_views(state, views)
+        b = method.transform_views(state, views)
         assert torch.equal(b.lam[0], b.lam[1])  # the same lam (and box size) for both views
         ops.append(b.op)
         # lam_eff = 1 - h w / 64 with h = w = round(8 sqrt(1 - lam)) in 3..8 for lam in [0.1, 0.9]
@@ -162,7 +163,7 @@ def test_local_flip_under_several_ranks_uses_the_global_draws_slice():
     views = random_views(B=4, seed=5)
     full = sample_mix_params(8, 8, 8, generator=fake_state().generator("sdmp", "cpu"), num_views=2)
     for rank in range(2):
-        b = sdmp_method().mix_views(fake_state(rank, 2), views)
+        b = sdmp_method().transform_views(fake_state(rank, 2), views)
         sl = slice(rank * 4, (rank + 1) * 4)
         ref, lam = batch_mix_reference(views, full.op[sl], full.lam[sl], full.boxes[:, sl])
         assert torch.equal(b.mixed, ref) and torch.equal(b.lam, lam)
@@ -171,8 +172,8 @@ def test_local_flip_under_several_ranks_uses_the_global_draws_slice():
 
 def test_global_flip_on_one_process_equals_local():
     views = random_views(B=6)
-    a = sdmp_method(flip="local").mix_views(fake_state(), views)
-    b = sdmp_method(flip="global").mix_views(fake_state(), views)
+    a = sdmp_method(flip="local").transform_views(fake_state(), views)
+    b = sdmp_method(flip="global").transform_views(fake_state(), views)
     assert torch.equal(a.mixed, b.mixed) and torch.equal(a.lam, b.lam) and torch.equal(a.partner, b.partner)
 
 
@@ -188,7 +189,7 @@ def test_global_flip_across_two_ranks_equals_one_process(tmp_path):
             dist.init_process_group("gloo", init_method="file://{tmp_path / 'rdv'}", rank=rank, world_size=world)
             views = torch.randint(0, 256, (2, 8, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
             state = State(config=types.SimpleNamespace(seed=0), device=torch.device("cpu"), rank=rank, world_size=world)
-            b = SDMP(SDMP.Options(flip="global")).mix_views(state, views[:, rank * 4 : (rank + 1) * 4].contiguous())
+            b = SDMP(SDMP.Options(flip="global")).transform_views(state, views[:, rank * 4 : (rank + 1) * 4].contiguous())
             with open(f"{tmp_path}/rank{{rank}}.json", "w") as fh:
                 json.dump({{"mixed": b.mixed.tolist(), "lam": b.lam.tolist(), "partner": b.partner.tolist(),
                            "lam_partner": b.lam_partner.tolist()}}, fh)
@@ -200,7 +201,7 @@ def test_global_flip_across_two_ranks_equals_one_process(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     views = torch.randint(0, 256, (2, 8, 1, 6, 6), dtype=torch.uint8, generator=gen(0))
-    one = sdmp_method().mix_views(fake_state(), views)
+    one = sdmp_method().transform_views(fake_state(), views)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         sl = slice(rank * 4, (rank + 1) * 4)
@@ -223,6 +224,61 @@ def test_c_weights_worked_example():
     torch.testing.assert_close(w_self + w_partner, torch.ones(3, dtype=torch.float64))
 
 
+def test_mm_loss_takes_the_key_views_lam_per_sample_and_reads_the_partners_row():
+    """METHODS.md's worked example inside the loss: lam_i = 0.7 and lam_i' = 0.4 give c = 0.9,
+    weights 0.526 / 0.474. Two samples, partners 1 and 0; the key view's lam per sample is
+    [0.2, 0.4] (not permuted): row 0 reads lam_0' = 0.4 at its partner's row 1."""
+    T = 0.5
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    lam = torch.tensor([0.7, 0.3])  # the query view, per sample
+    lam_keys = torch.tensor([0.2, 0.4])  # the key view, per sample
+    e2 = math.exp(2.0)
+    p_own, p_partner = e2 / (e2 + 1), 1 / (e2 + 1)  # logits (2, 0) / (0, 2): each query matches its own key
+    # row 0: c = min(0.7, 1 - 0.4) + min(0.3, 0.4) = 0.6 + 0.3 = 0.9
+    w0 = (1 / 1.9, 0.9 / 1.9)
+    assert (round(w0[0], 3), round(w0[1], 3)) == (0.526, 0.474)
+    # row 1: lam = 0.3, its partner is row 0: lam' = 0.2, c = min(0.3, 0.8) + min(0.7, 0.2) = 0.5
+    w1 = (1 / 1.5, 0.5 / 1.5)
+    expect = 2 * T * (-math.log(w0[0] * p_own + w0[1] * p_partner) - math.log(w1[0] * p_own + w1[1] * p_partner)) / 2
+    assert float(sdmp_mm_loss(q, k, lam, T, lam_keys=lam_keys)) == pytest.approx(expect, rel=1e-6)
+    # the partner's value is read inside: handing in lam_keys already permuted is a different loss
+    assert float(sdmp_mm_loss(q, k, lam, T, lam_keys=lam_keys.flip(0))) != pytest.approx(expect, rel=1e-3)
+    # keys gathered over two ranks, this rank's rows 2 and 3: lam' is read at rows 3 and 2, never
+    # at the other rank's rows (their lam 0.9 / 0.1 would give other weights)
+    others = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])
+    rows = sdmp_mm_loss(q, torch.cat([others, k]), lam, T, lam_keys=torch.tensor([0.9, 0.1, 0.2, 0.4]),
+                        labels=torch.tensor([2, 3]), partner=torch.tensor([3, 2]))
+    z = math.exp(-2.0) + 1 + e2 + 1  # logits (-2, 0, 2, 0) and (0, -2, 0, 2)
+    p_own, p_partner = e2 / z, 1 / z
+    expect = 2 * T * (-math.log(w0[0] * p_own + w0[1] * p_partner) - math.log(w1[0] * p_own + w1[1] * p_partner)) / 2
+    assert float(rows) == pytest.approx(expect, rel=1e-6)
+
+
+def test_mm_loss_refuses_lam_of_the_wrong_shape():
+    q = k = torch.eye(4)
+    lam = torch.full((4,), 0.5)
+    with pytest.raises(ValueError, match=r"lam_keys must hold the key view's lam_eff of every key row, shape \(4,\)"):
+        sdmp_mm_loss(q, k, lam, 0.2, lam_keys=torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"lam must hold one lam_eff per query, shape \(4,\)"):
+        sdmp_mm_loss(q, k, torch.full((2, 4), 0.5), 0.2)
+    with pytest.raises(ValueError, match="with 8 key rows for 4 queries, pass lam_keys"):
+        sdmp_mm_loss(q, torch.cat([k, k]), lam, 0.2)
+    with pytest.raises(TypeError):
+        sdmp_mm_loss(q, k, lam, lam, 0.2)  # the old positional lam_partner is gone, loudly
+    with pytest.raises(ValueError, match="sdmp_dino_loss: lam_keys must hold"):
+        p = torch.full((2, 4, 3), 1 / 3)
+        sdmp_dino_loss(torch.zeros(2, 4, 3), p, p, torch.full((2, 4), 0.5), lam_keys=torch.full((2, 5), 0.5))
+
+
+@pytest.mark.parametrize("op", ["mixup", "cutmix", "resizemix"])
+def test_lam_eff_from_the_parameters_equals_the_ops(op):
+    for seed, (B, H, W) in enumerate([(8, 8, 9), (5, 7, 7), (16, 28, 28)]):
+        params = sample_mix_params(B, H, W, generator=gen(seed), ops=(op,), num_views=2)
+        _, lam_eff = batch_mix_reference(random_views(B=B, H=H, W=W, seed=seed), *params)
+        assert torch.equal(sdmp_lam_eff(params, H, W), lam_eff)
+
+
 def _explicit(q, k, w_self, w_partner, T):
     """-log(w_self p(i) + w_partner p(i')) * 2T from softmax probabilities, float64."""
     qn, kn = F.normalize(q.double(), dim=1), F.normalize(k.double(), dim=1)
@@ -240,7 +296,9 @@ def test_ms_and_mm_losses_match_the_explicit_formulas():
     lam_p = lam.flip(0)
     c = torch.minimum(lam, 1 - lam_p) + torch.minimum(1 - lam, lam_p)
     expect = _explicit(q, k, 1 / (1 + c), c / (1 + c), 0.2)
-    assert float(sdmp_mm_loss(q, k, lam, lam_p, 0.2)) == pytest.approx(float(expect), rel=1e-5)
+    # the key view's lam per sample (here the same as the query view's); the partner's is read inside
+    assert float(sdmp_mm_loss(q, k, lam, 0.2, lam_keys=lam)) == pytest.approx(float(expect), rel=1e-5)
+    assert float(sdmp_mm_loss(q, k, lam, 0.2)) == pytest.approx(float(expect), rel=1e-5)
 
 
 def test_ms_reduces_to_infonce_at_lambda_one_and_mm_at_c_zero():
@@ -250,7 +308,7 @@ def test_ms_reduces_to_infonce_at_lambda_one_and_mm_at_c_zero():
     ones = torch.ones(5)
     ms = sdmp_ms_loss(q, k, ones, 0.2)
     torch.testing.assert_close(ms, moco_infonce(q, k, 0.2))
-    mm = sdmp_mm_loss(q, k, ones, ones, 0.2)  # lam = lam' = 1 -> c = 0
+    mm = sdmp_mm_loss(q, k, ones, 0.2, lam_keys=ones)  # lam = lam' = 1 -> c = 0
     assert sdmp_mm_weights(ones, ones)[0].tolist() == [0.0] * 5
     torch.testing.assert_close(mm, moco_infonce(q, k, 0.2))
     (ms + mm).backward()  # log 0 of the zero weight must not poison the gradient
@@ -274,7 +332,10 @@ def test_sdmp_moco_loss_total_and_terms():
     torch.testing.assert_close(out["src"], moco_loss(q[0], q[1], k[0], k[1], 0.2))
     flip = torch.arange(5, -1, -1)
     ms = sdmp_ms_loss(qm[0], k[1], lam[0], 0.2) + sdmp_ms_loss(qm[1], k[0], lam[1], 0.2)
-    mm = sdmp_mm_loss(qm[0], km[1], lam[0], lam[1][flip], 0.2) + sdmp_mm_loss(qm[1], km[0], lam[1], lam[0][flip], 0.2)
+    mm = sdmp_mm_loss(qm[0], km[1], lam[0], 0.2, lam_keys=lam[1]) + sdmp_mm_loss(qm[1], km[0], lam[1], 0.2, lam_keys=lam[0])
+    c = torch.minimum(lam[0], 1 - lam[1][flip]) + torch.minimum(1 - lam[0], lam[1][flip])
+    explicit = _explicit(qm[0], km[1], 1 / (1 + c), c / (1 + c), 0.2)
+    assert float(sdmp_mm_loss(qm[0], km[1], lam[0], 0.2, lam_keys=lam[1])) == pytest.approx(float(explicit), rel=1e-5)
     torch.testing.assert_close(out["ms"], ms)
     torch.testing.assert_close(out["mm"], mm)
     torch.testing.assert_close(out["loss"], out["src"] + 0.5 * ms + 0.5 * mm)

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
+from batchkin import Method, hookimpl
 from batchkin.errors import ConfigError, RunError
 from batchkin.plugins import dino, moco, sdmp
 from batchkin.plugins.ssl import (
     DINOHead,
+    MixBatch,
     SSLNet,
     ViewOptions,
     colour_jitter,
@@ -32,7 +34,7 @@ from batchkin.plugins.ssl import (
     solarize,
     train_linear,
 )
-from batchkin.testing import tiny_config
+from batchkin.testing import run_plugin, tiny_config
 from batchkin.trainer import fit
 
 MODULES = [moco, dino, sdmp]
@@ -283,7 +285,8 @@ def test_both_bases_share_one_options_schema_and_keep_their_keys():
     assert moco_keys == shared | {"temperature", "proj_layers", "proj_hidden", "proj_dim", "pred_hidden"}
     assert dino_keys == shared | {"out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "norm_last_layer",
                                   "student_temp", "teacher_temp", "warmup_teacher_temp", "warmup_fraction",
-                                  "center_momentum", "n_local_crops", "local_crop_size", "local_crop_scale"}
+                                  "center_momentum", "n_local_crops", "local_crop_size", "local_crop_scale",
+                                  "head_init", "head_bn", "freeze_last_layer", "clip_grad", "eval_encoder"}
     assert issubclass(MoCo.Options, SSLOptions) and issubclass(DINO.Options, SSLOptions)
     assert issubclass(MoCo, SSLBase) and issubclass(DINO, SSLBase)
     assert MoCo.roles == DINO.roles == frozenset({"ssl-base"})
@@ -425,3 +428,123 @@ def test_probe_command(moco_run, capsys):
     assert out["epochs"] == 3 and out["checkpoint"] == "last.pt"
     expect = json.loads(json.dumps(linear_probe(moco_run, epochs=3, batch_size=16)))
     assert {k: v for k, v in out.items() if k != "run"} == expect
+
+
+# ------------------------------------------------------------------------------ the raw batch and the transform_views hook
+
+
+@pytest.mark.parametrize("base", ["moco", "dino"])
+def test_the_bases_get_the_raw_batch_whatever_data_augment_says(base):
+    steps = {}
+    for augment in (True, False):
+        raw = tiny_config([base], data={"augment": augment, "crop_padding": 2})
+        state = run_plugin([base], steps=1, config=raw, plugin_modules=MODULES)
+        batch = state.batch
+        assert batch["x"].dtype == torch.uint8  # no engine crop, flip or normalisation
+        assert torch.equal(batch["x"], state.train_data.x[batch["idx"]])
+        assert torch.equal(batch["y"], state.train_data.y[batch["idx"]])
+        assert "augment@cpu" not in state.generators  # the engine drew nothing for it
+        steps[augment] = {k: float(v.detach()) for k, v in state.loss_terms.items()}
+    assert steps[True] == steps[False]  # data.augment is accepted and changes nothing
+
+
+def test_a_supervised_run_still_gets_the_engines_augmented_batch():
+    state = run_plugin(["ce"], steps=1, config=tiny_config(["ce"], data={"augment": True}))
+    assert state.batch["x"].dtype == torch.float32 and "augment@cpu" in state.generators
+
+
+class _ToFloat(Method):
+    @hookimpl
+    def transform_batch(self, state):
+        state.batch["x"] = state.batch["x"].float()
+
+
+class _HalfMix(Method):
+    """A third-party mixing method for the SSL bases: every sample averaged with its flipped
+    partner (lam = 0.5), scored with MoCo's InfoNCE of the mixed queries against the keys."""
+
+    @hookimpl
+    def transform_views(self, state, views):
+        V, B = views.shape[:2]
+        partner = torch.arange(B - 1, -1, -1, device=views.device)
+        mixed = torch.floor((views.float() + views[:, partner].float()) / 2 + 0.5).to(torch.uint8)
+        half = torch.full((V, B), 0.5)
+        return MixBatch(mixed=mixed, lam=half, partner=state.rank * B + partner,
+                        lam_keys=torch.full((V, B * state.world_size), 0.5), op=0)
+
+    @hookimpl
+    def loss_terms(self, state, outputs):
+        step = outputs["ssl"]
+        q = step.q_mix[0][0]
+        return {"halfmix": moco.moco_infonce(q, step.keys_mix[1], 0.2, step.labels)}
+
+
+def _module(name, **methods):
+    import types
+
+    module = types.ModuleType(name)
+
+    @hookimpl
+    def register_methods(register):
+        for key, cls in methods.items():
+            register(key, cls)
+
+    module.register_methods = register_methods
+    return module
+
+
+def test_a_third_party_mixing_method_plugs_into_the_bases_through_transform_views():
+    import copy
+
+    from batchkin.trainer import train_step
+
+    halfmix = _module("halfmix", halfmix=_HalfMix)
+    state = run_plugin(["moco", "halfmix"], steps=0, config=tiny_config(["moco", "halfmix"]),
+                       plugin_modules=[*MODULES, halfmix])
+    before = copy.deepcopy(state.unwrapped_model)
+    train_step(state, next(iter(state.sampler)))
+    step = state.outputs["ssl"]
+    B = state.batch["x"].shape[0]
+    assert set(state.loss_terms) == {"moco", "halfmix"}
+    assert step.mix is not None and step.mix.mixed.shape == (2, B, 1, 8, 8)
+    assert torch.equal(step.mix.partner, torch.arange(B - 1, -1, -1))
+    assert len(step.q_mix) == 2 and step.keys_mix.shape == step.keys.shape
+    # the base normalised the hook's mixed views and ran them through both branches
+    data = state.train_data
+    x = normalize_views(step.mix.mixed, data.mean.view(-1), data.std.view(-1))
+    with torch.no_grad():
+        for v in range(2):
+            f = before.momentum["encoder"].forward_features(x[v])["features"]
+            torch.testing.assert_close(step.keys_mix[v], before.momentum["head"](f), rtol=1e-5, atol=1e-6)
+            q = before.predictor(before.head(before.encoder.forward_features(x[v])["features"]))
+            torch.testing.assert_close(step.q_mix[v][0], q, rtol=1e-5, atol=1e-6)
+    expect = moco.moco_infonce(step.q_mix[0][0], step.keys_mix[1], 0.2, step.labels)
+    torch.testing.assert_close(state.loss_terms["halfmix"], expect)
+
+
+def test_two_mixing_methods_are_refused_naming_both():
+    from batchkin.errors import PluginError
+    from batchkin.plugin import Plugins
+    from batchkin.trainer import prepare
+
+    halfmix = _module("halfmix", halfmix=_HalfMix)
+    raw = tiny_config(["moco", "sdmp", "halfmix"])
+    with pytest.raises(PluginError, match="'sdmp' and 'halfmix' conflict: both provide transform_views"):
+        prepare(raw, Plugins(extra_modules=[*MODULES, halfmix]))
+
+
+def test_a_float_batch_handed_to_a_base_is_refused_clearly():
+    tofloat = _module("tofloat", tofloat=_ToFloat)
+    with pytest.raises(RunError, match="moco builds its views from the raw uint8 batch"):
+        run_plugin(["tofloat", "moco"], steps=1, config=tiny_config(["tofloat", "moco"]),
+                   plugin_modules=[*MODULES, tofloat])
+
+
+def test_no_plugin_reaches_another_method_by_name():
+    """Methods talk through hooks and the state, never by looking each other up."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "plugins"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "methods.get(" not in text and "methods[" not in text, path

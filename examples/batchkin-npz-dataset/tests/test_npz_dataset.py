@@ -162,6 +162,8 @@ BAD = {
                              r"'y' holds label 2, out of range for the 2 names in 'classes' \(labels must lie in \[0, 1\]\)"),
     "test label beyond classes": (lambda a: a.update(classes=np.array(["a", "b", "c"]), x_test=a["x"][:1], y_test=np.array([7])),
                                   r"'y_test' holds label 7, out of range for the 3 names"),
+    "label of 1e12 without names": (lambda a: a["y"].__setitem__(2, 10**12),
+                                    r"'y' holds label 1000000000000, which implies 1000000000001 classes for 6 images"),
     "numeric class names": (lambda a: a.update(classes=np.arange(3)), r"'classes' must be a non-empty 1-d string array"),
     "duplicate class names": (lambda a: a.update(classes=np.array(["a", "b", "a"])), r"'classes' names 'a' more than once"),
     "non-bool flip flag": (lambda a: a.update(hflip=np.array(1)), r"'hflip' must be a single boolean"),
@@ -199,6 +201,23 @@ def test_truncated_file(tmp_path, rng, cut):
     (tmp_path / "cut.npz").write_bytes(good[:keep])
     with pytest.raises(DataError, match=r"cut\.npz is not a readable \.npz archive \(truncated or corrupt\?\)"):
         load_npz(tmp_path / "cut.npz")
+
+
+def test_an_array_header_claiming_more_than_the_member_holds(tmp_path):
+    """The .npy header of 'x' claims 10**11 images (1.6 TB) over 96 bytes: refused from the
+    header, before numpy allocates the claimed size."""
+    import zipfile
+
+    path = tmp_path / "lies.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        with zf.open("x.npy", "w") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": (10**11, 4, 4)})
+            fh.write(bytes(96))
+        with zf.open("y.npy", "w") as fh:
+            np.lib.format.write_array(fh, np.zeros(6, np.int64))
+    with pytest.raises(DataError, match=r"lies\.npz: array 'x' claims shape \[100000000000, 4, 4\] \(1600000000000 "
+                                        r"bytes of uint8\) but holds 96 bytes"):
+        load_npz(path)
 
 
 def test_corrupt_array_data_is_caught_by_the_checksum(tmp_path, rng):

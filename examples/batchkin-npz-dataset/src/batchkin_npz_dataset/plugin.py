@@ -20,16 +20,20 @@ array       contents                                    required
 =========== =========================================== ==========
 
 Without a test split the engine holds one out, stratified, with
-``data.test_fraction``. Without ``classes``, ``K`` is the largest label plus one.
+``data.test_fraction``. Without ``classes``, ``K`` is the largest label plus one,
+and may not exceed the number of images in the file (every class needs one).
 The file is read with ``allow_pickle=False``: nothing in it is ever executed, and
-an array of Python objects is refused. Every problem (missing file, missing or
-unknown arrays, wrong dtypes or shapes, labels out of range, mismatched lengths,
-a truncated or corrupt archive) stops the run with a ``DataError`` naming the file
-and the array.
+an array of Python objects is refused. Every size in the file (each array's
+header, the largest label) is checked against what the file holds and the
+memory available before anything is allocated. Every problem (missing file,
+missing or unknown arrays, wrong dtypes or shapes, labels out of range,
+mismatched lengths, a truncated or corrupt archive) stops the run with a
+``DataError`` naming the file and the array.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -38,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchkin.data import ImageDataset
+from batchkin.data import ImageDataset, check_memory
 from batchkin.errors import ConfigError, DataError
 from batchkin.hookspecs import hookimpl
 from batchkin.schema import suggest
@@ -62,6 +66,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if not magic.startswith((ZIP_MAGIC, EMPTY_ZIP_MAGIC)):
         what = "is empty" if not magic else "is not an .npz archive (no zip header)"
         raise DataError(f"{path} {what}; write the dataset with np.savez(path, x=..., y=...)")
+    _check_sizes(path)
     try:
         archive = np.load(path, allow_pickle=False)
     except _CORRUPT as exc:
@@ -84,6 +89,37 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
                 raise DataError(f"{path}: member {key!r} is not a .npy array")
             arrays[key] = value
     return arrays
+
+
+def _check_sizes(path: Path) -> None:
+    """Each member's .npy header against the bytes the member holds, and their total against
+    the memory available, before numpy allocates an array of the size a header claims."""
+    total = 0
+    try:
+        archive = zipfile.ZipFile(path)
+    except _CORRUPT as exc:
+        raise DataError(f"{path} is not a readable .npz archive (truncated or corrupt?): {type(exc).__name__}: {exc}") from None
+    with archive:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            try:
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version not in ((1, 0), (2, 0)):
+                        continue  # numpy reads (and checks) other versions itself
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                    held = info.file_size - fh.tell()
+            except _CORRUPT as exc:
+                raise DataError(f"{path}: array {key!r} is truncated or corrupt: {type(exc).__name__}: {exc}") from None
+            if dtype.hasobject:
+                continue  # refused when read, without unpickling
+            nbytes = math.prod(shape) * dtype.itemsize
+            if held != nbytes:
+                raise DataError(f"{path}: array {key!r} claims shape {list(shape)} ({nbytes} bytes of {dtype}) "
+                                f"but holds {held} bytes")
+            total += nbytes
+    check_memory(total, f"{path} (its arrays)")
 
 
 def _check_names(path: Path, arrays: dict) -> None:
@@ -179,7 +215,12 @@ def load_npz(path: str | Path, *, name: str = "npz") -> ImageDataset:
         if lo < 0:
             raise DataError(f"{path}: labels must be >= 0; {key!r} holds {lo}")
     if classes is None:
-        classes = [str(c) for c in range(max(int(lab.max()) for _, lab in labels) + 1)]
+        key, hi = max(((k, int(lab.max())) for k, lab in labels), key=lambda kv: kv[1])
+        n = sum(len(lab) for _, lab in labels)
+        if hi >= n:  # checked before a list of hi + 1 names is built
+            raise DataError(f"{path}: {key!r} holds label {hi}, which implies {hi + 1} classes for {n} images; "
+                            f"labels must number the classes 0..K-1 (or name them in 'classes')")
+        classes = [str(c) for c in range(hi + 1)]
     for key, lab in labels:
         hi = int(lab.max())
         if hi >= len(classes):
