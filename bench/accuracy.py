@@ -723,6 +723,8 @@ def main(argv=None) -> int:
                     help="one seed per phase, the smallest budget, small subsets: a pipeline check")
     ap.add_argument("--overwrite", action="store_true", help="rerun finished runs instead of reusing them")
     ap.add_argument("--report-only", action="store_true", help="write pages from finished runs; train nothing")
+    ap.add_argument("--final-seeds", type=int, default=len(FINAL_SEEDS), metavar="N",
+                    help=f"final seeds: the first N of {', '.join(map(str, FINAL_SEEDS))} (a run reuses those done)")
     args = ap.parse_args(given)
     bad = [n for n in args.suites if n not in all_suites]
     if bad:
@@ -734,7 +736,9 @@ def main(argv=None) -> int:
     out = Path(args.out) / ("quick" if args.quick else "")
     docs = out / "docs" if args.quick else Path(args.docs)
     stamp = commit()
-    plan = Plan(FINAL_SEEDS[:1], True) if args.quick else Plan()
+    if not 2 <= args.final_seeds <= len(FINAL_SEEDS) and not args.quick:
+        ap.error(f"--final-seeds must be 2 to {len(FINAL_SEEDS)} (a paired interval needs two seeds)")
+    plan = Plan(FINAL_SEEDS[:1], True) if args.quick else Plan(FINAL_SEEDS[:args.final_seeds])
     final_seeds = plan.final_seeds
     t0 = time.perf_counter()
 
@@ -789,7 +793,8 @@ def main(argv=None) -> int:
         execute(final_jobs, results, train=not args.report_only)
     # pages
     p = plugins()
-    flags = [*(["--quick"] if args.quick else []), *(["--device", args.device] if args.device else [])]
+    flags = [*(["--quick"] if args.quick else []), *(["--device", args.device] if args.device else []),
+             *(["--final-seeds", str(args.final_seeds)] if args.final_seeds != len(FINAL_SEEDS) else [])]
     summary = []
     for s in chosen:
         res = {k[1:]: v for k, v in results.items() if k[0] == s.name}
