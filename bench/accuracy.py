@@ -1,35 +1,45 @@
-"""The accuracy benchmark: every "result to show" table (baseline vs method, 3 seeds), with plots.
+"""The accuracy benchmark: does each method beat its baseline, on real data, beyond noise?
 
-One harness for the four methods' accuracy claims. A *suite* is one method's table
-(``bbn``, ``batchformer``, ``drloc``, ``sdmp``); it has experiments (a dataset and
-budget each), and every experiment runs a few labelled configurations (the baseline
-first) for every seed. Each run is a normal run folder under ``--out``
-(``<out>/<suite>/<experiment>/<label>/seed<N>``) with a ``bench_result.json`` holding
-its final metrics, wall time, raw config and the commit it was made at; a finished
-run is reused when it was made from the same config and overrides (so an interrupted
-benchmark resumes and a changed budget reruns; after changing code a run depends on,
-pass ``--overwrite``: each table names the commits its runs were made at).
+A *suite* is one method's evidence page (``bbn``, ``batchformer``, ``drloc``, ``sdmp``,
+``dino``); it holds *experiments* (a dataset and a model each), and every experiment
+runs a few labelled configurations (the baseline first). Each experiment is measured in
+two phases that never share a seed:
 
-Metrics: supervised suites report the final test-split top-1, class-balanced and
-many / medium / few accuracy of the last epoch's weights (the test split selects
-nothing); the SSL suite reports the engine's kNN top-1 (the final ``test/top1`` of an
-SSL run) and a linear probe on frozen features (:func:`batchkin.plugins.ssl.linear_probe`),
-plus both for the encoder at its seeded initialisation (``train = False``: the floor).
+1. **pilot** (seeds ``PILOT_SEEDS``): every label at every budget in ``budgets`` (epochs,
+   or another key such as ``data.train_size``), scored on the **validation split only**
+   (held out of the training data; the engine never shows a pilot the test split: its
+   test metrics are not even stored). Labels marked ``final=False`` are recipe
+   candidates that are only piloted. The final budget is the smallest pilot budget at
+   which the baseline's mean validation score is within ``CONVERGED`` of its best pilot
+   budget (the baseline has converged there), unless the experiment fixes ``budget``.
+2. **final** (fresh seeds ``FINAL_SEEDS``): the labels with ``final=True`` at the chosen
+   budget, scored on the **test split** (the last epoch's weights; nothing is selected
+   on the test split).
 
-Each suite's table, per-seed values, paired differences from the baseline and the
-configs go between the ``<!-- accuracy:start -->`` / ``<!-- accuracy:end -->`` markers
-of ``docs/results/<suite>.md`` (the prose around them is kept), and a bar chart
-(mean ± std, one dot per seed) to ``docs/results/<suite>.png``. ``--quick`` (one
-seed, one epoch, small subsets, a short probe) checks the whole pipeline in minutes
-and writes its tables and plots under ``--out`` only, never into docs/.
+Every run made is reported (a failed run is listed as failed, never dropped). Per
+comparison the page gives each arm's mean ± sample std, the per-seed paired
+differences, their mean and a 95% confidence interval (paired t: mean ± t(0.975, n-1) ·
+sd / sqrt(n)), many / medium / few accuracy on long-tailed data, and wall time per run.
+Pages: ``docs/results/<suite>.md`` (tables between the ``accuracy`` markers; the prose
+around them is kept), ``docs/results/<suite>.json`` (``{"comparisons": [...], "pilots":
+[...]}``) and ``docs/results/<suite>_budget.png`` (score and paired difference against
+budget: pilots on validation, the final on test; the difference axis is centred on 0).
+``docs/results/README.md`` summarises every comparison.
 
-    python bench/accuracy.py                          # every suite, seeds 0 1 2
-    python bench/accuracy.py bbn drloc --workers 2    # two suites, two runs at a time
-    python bench/accuracy.py --quick                  # pipeline check
-    batchkin bench accuracy [--quick] [--device cuda] # the same through the CLI
+Runs are normal run folders under ``--out`` (``<out>/<suite>/<exp>/<phase>/<label>/
+<budget>/seed<N>``) with a ``bench_result.json`` holding the scores, wall time, raw
+config and commit; a finished run is reused when it was made from the same config (an
+interrupted benchmark resumes; after changing code a run depends on, pass
+``--overwrite``: each page names the commits its runs were made at).
 
-Every worker process uses ``--threads`` torch threads (default 1: on a shared
-two-core machine two threads per process are much slower than one).
+    python bench/accuracy.py bbn --phase pilot --workers 2    # pilots (validation split)
+    python bench/accuracy.py bbn --phase final --workers 2    # fresh seeds (test split)
+    python bench/accuracy.py --report-only                    # pages from finished runs
+    python bench/accuracy.py --quick                          # pipeline check, under --out only
+    batchkin bench accuracy [--quick] [--device cuda]         # the same through the CLI
+
+Every worker process uses ``--threads`` torch threads (default 1: on a shared two-core
+machine two threads per process are much slower than one).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -53,12 +64,17 @@ ROOT = Path(__file__).resolve().parents[1]
 START = "<!-- accuracy:start (generated by bench/accuracy.py; do not edit) -->"
 END = "<!-- accuracy:end -->"
 
+PILOT_SEEDS = (100, 101)
+FINAL_SEEDS = (1000, 1001, 1002, 1003, 1004)
+#: the baseline has converged at a budget whose mean validation score is this close to its best pilot budget
+CONVERGED = 0.005
+
 SUPERVISED = (("top1", "top-1"), ("balanced_acc", "balanced"), ("many_acc", "many"), ("medium_acc", "medium"),
               ("few_acc", "few"))
 SSL = (("knn_top1", "kNN top-1"), ("probe_top1", "linear probe top-1"))
 PROBE = {"epochs": 100, "lr": 0.1, "batch_size": 256, "seed": 0}
 QUICK_PROBE = {**PROBE, "epochs": 5}
-QUICK = ("epochs=1", "train.eval_every=1")
+QUICK = ("train.eval_every=1", "schedule.warmup_epochs=0")
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,8 @@ class Run:
     config: str
     overrides: tuple[str, ...] = ()
     train: bool = True  # False: measure the encoder at its seeded initialisation (SSL only)
+    final: bool = True  # False: a recipe candidate, run in the pilot phase only
+    more_budgets: tuple = ()  # pilot budgets beyond the experiment's, for this label only (the trend)
 
 
 @dataclass(frozen=True)
@@ -75,7 +93,26 @@ class Experiment:
     key: str
     title: str
     runs: dict[str, Run]  # label -> run; the first label is the baseline
+    pairs: tuple[tuple[str, str], ...] = ()  # (method, its baseline); default: every final label vs the first
+    budget_key: str = "epochs"  # what the pilots vary
+    budgets: tuple = ()  # pilot budgets (values of budget_key)
+    budget: int | float | None = None  # the final budget; None: chosen from the pilots (see choose_budget)
+    common: tuple[str, ...] = ()  # overrides of every run
+    pilot_seeds: tuple[int, ...] = PILOT_SEEDS  # fewer where a run costs most of an hour on a CPU
+    long_tailed: bool = False
     quick: tuple[str, ...] = ()  # extra overrides under --quick
+
+    def labels(self, phase: str) -> list[str]:
+        return [label for label, run in self.runs.items() if phase == "pilot" or run.final]
+
+    def pairings(self) -> list[tuple[str, str]]:
+        trained = [label for label, run in self.runs.items() if run.train and run.final]
+        return list(self.pairs) or [(m, trained[0]) for m in trained[1:]]
+
+    def quick_budget(self):
+        if self.budget_key == "epochs":
+            return 1
+        return min(self.budgets) if self.budgets else self.budget
 
 
 @dataclass(frozen=True)
@@ -84,73 +121,90 @@ class Suite:
     title: str
     experiments: tuple[Experiment, ...]
     ssl: bool = False
-    pairs: tuple[tuple[str, str], ...] = ()  # (method, its baseline); default: every label vs the first
-    plot: tuple[str, ...] = ("top1", "balanced_acc")
+    extra: tuple[tuple[str, str], ...] = ()  # (key of the last epoch's method scalars, column name)
 
     @property
     def metrics(self):
         return SSL if self.ssl else SUPERVISED
 
-    def pairings(self, exp: Experiment) -> list[tuple[str, str]]:
-        labels = [label for label, run in exp.runs.items() if run.train]
-        return list(self.pairs) or [(m, labels[0]) for m in labels[1:]]
+    def key_metrics(self, exp: Experiment) -> list[str]:
+        """The metrics each comparison is judged on (written to the JSON file)."""
+        if self.ssl:
+            return ["knn_top1", "probe_top1"]
+        return ["top1", "balanced_acc", "few_acc"] if exp.long_tailed else ["top1"]
 
 
-#: Fashion-MNIST-LT within a CPU budget: ResNet-8 of width 8, 5 epochs (``--full``: the configs as written).
-BBN_FASHION = ("model.name=resnet8", "model.width=8", "epochs=5", "schedule.name=cosine", "schedule.milestones=[]",
-               "schedule.warmup_epochs=1")
-#: ... and a class-proportional 3000-image subset of it (still IF ~100), batch 64, 4 epochs.
-BF_FASHION = ("model.name=resnet8", "model.width=8", "epochs=4", "data.train_size=3000", "data.batch_size=64",
-              "schedule.name=cosine", "schedule.milestones=[]", "schedule.warmup_epochs=0.5", "train.eval_every=4")
+# ----------------------------------------------------------------------------- the suites
+
+#: Fashion-MNIST-LT (imbalance factor 100) on a CPU: ResNet-8 of width 16, batch 128, SGD
+#: lr 0.1 with 1 warm-up epoch then cosine (the step milestones of the configs assume 30 epochs).
+FM_LT = ("model.name=resnet8", "model.width=16", "schedule.name=cosine", "schedule.milestones=[]",
+         "schedule.warmup_epochs=1", "train.eval_every=1000")
 WITH_BBN = 'methods=["bbn","batchformer"]'
-FM_LT_QUICK = ("data.train_size=1000",)
+#: the plain ViT of configs/vit_fashion_mnist.toml as an SSL encoder, with AdamW (MoCo v3's ViT optimiser)
+VIT_SMALL = 'model={name="vit_s16", dim=64, depth=4, heads=4, mlp_ratio=2.0, patch=4, class_token=false, pool="mean"}'
+VIT_OPTIM = ('optim={name="adamw", lr=0.001, weight_decay=0.05}',)
+DINO_SDMP = 'methods=["dino","sdmp"]'
 
 
-def suites(full: bool = False) -> dict[str, Suite]:
-    bbn_fm = () if full else BBN_FASHION
-    bf_fm = () if full else BF_FASHION
-    fm = "configs/drloc_fashion_mnist.toml"
-    k5 = ("data.train_size=5000", "epochs=2")
-    ce_head = ("drloc.head=ce",)
+def suites() -> dict[str, Suite]:
+    fm_lt = "configs/fashion_mnist_lt.toml"
     return {s.name: s for s in (
         Suite("bbn", "BBN against cross-entropy on long-tailed data", (
-            Experiment("digits", "digits-LT (imbalance factor 10)",
-                       {"ce": Run("configs/ce_digits_lt.toml"), "bbn": Run("configs/bbn_digits.toml")}),
-            Experiment("fashion", "Fashion-MNIST-LT (imbalance factor 100)",
-                       {"ce": Run("configs/fashion_mnist_lt.toml", bbn_fm),
-                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml", bbn_fm)}, quick=FM_LT_QUICK),
-        ), plot=("top1", "few_acc")),
-        Suite("batchformer", "BatchFormer on long-tailed data", (
-            Experiment("digits", "digits-LT (imbalance factor 10)",
-                       {"ce": Run("configs/ce_digits_lt.toml"),
-                        "ce+batchformer": Run("configs/batchformer_digits.toml"),
-                        "bbn": Run("configs/bbn_digits.toml"),
-                        "bbn+batchformer": Run("configs/bbn_digits.toml", (WITH_BBN,))}),
-            Experiment("fashion", "Fashion-MNIST-LT (imbalance factor 100)",
-                       {"ce": Run("configs/fashion_mnist_lt.toml", bf_fm),
-                        "ce+batchformer": Run("configs/batchformer_fashion_mnist_lt.toml", bf_fm),
-                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml", bf_fm),
-                        "bbn+batchformer": Run("configs/bbn_fashion_mnist_lt.toml", (*bf_fm, WITH_BBN))},
-                       quick=FM_LT_QUICK),
-        ), pairs=(("ce+batchformer", "ce"), ("bbn+batchformer", "bbn")), plot=("top1", "few_acc")),
-        Suite("drloc", "DRLoc: the small vision transformer from scratch on small data", (
-            Experiment("digits", "digits (1,295 training images, 8x8, 10 classes)",
-                       {"ce": Run("configs/vit_digits.toml"), "drloc_l1": Run("configs/drloc_digits.toml"),
-                        "drloc_ce": Run("configs/drloc_digits.toml", ce_head)}),
-            Experiment("fashion1k", "Fashion-MNIST, 1,000 training images",
-                       {"ce": Run(fm, ('methods=["ce"]',)), "drloc_l1": Run(fm), "drloc_ce": Run(fm, ce_head)}),
-            Experiment("fashion5k", "Fashion-MNIST, 5,000 training images",
-                       {"ce": Run(fm, (*k5, 'methods=["ce"]')), "drloc_l1": Run(fm, k5),
-                        "drloc_ce": Run(fm, (*k5, *ce_head))}, quick=("data.train_size=1000",)),
+            Experiment("fmlt100", "Fashion-MNIST-LT (imbalance factor 100), ResNet-8 (width 16)",
+                       {"ce": Run(fm_lt, more_budgets=(80,)),
+                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml", more_budgets=(80,))},
+                       budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
+                       quick=("data.train_size=1000",)),
+            Experiment("digitslt10", "digits-LT (imbalance factor 10), ResNet-8",
+                       {"ce": Run("configs/ce_digits_lt.toml"), "bbn": Run("configs/bbn_digits.toml")},
+                       budgets=(15, 30, 60), common=("train.eval_every=1000",), long_tailed=True),
         )),
+        Suite("batchformer", "BatchFormer on long-tailed data", (
+            Experiment("fmlt100", "Fashion-MNIST-LT (imbalance factor 100), ResNet-8 (width 16)",
+                       {"ce": Run(fm_lt, more_budgets=(80,)),
+                        "ce+batchformer": Run("configs/batchformer_fashion_mnist_lt.toml"),
+                        "bbn": Run("configs/bbn_fashion_mnist_lt.toml", more_budgets=(80,)),
+                        "bbn+batchformer": Run("configs/bbn_fashion_mnist_lt.toml", (WITH_BBN,))},
+                       pairs=(("ce+batchformer", "ce"), ("bbn+batchformer", "bbn")),
+                       budgets=(10, 20, 40), common=FM_LT, pilot_seeds=(100,), long_tailed=True,
+                       quick=("data.train_size=1000",)),
+        )),
+        Suite("drloc", "DRLoc: a plain vision transformer from scratch on small data", tuple(
+            Experiment(f"fm{n // 1000}k",
+                       f"Fashion-MNIST, {n:,} training images, ViT (4x4 linear patches, 4 blocks, width 64)",
+                       {"ce": Run("configs/vit_fashion_mnist.toml"),
+                        "drloc_l1": Run("configs/drloc_fashion_mnist.toml"),
+                        "drloc_ce": Run("configs/drloc_fashion_mnist.toml", ("drloc.head=ce",))},
+                       budgets=budgets, common=(f"data.train_size={n}", "train.eval_every=1000"), pilot_seeds=(100,),
+                       quick=("data.train_size=500",))
+            for n, budgets in ((1000, (50, 100, 200)), (5000, (10, 20, 40))))),
         Suite("sdmp", "SDMP on MoCo v3: kNN and linear-probe accuracy", tuple(
-            Experiment(ds, title, {"random": Run(f"configs/moco_{ds}.toml", train=False),
-                                   "moco": Run(f"configs/moco_{ds}.toml", epochs),
-                                   "moco+sdmp": Run(f"configs/sdmp_{ds}.toml", epochs)},
-                       quick=("data.train_size=500",) if ds != "digits" else ())
-            for ds, title, epochs in (("digits", "digits (1,293 training images, 8x8)", ("epochs=15",)),
-                                      ("fashion_mnist", "Fashion-MNIST, 2,000-image subset", ())))
-        , ssl=True, pairs=(("moco+sdmp", "moco"),), plot=("knn_top1", "probe_top1")),
+            Experiment(key, title,
+                       {"random": Run("configs/moco_fashion_mnist.toml", model, train=False),
+                        "moco": Run("configs/moco_fashion_mnist.toml", model),
+                        "moco+sdmp": Run("configs/sdmp_fashion_mnist.toml", model)},
+                       pairs=(("moco+sdmp", "moco"), ("moco", "random")), budgets=(25, 50, 100),
+                       common=("train.eval_every=1000",), pilot_seeds=(100,), quick=("data.train_size=500",))
+            for key, title, model in (
+                ("fm_resnet", "Fashion-MNIST, 2,000-image subset, ResNet-8 (width 16)", ("model.width=16",)),
+                ("fm_vit", "Fashion-MNIST, 2,000-image subset, ViT (4x4 linear patches, 4 blocks, width 64)",
+                 (VIT_SMALL, *VIT_OPTIM)))), ssl=True),
+        Suite("dino", "DINO (and SDMP on DINO): does it learn, without collapse?", (
+            Experiment("dino_digits", "digits (1,293 training images, 8x8), ResNet-8 (width 16)",
+                       {"random": Run("configs/dino_digits.toml", train=False),
+                        "dino": Run("configs/dino_digits.toml"),
+                        "dino+sdmp": Run("configs/dino_digits.toml", (DINO_SDMP,))},
+                       pairs=(("dino", "random"), ("dino+sdmp", "dino")), budgets=(20, 40, 80),
+                       common=("train.eval_every=1000",)),
+            Experiment("dino_fm", "Fashion-MNIST, 2,000-image subset, ResNet-8 (width 16)",
+                       {"random": Run("configs/dino_fashion_mnist.toml", train=False),
+                        "dino": Run("configs/dino_fashion_mnist.toml"),
+                        "dino+sdmp": Run("configs/dino_fashion_mnist.toml", (DINO_SDMP,))},
+                       pairs=(("dino", "random"), ("dino+sdmp", "dino")), budgets=(10, 20, 40),
+                       common=("train.eval_every=1000",), quick=("data.train_size=500",)),
+        ), ssl=True, extra=(("dino/teacher_entropy", "teacher entropy (nats)"),
+                            ("dino/teacher_batch_entropy", "entropy of the batch mean"))),
     )}
 
 
@@ -163,38 +217,31 @@ def plugins():
     return Plugins()
 
 
-def raw_config(run: Run, exp: Experiment, seed: int, quick: bool, device: str | None) -> dict:
-    from batchkin.config import apply_overrides, load_raw
-
-    sets = [*run.overrides, f"seed={seed}"]
+def run_overrides(exp: Experiment, run: Run, budget, seed: int, quick: bool, device: str | None) -> list[str]:
+    sets = [*exp.common, *run.overrides]
+    if budget is not None:
+        sets.append(f"{exp.budget_key}={budget}")
+    sets.append(f"seed={seed}")
     if quick:
         sets += [*QUICK, *exp.quick]
     if device:
         sets.append(f"device={device}")
-    return apply_overrides(load_raw(ROOT / run.config), sets)
+    return sets
+
+
+def raw_config(exp: Experiment, run: Run, budget, seed: int, quick: bool, device: str | None) -> dict:
+    from batchkin.config import apply_overrides, load_raw
+
+    return apply_overrides(load_raw(ROOT / run.config), run_overrides(exp, run, budget, seed, quick, device))
 
 
 def _json(x):
     return json.loads(json.dumps(x))
 
 
-def made_with(raw: dict, stored_raw: dict | None, resolved: dict | None) -> bool:
-    """Whether a finished run was made from ``raw`` (the same config file and overrides).
-
-    Runs record their raw config; for a run without that record, every value ``raw``
-    sets must equal the run's resolved config.toml.
-    """
-    if stored_raw is not None:
-        return _json(stored_raw) == _json(raw)
-    if resolved is None:
-        return False
-
-    def within(a, b) -> bool:
-        if isinstance(a, dict):
-            return isinstance(b, dict) and all(k in b and within(v, b[k]) for k, v in a.items())
-        return a == b
-
-    return within(_json(raw), _json(resolved))
+def made_with(raw: dict, stored_raw: dict | None) -> bool:
+    """Whether a finished run was made from ``raw`` (the same config file and overrides)."""
+    return stored_raw is not None and _json(stored_raw) == _json(raw)
 
 
 def commit() -> str | None:
@@ -208,20 +255,16 @@ def commit() -> str | None:
 
 
 def finished(folder: Path, raw: dict) -> dict | None:
-    """The stored result of a finished run made with this config, else None."""
-    import tomllib
-
-    res, cfg = folder / "bench_result.json", folder / "config.toml"
+    """The stored result of a finished (or failed) run made with this config, else None."""
+    res = folder / "bench_result.json"
     if not res.is_file():
         return None
     stored = json.loads(res.read_text())
-    # the resolved config.toml is only needed for runs that did not record their raw config
-    resolved = tomllib.loads(cfg.read_text()) if stored.get("raw") is None and cfg.is_file() else None
-    return stored if made_with(raw, stored.get("raw"), resolved) else None
+    return stored if made_with(raw, stored.get("raw")) else None
 
 
 def run_job(job: dict) -> dict:
-    """Train (or, for ``train = False``, only build) one run and measure it; cached in bench_result.json."""
+    """Train (or, for ``train = False``, only build) one run and score it; cached in bench_result.json."""
     import torch
 
     threads = torch.get_num_threads()
@@ -232,53 +275,102 @@ def run_job(job: dict) -> dict:
         torch.set_num_threads(threads)
 
 
+def last_val(folder: Path) -> tuple[dict, dict]:
+    """The validation metrics of the last epoch that evaluated (``val/`` prefix removed), and
+    the methods' own scalars of the last epoch (keys such as ``dino/teacher_entropy``)."""
+    val, scalars = {}, {}
+    path = folder / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        rec = json.loads(line)
+        if rec.get("kind") != "epoch":
+            continue
+        if any(k.startswith("val/") for k in rec):
+            val = {k.removeprefix("val/"): v for k, v in rec.items() if k.startswith("val/")}
+        scalars = {k: v for k, v in rec.items() if "/" in k and not k.startswith(("val/", "train/", "test/"))
+                   and isinstance(v, (int, float))}
+    return val, scalars
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}
+
+
 def _run_job(job: dict) -> dict:
     from batchkin.trainer import fit
 
     folder, raw, p = Path(job["folder"]), job["raw"], plugins()
     done = None if job["overwrite"] else finished(folder, raw)
-    if done is not None:
+    if done is not None and "error" not in done:
         return {**done, "reused": True}
     t0 = time.perf_counter()
-    if not job["train"]:
-        metrics = untrained(raw, p, job["probe"])
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        result = fit(raw, folder, overwrite=True, progress=False, plugins=p)
-        metrics = {k.removeprefix("test/"): v for k, v in result.final.items() if k.startswith("test/")}
-        if job["ssl"]:
-            from batchkin.plugins.ssl import linear_probe
+    try:
+        scalars = {}
+        if not job["train"]:
+            val, test = untrained(raw, p, job["probe"])
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            _clear_failed(folder)
+            result = fit(raw, folder, overwrite=True, progress=False, plugins=p)
+            test = {k.removeprefix("test/"): v for k, v in result.final.items() if k.startswith("test/")}
+            val, scalars = last_val(folder)
+            if job["ssl"]:
+                from batchkin.probe import linear_probe
 
-            probe = linear_probe(folder, plugins=p, **job["probe"])
-            metrics = {"knn_top1": metrics["top1"], "knn_balanced": metrics.get("balanced_acc"),
-                       "probe_top1": probe["top1"], "probe_balanced": probe["balanced_acc"]}
-    stored = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None},
-              "wall_s": round(time.perf_counter() - t0, 1), "commit": job["commit"], "raw": raw,
-              "threads": job["threads"]}
-    (folder / "bench_result.json").write_text(json.dumps(stored, indent=2) + "\n")
+                probe = linear_probe(folder, plugins=p, **job["probe"])
+                val = {"knn_top1": val.get("top1"), "knn_balanced": val.get("balanced_acc"),
+                       "probe_top1": probe["val_top1"], "probe_balanced": probe.get("val_balanced_acc"),
+                       **{k: v for k, v in val.items() if k not in ("top1", "balanced_acc")}}
+                test = {"knn_top1": test["top1"], "knn_balanced": test.get("balanced_acc"),
+                        "probe_top1": probe["top1"], "probe_balanced": probe["balanced_acc"]}
+        stored = {"val": _scalars(val), "scalars": scalars}
+        if job["phase"] != "pilot":  # a pilot never keeps a test score: nothing can be tuned on it
+            stored["test"] = _scalars(test)
+    except Exception as exc:  # every run is reported: a failure is recorded, not dropped
+        stored = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  "traceback": traceback.format_exc(limit=5)}
+    stored.update({"wall_s": round(time.perf_counter() - t0, 1), "commit": job["commit"], "raw": raw,
+                   "threads": job["threads"], "phase": job["phase"]})
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "bench_result.json.tmp"
+    tmp.write_text(json.dumps(stored, indent=2) + "\n")
+    os.replace(tmp, folder / "bench_result.json")
     return stored
 
 
-def untrained(raw: dict, p, probe: dict) -> dict:
-    """kNN and probe accuracy of the encoder at its seeded initialisation."""
+def _clear_failed(folder: Path) -> None:
+    """Before a run is made again: the record of a failed attempt goes, and a folder that
+    holds nothing else is removed (``fit`` replaces only empty folders or batchkin runs)."""
+    (folder / "bench_result.json").unlink(missing_ok=True)
+    if folder.is_dir() and not (folder / "run.json").is_file():
+        import shutil
+
+        shutil.rmtree(folder)
+
+
+def untrained(raw: dict, p, probe: dict) -> tuple[dict, dict]:
+    """kNN and probe accuracy of the encoder at its seeded initialisation: (val, test)."""
     import torch
 
     from batchkin.data import DeviceData
-    from batchkin.plugins.ssl import probe_state
+    from batchkin.probe import probe_state
     from batchkin.trainer import evaluate, prepare
 
     with torch.random.fork_rng(devices=[]):
         state = prepare(raw, p)
-        knn = evaluate(state, "test", DeviceData(state.splits.test, state.splits, state.device))
+        knn = {split: evaluate(state, split, DeviceData(getattr(state.splits, split), state.splits, state.device))
+               for split in ("val", "test")}
         pr = probe_state(state, **probe)
-    return {"knn_top1": knn["top1"], "knn_balanced": knn.get("balanced_acc"), "probe_top1": pr["top1"],
-            "probe_balanced": pr["balanced_acc"]}
+    val = {"knn_top1": knn["val"]["top1"], "knn_balanced": knn["val"].get("balanced_acc"),
+           "probe_top1": pr.get("val_top1"), "probe_balanced": pr.get("val_balanced_acc")}
+    test = {"knn_top1": knn["test"]["top1"], "knn_balanced": knn["test"].get("balanced_acc"),
+            "probe_top1": pr["top1"], "probe_balanced": pr["balanced_acc"]}
+    return val, test
 
 
-# ----------------------------------------------------------------------------- reporting
+# ----------------------------------------------------------------------------- statistics
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list) -> tuple[float, float]:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return float("nan"), float("nan")
@@ -287,10 +379,79 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, s
 
 
+# two-sided 95% quantiles of Student's t, t(0.975, df), df = 1..30
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if df <= len(_T975) else 1.960
+
+
+def paired(method: list, baseline: list) -> dict:
+    """Paired differences (method - baseline, seeds where both exist) with a paired-t 95% interval."""
+    d = [a - b for a, b in zip(method, baseline) if a is not None and b is not None and a == a and b == b]
+    m, s = mean_std(d)
+    n = len(d)
+    half = t975(n - 1) * s / math.sqrt(n) if n > 1 else float("nan")
+    return {"diffs": d, "n": n, "mean": m, "sd": s, "ci95": [m - half, m + half]}
+
+
 def fmt(m: float, s: float | None = None) -> str:
-    if m != m:
+    if m is None or m != m:
         return "n/a"
     return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def pts(x: float) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:+.2f}"
+
+
+def choose_budget(exp: Experiment, pilot: dict, metric: str, seeds=None, budgets=None):
+    """The final budget: ``exp.budget`` if fixed, else the smallest pilot budget where the
+    baseline's mean validation ``metric`` is within ``CONVERGED`` of its best pilot budget.
+
+    ``pilot`` maps (label, budget, seed) to stored results. Returns (budget, reason).
+    """
+    if exp.budget is not None:
+        return exp.budget, f"fixed at {exp.budget_key} = {exp.budget}"
+    base = next(label for label, run in exp.runs.items() if run.train)
+    means = {}
+    for b in exp.budgets if budgets is None else budgets:
+        vals = [r["val"].get(metric) for s in (seeds or exp.pilot_seeds)
+                if (r := pilot.get((base, b, s))) and "val" in r]
+        if vals:
+            means[b] = mean_std(vals)[0]
+    if not means:
+        return None, "no finished pilot runs"
+    best = max(means.values())
+    chosen = min(b for b, m in means.items() if m >= best - CONVERGED)
+    if chosen == max(means) and len(means) > 1:
+        return chosen, (f"the largest common pilot {exp.budget_key}: the baseline `{base}` still gained there "
+                        f"(validation {metric} {fmt(means[chosen])} %), so it has not fully converged")
+    return chosen, (f"smallest pilot {exp.budget_key} where the baseline `{base}`'s mean validation {metric} is "
+                    f"within {100 * CONVERGED:.1f} points of its best ({fmt(best)} %)")
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The seeds of each phase and the pilot budgets (``--quick`` shrinks them)."""
+
+    final_seeds: tuple = FINAL_SEEDS
+    quick: bool = False
+
+    def budgets(self, exp: Experiment, label: str | None = None) -> tuple:
+        """The pilot budgets of ``exp`` (of one label: the experiment's plus its ``more_budgets``)."""
+        if self.quick:
+            return (exp.quick_budget(),)
+        more = exp.runs[label].more_budgets if label else tuple(b for r in exp.runs.values() for b in r.more_budgets)
+        return tuple(sorted(set(exp.budgets) | set(more)))
+
+    def pilot_seeds(self, exp: Experiment) -> tuple:
+        return exp.pilot_seeds[:1] if self.quick else exp.pilot_seeds
 
 
 def class_counts(folder: Path, p) -> str | None:
@@ -307,98 +468,182 @@ def class_counts(folder: Path, p) -> str | None:
     return ", ".join(str(int(c)) for c in splits.train_counts())
 
 
-def suite_markdown(suite: Suite, exps: list[Experiment], seeds: list[int], results: dict, out: Path, command: str,
-                   threads: int, p, png: str | None) -> str:
+def _score(r: dict | None, split: str, key: str):
+    return None if not r or split not in r else r[split].get(key)
+
+
+def _sets(overrides) -> str:
+    return "".join(f" `--set {shlex.quote(o)}`" for o in overrides)
+
+
+def experiment_markdown(suite: Suite, exp: Experiment, plan: "Plan", pilot: dict, final: dict, budget, reason: str,
+                        counts: str | None) -> list[str]:
     metrics = suite.metrics
-    commits = sorted({r.get("commit") or "unrecorded" for r in results.values()})
-    lines = [f"Reproduce: `{command}` (seeds {', '.join(map(str, seeds))}; {threads} torch thread(s) per run; "
-             f"python {platform.python_version()}, torch {_torch()}; runs made at commit(s) {', '.join(commits)}; "
-             f"run folders under `{out / suite.name}`).", ""]
-    if png:
-        lines += [f"![{suite.title}]({png})", ""]
-    for exp in exps:
-        lines += [f"### {exp.title}", ""]
-        trained = [run for run in exp.runs.values() if run.train]
-        common = [o for o in trained[0].overrides if all(o in r.overrides for r in trained)] if trained else []
-        if common:
-            lines.append("- every trained run with" + "".join(f" `--set {shlex.quote(o)}`" for o in common))
-        for label, run in exp.runs.items():
-            sets = "".join(f" `--set {shlex.quote(o)}`" for o in run.overrides if o not in common)
-            lines.append(f"- `{label}`: `{run.config}`{sets}" + ("" if run.train else " (not trained)"))
-        if not suite.ssl:
-            first = next(iter(exp.runs))
-            counts = class_counts(out / suite.name / exp.key / first / f"seed{seeds[0]}", p)
-            if counts:
-                lines.append(f"- training images per class: {counts}")
-            split = {(results.get((exp.key, label, s)) or {}).get("metrics", {}).get("shot_split")
-                     for label in exp.runs for s in seeds} - {None}
-            if split:
-                rule = {"absolute": "more than 100 / 20-100 / fewer than 20 training images",
-                        "relative": "terciles of the class sizes"}
-                lines.append("- many / medium / few classes: " + "; ".join(rule.get(x, x) for x in sorted(split))
-                             + "; the test split is balanced")
-        lines += ["", "| method | " + " | ".join(name for _, name in metrics) + " | wall s / run |",
-                  "|---|" + "---|" * (len(metrics) + 1)]
-        for label in exp.runs:
-            rows = [results.get((exp.key, label, s)) for s in seeds]
-            rows = [r for r in rows if r]
-            cells = [fmt(*mean_std([r["metrics"].get(k) for r in rows])) for k, _ in metrics]
-            walls = [r["wall_s"] for r in rows if r.get("wall_s") is not None]
-            name = label if len(rows) == len(seeds) else f"{label} ({len(rows)} of {len(seeds)} seeds)"
-            wall = f"{sum(walls) / len(walls):.0f}" if walls else "n/a"
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
-        key = metrics[0][0]
-        lines += ["", f"Per seed, {metrics[0][1]} (%):", ""]
-        for label in exp.runs:
-            vals = [f"seed {s}: {fmt(r['metrics'].get(key))}" for s in seeds if (r := results.get((exp.key, label, s)))]
-            lines.append(f"- {label}: " + "; ".join(vals))
-        lines += ["", f"Paired by seed, method minus its baseline ({metrics[0][1]}"
-                  + (f" / {metrics[1][1]}" if len(metrics) > 1 else "") + ", points):", ""]
-        for method, base in suite.pairings(exp):
-            deltas = []
+    key = metrics[0][0]
+    lines = [f"### {exp.title}", ""]
+    if exp.common:
+        lines.append("- every run with" + _sets(exp.common))
+    for label, run in exp.runs.items():
+        note = "" if run.train else " (never trained: the encoder at its seeded initialisation)"
+        note += "" if run.final else " (pilot only: a recipe candidate)"
+        lines.append(f"- `{label}`: `{run.config}`{_sets(run.overrides)}{note}")
+    if counts:
+        lines.append(f"- training images per class: {counts}")
+    if exp.long_tailed:
+        lines.append("- many / medium / few: the engine's `metrics.shot_split` (see each run's metrics); "
+                     "the validation and test splits are balanced")
+    # final table
+    seeds = plan.final_seeds
+    lines += ["", f"**Final** ({exp.budget_key} = {budget}; {reason}; fresh seeds {', '.join(map(str, seeds))}; "
+                  "test split):", ""]
+    if budget is None:
+        lines += ["(no final runs yet)", ""]
+    else:
+        cols = metrics if suite.ssl or exp.long_tailed else metrics[:2]
+        lines += ["| method | " + " | ".join(n for _, n in cols) + "".join(f" | {n}" for _, n in suite.extra)
+                  + " | runs | wall s / run |", "|---|" + "---|" * (len(cols) + len(suite.extra) + 2)]
+        for label in exp.labels("final"):
+            rows = [final.get((label, budget, s)) for s in seeds]
+            ok = [r for r in rows if r and "test" in r]
+            failed = sum(1 for r in rows if r and "error" in r)
+            cells = [fmt(*mean_std([_score(r, "test", k) for r in ok])) for k, _ in cols]
+            for k, _ in suite.extra:
+                m, sd = mean_std([r.get("scalars", {}).get(k) for r in ok])
+                cells.append("n/a" if m != m else f"{m:.2f} ± {sd:.2f}")
+            walls = [r["wall_s"] for r in ok]
+            runs = f"{len(ok)}/{len(seeds)}" + (f", {failed} failed" if failed else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {runs} | "
+                         + (f"{sum(walls) / len(walls):.0f}" if walls else "n/a") + " |")
+        lines += ["", f"Every final run, {metrics[0][1]} (%):", ""]
+        for label in exp.labels("final"):
+            vals = []
             for s in seeds:
-                a, b = results.get((exp.key, method, s)), results.get((exp.key, base, s))
-                if a and b:
-                    d = [100 * (a["metrics"][k] - b["metrics"][k]) for k, _ in metrics[:2]]
-                    deltas.append(f"seed {s}: " + " / ".join(f"{x:+.2f}" for x in d))
-            lines.append(f"- {method} vs {base}: " + ("; ".join(deltas) or "n/a"))
-        notes = sorted({r["note"] for label in exp.runs for s in seeds
-                        if (r := results.get((exp.key, label, s))) and r.get("note")})
-        lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
-    return "\n".join(lines).rstrip() + "\n"
+                r = final.get((label, budget, s))
+                vals.append(f"{s}: " + ("failed (" + r["error"] + ")" if r and "error" in r
+                                        else fmt(_score(r, "test", key)) if r else "not run"))
+            lines.append(f"- {label}: " + "; ".join(vals))
+        lines += ["", "Paired by seed, method minus baseline, points; 95% CI by paired t:", "",
+                  "| comparison | metric | per-seed differences | mean | 95% CI |", "|---|---|---|---|---|"]
+        for method, base in exp.pairings():
+            for k in suite.key_metrics(exp):
+                a = [_score(final.get((method, budget, s)), "test", k) for s in seeds]
+                b = [_score(final.get((base, budget, s)), "test", k) for s in seeds]
+                pr = paired(a, b)
+                name = dict(SUPERVISED + SSL)[k]
+                lines.append(f"| {method} vs {base} | {name} | " + ", ".join(pts(x) for x in pr["diffs"])
+                             + f" | {pts(pr['mean'])} | [{pts(pr['ci95'][0])}, {pts(pr['ci95'][1])}] |")
+    # pilot table
+    if plan.budgets(exp):
+        lines += ["", f"**Pilots** (seeds {', '.join(map(str, plan.pilot_seeds(exp)))}; validation split; mean, then "
+                      f"each seed), {metrics[0][1]} (%):", "",
+                  f"| {exp.budget_key} | " + " | ".join(exp.labels("pilot")) + " |",
+                  "|---|" + "---|" * len(exp.labels("pilot"))]
+        for b in plan.budgets(exp):
+            cells = []
+            for label in exp.labels("pilot"):
+                if b not in plan.budgets(exp, label):
+                    cells.append("not piloted")
+                    continue
+                rs = [pilot.get((label, b, s)) for s in plan.pilot_seeds(exp)]
+                vals = [_score(r, "val", key) for r in rs]
+                shown = [("failed" if r and "error" in r else fmt(v) if r else "-") for r, v in zip(rs, vals)]
+                cells.append(f"{fmt(mean_std(vals)[0])} ({', '.join(shown)})")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        walls = [r["wall_s"] for r in pilot.values() if r and "wall_s" in r]
+        if walls:
+            lines += ["", f"{len(walls)} pilot runs, {sum(walls) / 60:.0f} CPU-minutes in all."]
+    return lines + [""]
 
 
-def plot(suite: Suite, exps: list[Experiment], seeds: list[int], results: dict, path: Path) -> None:
+def comparisons_json(suite: Suite, exp: Experiment, plan: "Plan", final: dict, budget) -> list[dict]:
+    out = []
+    if budget is None:
+        return out
+    for method, base in exp.pairings():
+        for k in suite.key_metrics(exp):
+            a = [_score(final.get((method, budget, s)), "test", k) for s in plan.final_seeds]
+            b = [_score(final.get((base, budget, s)), "test", k) for s in plan.final_seeds]
+            pr = paired(a, b)
+            m, bs = exp.runs[method], exp.runs[base]
+            out.append({
+                "method": method, "baseline": base, "dataset": exp.key, "title": exp.title, "metric": k,
+                "split": "test", "seeds": list(plan.final_seeds), "method_scores": a, "baseline_scores": b,
+                "diff_mean": pr["mean"], "ci95": pr["ci95"], "ci_method": "paired t, 95%", "n_pairs": pr["n"],
+                exp.budget_key.replace("data.", ""): budget, "epochs": _epochs(final, method, budget),
+                "config": {"file": m.config, "overrides": [*exp.common, *m.overrides]},
+                "baseline_config": {"file": bs.config, "overrides": [*exp.common, *bs.overrides]},
+            })
+    return out
+
+
+def _epochs(results: dict, label: str, budget):
+    for (lab, b, _), r in results.items():
+        if lab == label and b == budget and r.get("raw"):
+            return r["raw"].get("epochs")
+    return None
+
+
+def plot_budget(suite: Suite, plan: "Plan", pilot: dict, final: dict, budgets: dict, path: Path) -> None:
+    """Per experiment: the score of every label against budget (pilots, validation) with the
+    final test means, and the paired difference method - baseline against budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = dict(suite.metrics) | dict(SUPERVISED)
-    fig, axes = plt.subplots(1, len(suite.plot), figsize=(5.5 * len(suite.plot), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], suite.plot):
-        labels = list(dict.fromkeys(label for e in exps for label in e.runs))
-        width = 0.8 / len(labels)
-        for j, label in enumerate(labels):
-            for i, exp in enumerate(exps):
-                vals = [100 * r["metrics"][key] for s in seeds
-                        if (r := results.get((exp.key, label, s))) and r["metrics"].get(key) is not None]
-                if not vals:
-                    continue
-                m, s = mean_std(vals)
-                x = i + (j - (len(labels) - 1) / 2) * width
-                ax.bar(x, m, width, yerr=s, capsize=2, color=f"C{j}", label=label if i == 0 else None)
-                ax.scatter([x] * len(vals), vals, s=6, color="black", zorder=3)
-        ax.set_xticks(range(len(exps)), [e.key for e in exps])
-        ax.set_ylabel(f"{names.get(key, key)} (%)")
-        lo = min((100 * r["metrics"][key] for r in results.values() if r["metrics"].get(key) is not None), default=0)
-        ax.set_ylim(max(0, lo - 10), 100)
-        ax.legend(fontsize=7)
+    exps = [e for e in suite.experiments if e.key in budgets]
+    key, name = suite.metrics[0]
+    fig, axes = plt.subplots(2, len(exps), figsize=(5.2 * len(exps), 6.6), squeeze=False)
+    for j, exp in enumerate(exps):
+        top, bottom = axes[0][j], axes[1][j]
+        bx = list(plan.budgets(exp))
+        for i, label in enumerate(exp.labels("pilot")):
+            lx = list(plan.budgets(exp, label))
+            means = [mean_std([_score(pilot[exp.key].get((label, b, s)), "val", key) for s in plan.pilot_seeds(exp)])[0]
+                     for b in lx]
+            top.plot(lx, [100 * m for m in means], "o-", color=f"C{i}", label=f"{label} (val)", ms=4)
+            b = budgets.get(exp.key)
+            fv = [_score(final[exp.key].get((label, b, s)), "test", key) for s in plan.final_seeds]
+            m, s = mean_std(fv)
+            if m == m:
+                top.errorbar([b], [100 * m], yerr=[100 * s], fmt="s", color=f"C{i}", capsize=3, mfc="white")
+        top.set_title(exp.title, fontsize=8)
+        top.set_ylabel(f"{name} (%)")
+        top.set_ylim(0, 100)
+        top.legend(fontsize=6)
+        for i, (method, base) in enumerate(exp.pairings()):
+            d, dx = [], [b for b in bx if b in plan.budgets(exp, method) and b in plan.budgets(exp, base)]
+            for b in dx:
+                a = [_score(pilot[exp.key].get((method, b, s)), "val", key) for s in plan.pilot_seeds(exp)]
+                c = [_score(pilot[exp.key].get((base, b, s)), "val", key) for s in plan.pilot_seeds(exp)]
+                d.append(paired(a, c)["mean"])
+            bottom.plot(dx, [100 * x for x in d], "o-", color=f"C{i}", label=f"{method} - {base} (val, pilots)", ms=4)
+            b = budgets.get(exp.key)
+            if b is not None:
+                pr = paired([_score(final[exp.key].get((method, b, s)), "test", key) for s in plan.final_seeds],
+                            [_score(final[exp.key].get((base, b, s)), "test", key) for s in plan.final_seeds])
+                if pr["n"] > 1:
+                    lo, hi = pr["ci95"]
+                    err = [[100 * (pr["mean"] - lo)], [100 * (hi - pr["mean"])]]
+                    bottom.errorbar([b], [100 * pr["mean"]], yerr=err, fmt="s", color=f"C{i}", capsize=3,
+                                    mfc="white", label=f"{method} - {base} (test, 95% CI)")
+        bottom.axhline(0, color="black", lw=0.8)
+        lim = max([5.0] + [abs(v) * 1.15 for line in bottom.get_lines() for v in line.get_ydata() if v == v])
+        bottom.set_ylim(-lim, lim)
+        bottom.set_xlabel(exp.budget_key)
+        bottom.set_ylabel("paired difference (points)")
+        bottom.legend(fontsize=6)
+        for ax in (top, bottom):
+            if len(bx) > 1 and min(bx) > 0 and max(bx) / min(bx) >= 4:
+                ax.set_xscale("log")
+                ax.set_xticks(bx, [str(b) for b in bx])
     fig.suptitle(suite.title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def write_doc(path: Path, title: str, block: str) -> None:
@@ -408,10 +653,46 @@ def write_doc(path: Path, title: str, block: str) -> None:
         text = text.rstrip() + f"\n\n{START}\n{END}\n"
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
+    _atomic(path, head + START + "\n\n" + block + "\n" + END + tail)
+
+
+def _atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(head + START + "\n\n" + block + "\n" + END + tail)
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+SUMMARY_METRICS = ("top1", "few_acc", "knn_top1", "probe_top1")
+
+
+def write_summary(docs: Path) -> None:
+    """docs/results/README.md: every comparison of every page's JSON file, one row per key metric."""
+    rows = []
+    for path in sorted(docs.glob("*.json")):
+        rows += [c for c in json.loads(path.read_text()).get("comparisons", []) if c["metric"] in SUMMARY_METRICS]
+    write_doc(docs / "README.md", "Results: every method against its baseline",
+              "Paired differences on the test split over fresh seeds (method minus baseline, points, 95% CI by "
+              "paired t); each method's page has the tables, every run, the pilots and the budget plots.\n\n"
+              + summary_markdown(rows))
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| method | baseline | data | metric | mean difference (points) | 95% CI | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for c in rows:
+        lo, hi = c["ci95"]
+        lines.append(f"| {c['method']} | {c['baseline']} | {c['title']} | {c['metric']} | {pts(c['diff_mean'])} | "
+                     f"[{pts(lo)}, {pts(hi)}] | {c['n_pairs']} |")
+    return "\n".join(lines) + "\n"
+
+
+def progress_line(j: dict, r: dict, elapsed: float) -> str:
+    split = "val" if j["phase"] == "pilot" else "test"
+    key = "knn_top1" if j["ssl"] else "top1"
+    what = f"failed: {r['error']}" if "error" in r else f"{split} {key} {fmt(_score(r, split, key))}%"
+    return (f"[{elapsed:7.0f}s] {j['exp']}/{j['phase']}/{j['label']} {j['budget']} seed {j['seed']}: {what}"
+            + (" (reused)" if r.get("reused") else f" ({r['wall_s']:.0f} s)"))
 
 
 def _torch() -> str:
@@ -428,83 +709,139 @@ def main(argv=None) -> int:
     all_suites = suites()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("suites", nargs="*", default=[], metavar="SUITE",
-                    help=f"which tables ({', '.join(all_suites)}; default: all)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
+                    help=f"which pages ({', '.join(all_suites)}; default: all)")
+    ap.add_argument("--phase", choices=["pilot", "final", "both"], default="both",
+                    help="pilot: budgets on the validation split; final: fresh seeds on the test split")
     ap.add_argument("--only", action="append", default=[], metavar="EXPERIMENT",
                     help="run only these experiment keys (e.g. digits)")
+    ap.add_argument("--labels", action="append", default=[], metavar="LABEL", help="run only these labels")
     ap.add_argument("--out", default=os.environ.get("BATCHKIN_ACCURACY_OUT", "/tmp/batchkin-accuracy"),
                     help="folder of the run folders (default /tmp/batchkin-accuracy)")
     ap.add_argument("--docs", default=str(ROOT / "docs" / "results"),
-                    help="where the tables and plots go (--quick: <out>/quick)")
+                    help="where the pages go (--quick: <out>/quick/docs)")
     ap.add_argument("--workers", type=int, default=1, help="runs at a time (processes; 1: in this process)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the configs' own, auto)")
-    ap.add_argument("--full", action="store_true", help="Fashion-MNIST-LT at the configs' full budget")
-    ap.add_argument("--quick", action="store_true", help="one seed, one epoch, small subsets: a pipeline check")
+    ap.add_argument("--quick", action="store_true",
+                    help="one seed per phase, the smallest budget, small subsets: a pipeline check")
     ap.add_argument("--overwrite", action="store_true", help="rerun finished runs instead of reusing them")
-    ap.add_argument("--report-only", action="store_true", help="write tables from finished runs; train nothing")
+    ap.add_argument("--report-only", action="store_true", help="write pages from finished runs; train nothing")
+    ap.add_argument("--final-seeds", type=int, default=len(FINAL_SEEDS), metavar="N",
+                    help=f"final seeds: the first N of {', '.join(map(str, FINAL_SEEDS))} (a run reuses those done)")
     args = ap.parse_args(given)
     bad = [n for n in args.suites if n not in all_suites]
     if bad:
         ap.error(f"unknown suite(s) {bad}; choose from {', '.join(all_suites)}")
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    chosen = [suites(args.full)[n] for n in (args.suites or all_suites)]
-    out = Path(args.out) / ("quick" if args.quick else "")
-    docs = out / "docs" if args.quick else Path(args.docs)
+    chosen = [all_suites[n] for n in (args.suites or all_suites)]
     unknown = set(args.only) - {e.key for s in chosen for e in s.experiments}
     if unknown:
         ap.error(f"unknown experiment(s) {sorted(unknown)}")
+    out = Path(args.out) / ("quick" if args.quick else "")
+    docs = out / "docs" if args.quick else Path(args.docs)
     stamp = commit()
-    jobs = []
-    for suite in chosen:
-        for exp in suite.experiments:
-            if args.only and exp.key not in args.only:
-                continue
-            for seed in seeds:
-                for label, run in exp.runs.items():
-                    jobs.append({"suite": suite.name, "exp": exp.key, "label": label, "seed": seed,
-                                 "folder": str(out / suite.name / exp.key / label / f"seed{seed}"),
-                                 "raw": raw_config(run, exp, seed, args.quick, args.device), "train": run.train,
-                                 "ssl": suite.ssl, "probe": QUICK_PROBE if args.quick else PROBE,
-                                 "threads": args.threads, "overwrite": args.overwrite, "commit": stamp})
-    results: dict = {}
+    if not 2 <= args.final_seeds <= len(FINAL_SEEDS) and not args.quick:
+        ap.error(f"--final-seeds must be 2 to {len(FINAL_SEEDS)} (a paired interval needs two seeds)")
+    plan = Plan(FINAL_SEEDS[:1], True) if args.quick else Plan(FINAL_SEEDS[:args.final_seeds])
+    final_seeds = plan.final_seeds
     t0 = time.perf_counter()
-    if args.report_only:
-        for job in jobs:
-            r = finished(Path(job["folder"]), job["raw"])
-            if r is not None:
-                results[(job["suite"], job["exp"], job["label"], job["seed"])] = r
-    else:
-        pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) \
-            if args.workers > 1 else None
-        with pool or contextlib.nullcontext():
-            for job, r in zip(jobs, pool.map(run_job, jobs) if pool else map(run_job, jobs)):
-                results[(job["suite"], job["exp"], job["label"], job["seed"])] = r
-                key = "knn_top1" if job["ssl"] else "top1"
-                print(f"[{time.perf_counter() - t0:7.1f}s] {job['suite']}/{job['exp']}/{job['label']} seed "
-                      f"{job['seed']}: {key} {fmt(r['metrics'][key])}%"
-                      + (" (reused)" if r.get("reused") else f" ({r['wall_s']:.0f} s)"), flush=True)
+
+    def job(suite, exp, phase, label, budget, seed):
+        run = exp.runs[label]
+        return {"suite": suite.name, "exp": exp.key, "phase": phase, "label": label, "budget": budget, "seed": seed,
+                # experiments with the same key share their runs across suites (e.g. ce on Fashion-MNIST-LT)
+                "folder": str(out / exp.key / phase / label / str(budget) / f"seed{seed}"),
+                "raw": raw_config(exp, run, budget, seed, args.quick, args.device), "train": run.train,
+                "ssl": suite.ssl, "probe": QUICK_PROBE if args.quick else PROBE, "threads": args.threads,
+                "overwrite": args.overwrite, "commit": stamp}
+
+    def execute(jobs: list[dict], results: dict, train: bool) -> None:
+        unique = list({j["folder"]: j for j in jobs}.values())  # a run shared by two suites trains once
+        done = {}
+        if train:
+            pool = ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) \
+                if args.workers > 1 and len(unique) > 1 else None
+            with pool or contextlib.nullcontext():
+                for j, r in zip(unique, pool.map(run_job, unique) if pool else map(run_job, unique)):
+                    done[j["folder"]] = r
+                    print(progress_line(j, r, time.perf_counter() - t0), flush=True)
+        else:
+            done = {j["folder"]: r for j in unique if (r := finished(Path(j["folder"]), j["raw"])) is not None}
+        for j in jobs:
+            if j["folder"] in done:
+                results[(j["suite"], j["exp"], j["phase"], j["label"], j["budget"], j["seed"])] = done[j["folder"]]
+
+    def wanted(exp, label):
+        return (not args.only or exp.key in args.only) and (not args.labels or label in args.labels)
+
+    results: dict = {}
+    # pilots: every phase needs them (the final budget is chosen from them)
+    pilot_jobs = [job(s, e, "pilot", label, b, seed) for s in chosen for e in s.experiments
+                  for b in plan.budgets(e) for seed in plan.pilot_seeds(e) for label in e.labels("pilot")
+                  if wanted(e, label) and b in plan.budgets(e, label)]
+    # the final phase only reads the finished pilots (the final budget is chosen from them)
+    execute(pilot_jobs, results, train=args.phase != "final" and not args.report_only)
+    budgets = {}
+    for s in chosen:
+        for e in s.experiments:
+            if args.quick:
+                budgets[(s.name, e.key)] = (e.quick_budget(), "--quick: the smallest budget")
+                continue
+            pilot = {(k[3], k[4], k[5]): r for k, r in results.items() if k[:3] == (s.name, e.key, "pilot")}
+            budgets[(s.name, e.key)] = choose_budget(e, pilot, s.metrics[0][0], plan.pilot_seeds(e),
+                                                     e.budgets if not args.quick else plan.budgets(e))
+    if args.phase in ("final", "both"):
+        final_jobs = [job(s, e, "final", label, budgets[(s.name, e.key)][0], seed) for s in chosen
+                      for e in s.experiments if budgets[(s.name, e.key)][0] is not None
+                      for seed in final_seeds for label in e.labels("final") if wanted(e, label)]
+        execute(final_jobs, results, train=not args.report_only)
+    # pages
     p = plugins()
-    flags = [*(["--seeds", *map(str, seeds)] if args.seeds else []), *(["--full"] if args.full else []),
-             *(["--quick"] if args.quick else []), *(["--device", args.device] if args.device else [])]
-    for suite in chosen:
-        exps = [e for e in suite.experiments if not args.only or e.key in args.only]
-        mine = {k[1:]: v for k, v in results.items() if k[0] == suite.name}
-        if not mine:
+    flags = [*(["--quick"] if args.quick else []), *(["--device", args.device] if args.device else []),
+             *(["--final-seeds", str(args.final_seeds)] if args.final_seeds != len(FINAL_SEEDS) else [])]
+    summary = []
+    for s in chosen:
+        res = {k[1:]: v for k, v in results.items() if k[0] == s.name}
+        if not res:
             continue
-        png = docs / f"{suite.name}.png"
-        plot(suite, exps, seeds, mine, png)
-        only = [a for e in exps for a in ("--only", e.key)] if args.only else []
-        command = " ".join(["python bench/accuracy.py", suite.name, *only, *map(shlex.quote, flags)])
-        block = suite_markdown(suite, exps, seeds, mine, out, command, args.threads, p, png.name)
-        write_doc(docs / f"{suite.name}.md", suite.title, block)
-        print(f"wrote {docs / (suite.name + '.md')} and {png.name}")
-    missing = [j for j in jobs if (j["suite"], j["exp"], j["label"], j["seed"]) not in results]
-    if missing:
-        print(f"{len(missing)} run(s) not finished (e.g. {missing[0]['folder']})", file=sys.stderr)
-    return 1 if missing and not args.report_only else 0
+        pilot = {e.key: {(k[2], k[3], k[4]): r for k, r in res.items() if k[:2] == (e.key, "pilot")}
+                 for e in s.experiments}
+        final = {e.key: {(k[2], k[3], k[4]): r for k, r in res.items() if k[:2] == (e.key, "final")}
+                 for e in s.experiments}
+        commits = sorted({r.get("commit") or "unrecorded" for r in res.values()})
+        walls = [r["wall_s"] for r in res.values() if "wall_s" in r]
+        block = [f"Reproduce: `{' '.join(['python bench/accuracy.py', s.name, *flags])}` (final seeds "
+                 f"{', '.join(map(str, final_seeds))}, never used by a pilot; "
+                 f"{args.threads} torch thread(s) per run; python {platform.python_version()}, torch {_torch()}; "
+                 f"runs made at commit(s) {', '.join(commits)}; {len(walls)} runs, {sum(walls) / 3600:.1f} "
+                 f"CPU-hours in all; run folders under `{out / s.name}`).", "",
+                 f"![{s.title}: score and paired difference against budget]({s.name}_budget.png)", ""]
+        comps = []
+        exps = [e for e in s.experiments if not args.only or e.key in args.only]
+        for e in exps:
+            b, reason = budgets[(s.name, e.key)]
+            first = next(iter(e.runs))
+            first_final = out / e.key / "final" / first / str(b) / f"seed{final_seeds[0]}"  # as job() names it
+            folder = first_final if (first_final / "config.toml").is_file() else None
+            counts = class_counts(folder, p) if folder is not None and not s.ssl else None
+            block += experiment_markdown(s, e, plan, pilot[e.key], final[e.key], b, reason, counts)
+            comps += comparisons_json(s, e, plan, final[e.key], b)
+        write_doc(docs / f"{s.name}.md", s.title, "\n".join(block).rstrip() + "\n")
+        runs = [{"experiment": k[0], "phase": k[1], "label": k[2], "budget": k[3], "seed": k[4],
+                 **{x: r.get(x) for x in ("val", "test", "error", "wall_s", "commit")}} for k, r in sorted(
+                    res.items(), key=lambda kv: tuple(map(str, kv[0])))]
+        _atomic(docs / f"{s.name}.json", json.dumps({"comparisons": comps, "runs": runs,
+                                                      "budgets": {e.key: budgets[(s.name, e.key)][0]
+                                                                  for e in exps}}, indent=1) + "\n")
+        plot_budget(s, plan, pilot, final, {e.key: budgets[(s.name, e.key)][0] for e in exps},
+                    docs / f"{s.name}_budget.png")
+        summary += comps
+        print(f"wrote {docs / (s.name + '.md')}, {s.name}.json and {s.name}_budget.png")
+    if summary:
+        write_summary(docs)
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     sys.exit(main())

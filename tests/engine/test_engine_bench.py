@@ -32,15 +32,16 @@ def test_mean_and_sample_std(acc):
     assert acc.fmt(0.71234, 0.01) == "71.23 ± 1.00"
 
 
-def test_a_run_is_reused_only_when_made_from_the_same_config(acc):
+def test_a_run_is_reused_only_when_made_from_the_same_config(acc, tmp_path):
     raw = {"seed": 1, "epochs": 3, "data": {"name": "digits"}, "methods": ["ce"]}
-    assert acc.made_with(raw, json.loads(json.dumps(raw)), None)
-    assert not acc.made_with(raw, {**raw, "seed": 2}, None)
-    resolved = {"seed": 1, "epochs": 3, "data": {"name": "digits", "batch_size": 64}, "methods": ["ce"], "ce": {}}
-    assert acc.made_with(raw, None, resolved)  # older runs: every value set must match the resolved config
-    assert not acc.made_with({**raw, "epochs": 4}, None, resolved)
-    assert not acc.made_with({**raw, "data": {"name": "digits", "train_size": 10}}, None, resolved)
-    assert not acc.made_with(raw, None, None)
+    assert acc.made_with(raw, json.loads(json.dumps(raw)))
+    assert not acc.made_with(raw, {**raw, "seed": 2})
+    assert not acc.made_with(raw, {**raw, "data": {"name": "digits", "train_size": 10}})
+    assert not acc.made_with(raw, None)
+    (tmp_path / "bench_result.json").write_text(json.dumps({"raw": raw, "val": {"top1": 0.5}}))
+    assert acc.finished(tmp_path, raw) == {"raw": raw, "val": {"top1": 0.5}}
+    assert acc.finished(tmp_path, {**raw, "epochs": 4}) is None
+    assert acc.finished(tmp_path / "absent", raw) is None
 
 
 def test_write_doc_replaces_only_the_marked_block(acc, tmp_path):
@@ -55,33 +56,75 @@ def test_write_doc_replaces_only_the_marked_block(acc, tmp_path):
     assert fresh.read_text().startswith("# Fresh") and acc.START in fresh.read_text()
 
 
-def test_suite_table_and_paired_differences(acc, tmp_path):
+def test_the_budget_is_chosen_on_the_validation_split_of_the_baseline(acc):
+    exp = acc.Experiment("e", "E", {"ce": acc.Run("c.toml"), "m": acc.Run("c.toml", ("x=1",))},
+                         budgets=(2, 4, 8), pilot_seeds=(100, 101))
+
+    def val(top1):
+        return {"val": {"top1": top1}}
+
+    # ce: mean 0.600 / 0.651 / 0.655 -> 4 is within 0.5 points of the best (8); m's scores do not count
+    pilot = {("ce", 2, 100): val(0.60), ("ce", 2, 101): val(0.60), ("ce", 4, 100): val(0.650),
+             ("ce", 4, 101): val(0.652), ("ce", 8, 100): val(0.655), ("ce", 8, 101): val(0.655),
+             ("m", 8, 100): val(0.99)}
+    budget, reason = acc.choose_budget(exp, pilot, "top1")
+    assert budget == 4 and "within 0.5 points of its best (65.50 %)" in reason
+    # still gaining at the largest budget: chosen, and the reason says it has not converged
+    pilot[("ce", 8, 100)] = pilot[("ce", 8, 101)] = val(0.70)
+    budget, reason = acc.choose_budget(exp, pilot, "top1")
+    assert budget == 8 and "has not fully converged" in reason
+    assert acc.choose_budget(exp, {}, "top1") == (None, "no finished pilot runs")
+    fixed = acc.Experiment("f", "F", exp.runs, budget=30)
+    assert acc.choose_budget(fixed, pilot, "top1") == (30, "fixed at epochs = 30")
+
+
+def test_paired_differences_and_their_t_interval(acc):
+    pr = acc.paired([0.55, 0.58, None], [0.50, 0.60, 0.7])  # a seed missing in one arm is left out
+    assert pr["n"] == 2 and pr["diffs"] == pytest.approx([0.05, -0.02])
+    # mean 0.015, sample sd sqrt(0.035^2 * 2) = 0.049497; half width t(0.975, 1) = 12.7062 * sd / sqrt(2)
+    half = 12.7062 * 0.0494975 / math.sqrt(2)
+    assert pr["mean"] == pytest.approx(0.015)
+    assert pr["ci95"] == pytest.approx([0.015 - half, 0.015 + half], rel=1e-4)
+    assert math.isnan(acc.paired([0.5], [0.4])["ci95"][0])  # one pair: no interval
+
+
+def test_experiment_page_lists_every_run_and_the_paired_table(acc):
     exp = acc.Experiment("e", "E", {"ce": acc.Run("c.toml", ("epochs=2",)), "m": acc.Run("c.toml", (
-        "epochs=2", "x=1"))})
+        "epochs=2", "x=1"))}, budgets=(2,), pilot_seeds=(100,))
     suite = acc.Suite("s", "S", (exp,))
-    keys = [k for k, _ in acc.SUPERVISED]
+    plan = acc.Plan((1000, 1001, 1002))
 
-    def r(top1):
-        return {"metrics": {k: top1 for k in keys}, "wall_s": 10.0, "commit": "abc"}
+    def r(top1, split="test"):
+        return {split: {k: top1 for k, _ in acc.SUPERVISED}, "wall_s": 10.0, "commit": "abc"}
 
-    results = {("e", "ce", 0): r(0.50), ("e", "ce", 1): r(0.60), ("e", "m", 0): r(0.55), ("e", "m", 1): r(0.58)}
-    text = acc.suite_markdown(suite, [exp], [0, 1], results, tmp_path, "python bench/accuracy.py s", 1, None, None)
-    assert "- every trained run with `--set epochs=2`" in text
-    assert "- `m`: `c.toml` `--set x=1`" in text
-    assert "| ce | 55.00 ± 7.07 |" in text
-    assert "- m vs ce: seed 0: +5.00 / +5.00; seed 1: -2.00 / -2.00" in text
-    assert "commit(s) abc" in text
+    final = {("ce", 2, 1000): r(0.50), ("ce", 2, 1001): r(0.60), ("m", 2, 1000): r(0.55), ("m", 2, 1001): r(0.58),
+             ("m", 2, 1002): {"error": "boom", "wall_s": 1.0}}
+    pilot = {("ce", 2, 100): r(0.4, "val"), ("m", 2, 100): r(0.45, "val")}
+    text = "\n".join(acc.experiment_markdown(suite, exp, plan, pilot, final, 2, "why", None))
+    assert "- `m`: `c.toml` `--set epochs=2` `--set x=1`" in text
+    assert "| ce | 55.00 ± 7.07 | 55.00 ± 7.07 | 2/3 | 10 |" in text
+    assert "| m | 56.50 ± 2.12 | 56.50 ± 2.12 | 2/3, 1 failed | 10 |" in text
+    assert "- ce: 1000: 50.00; 1001: 60.00; 1002: not run" in text
+    assert "- m: 1000: 55.00; 1001: 58.00; 1002: failed (boom)" in text
+    assert "| m vs ce | top-1 | +5.00, -2.00 | +1.50 |" in text
+    assert "| 2 | 40.00 (40.00) | 45.00 (45.00) |" in text
 
 
 def test_quick_accuracy_pipeline_trains_writes_and_reuses(acc, tmp_path):
-    args = ["bbn", "--only", "digits", "--quick", "--out", str(tmp_path), "--workers", "1"]
+    args = ["bbn", "--only", "digitslt10", "--quick", "--out", str(tmp_path), "--workers", "1"]
     assert acc.main(args) == 0
     doc = tmp_path / "quick" / "docs" / "bbn.md"
     text = doc.read_text()
     assert "| ce |" in text and "| bbn |" in text and "bbn vs ce" in text
-    assert (tmp_path / "quick" / "docs" / "bbn.png").stat().st_size > 1000
-    stored = json.loads((tmp_path / "quick" / "bbn" / "digits" / "bbn" / "seed0" / "bench_result.json").read_text())
-    assert stored["raw"]["epochs"] == 1 and 0.0 <= stored["metrics"]["top1"] <= 1.0
+    assert (tmp_path / "quick" / "docs" / "bbn_budget.png").stat().st_size > 1000
+    runs = tmp_path / "quick" / "digitslt10"
+    pilot = json.loads((runs / "pilot" / "bbn" / "1" / "seed100" / "bench_result.json").read_text())
+    final = json.loads((runs / "final" / "bbn" / "1" / "seed1000" / "bench_result.json").read_text())
+    assert "val" in pilot and "test" not in pilot  # a pilot never sees the test split
+    assert final["raw"]["epochs"] == 1 and 0.0 <= final["test"]["top1"] <= 1.0
+    comp = json.loads((tmp_path / "quick" / "docs" / "bbn.json").read_text())["comparisons"][0]
+    assert {"method", "baseline", "dataset", "metric", "seeds", "method_scores", "baseline_scores", "diff_mean",
+            "ci95", "epochs", "config", "baseline_config"} <= set(comp)
     mtime = doc.stat().st_mtime_ns
     assert acc.main([*args, "--report-only"]) == 0  # finished runs are found again without training
     assert doc.stat().st_mtime_ns >= mtime and "| bbn |" in doc.read_text()
