@@ -99,3 +99,23 @@ def _release_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_rank_process(code: int) -> None:
+    """End a torchrun rank's process with ``code`` once its command has returned.
+
+    Everything the run writes is closed and flushed by then. The process group is
+    destroyed, then the process exits without interpreter finalisation: gloo's and the
+    autograd engine's C++ threads can still be joinable when static objects are torn down,
+    which aborts a rank that succeeded (SIGABRT, "terminate called without an active
+    exception") and makes torchrun report the whole run as failed.
+    """
+    import sys
+
+    _release_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 1)

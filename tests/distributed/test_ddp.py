@@ -109,3 +109,15 @@ def test_a_killed_rank_ends_the_run_with_a_message(tmp_path, torchrun):
     assert r.returncode != 0
     assert time.monotonic() - t0 < 200
     assert "Signal 9" in r.stderr or "SIGKILL" in r.stderr or "exitcode: -9" in r.stderr, r.stderr[-3000:]
+
+
+def test_a_rank_process_ends_with_its_code_and_its_output_flushed():
+    """end_rank_process (run by ``python -m batchkin`` under torchrun) flushes the streams, then
+    exits with the command's code without interpreter finalisation."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom batchkin.distributed import end_rank_process\n"
+            "print('out line', end='')\nsys.stderr.write('err line')\nend_rank_process(3)\nprint('never')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out line", "err line")
