@@ -108,7 +108,9 @@ def end_rank_process(code: int) -> None:
     destroyed, then the process exits without interpreter finalisation: gloo's and the
     autograd engine's C++ threads can still be joinable when static objects are torn down,
     which aborts a rank that succeeded (SIGABRT, "terminate called without an active
-    exception") and makes torchrun report the whole run as failed.
+    exception") and makes torchrun report the whole run as failed. A rank that fails exits
+    the usual way: the slower exit gives the other ranks time to print their own error line
+    before torchrun stops them.
     """
     import sys
 
