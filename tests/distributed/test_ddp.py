@@ -74,7 +74,8 @@ def test_two_rank_evaluation_equals_one_rank(tmp_path, single, metrics):
         m = evaluate(state, "test", DeviceData(state.splits.test, state.splits, state.device))
         if ctx.rank == 0:
             print("METRICS" + json.dumps(m))
-        dist.destroy_process_group()
+        from batchkin.distributed import end_rank_process  # the exit path of `python -m batchkin` ranks
+        end_rank_process(0)
     """))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(script)], capture_output=True, text=True, timeout=300)
