@@ -89,12 +89,9 @@ class DistContext:
 
 
 def _release_process_group() -> None:
-    """Destroy the process group this module started, while the interpreter is still whole.
-
-    Left to interpreter shutdown, gloo's worker threads can still hold finished work
-    (tensors with Python references); freeing them then aborts the process (SIGABRT,
-    "terminate called without an active exception") after a run that succeeded.
-    """
+    """Destroy the process group this module started, while the interpreter is still whole
+    (at exit, and before :func:`end_rank_process` exits). This alone does not keep a finished
+    rank from aborting at interpreter finalisation; :func:`end_rank_process` does."""
     import torch.distributed as dist
 
     if dist.is_initialized():
